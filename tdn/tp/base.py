@@ -1,0 +1,106 @@
+"""The interface every tensor-product backend implements, with its argument checks.
+
+A backend is a bilinear, channel-wise map ``out[e, c] = T(x[e, c], y[e]) * weights`` on the stacked layout:
+``x [E, C, (lmax_in+1)^2]`` (features), ``y [E, (lmax_sh+1)^2]`` (edge spherical harmonics),
+``w [E, C, P]`` (per-edge, per-channel weights) -> ``[E, C, (lmax_out+1)^2]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..o3 import check_path_set, degree_of_component, dim, path_list
+
+MAX_LMAX = 8
+WEIGHT_MODES = ("shared", "degree", "path")
+
+
+def check_lmax(name: str, value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_LMAX:
+        raise ValueError(f"{name} must be an integer in 0..{MAX_LMAX}, got {value!r}")
+    return value
+
+
+class TensorProduct(nn.Module):
+    """Base class: checks arguments, defines ``num_weights`` and the weight modes.
+
+    weights="shared": P = 1, one weight per channel multiplies every path;
+    weights="degree": P = lmax_out + 1, one weight per channel and output degree;
+    weights="path":   P = number of paths, one weight per channel and path (MACE's "uvu" product).
+    """
+
+    kind: str = ""
+    supported_paths: tuple[str, ...] = ("o3", "so3")
+    supported_weights: tuple[str, ...] = WEIGHT_MODES
+    unsupported_reason: str = ""
+
+    def __init__(self, lmax_in: int, lmax_sh: int, lmax_out: int, channels: int, paths: str, weights: str) -> None:
+        super().__init__()
+        self.lmax_in = check_lmax("lmax_in", lmax_in)
+        self.lmax_sh = check_lmax("lmax_sh", lmax_sh)
+        self.lmax_out = check_lmax("lmax_out", lmax_out)
+        if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+            raise ValueError(f"channels must be a positive integer, got {channels!r}")
+        check_path_set(paths)
+        if paths not in self.supported_paths:
+            raise ValueError(
+                f"the {self.kind!r} backend supports paths in {self.supported_paths}, got {paths!r}: "
+                f"{self.unsupported_reason}"
+            )
+        if weights not in WEIGHT_MODES:
+            raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
+        if weights not in self.supported_weights:
+            raise ValueError(
+                f"the {self.kind!r} backend supports weights in {self.supported_weights}, got {weights!r}"
+            )
+        self.channels, self.paths, self.weights = channels, paths, weights
+        self.path_list = path_list(lmax_in, lmax_sh, lmax_out, paths)
+        if not self.path_list:
+            raise ValueError(
+                f"no coupling path for lmax_in={lmax_in}, lmax_sh={lmax_sh}, lmax_out={lmax_out}, paths={paths!r}"
+            )
+        self.num_paths = len(self.path_list)
+        self.num_weights = {"shared": 1, "degree": lmax_out + 1, "path": self.num_paths}[weights]
+        self.register_buffer("_degree_index", degree_of_component(lmax_out), persistent=False)
+
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        """``(d_in, d_sh, d_out)``."""
+        return dim(self.lmax_in), dim(self.lmax_sh), dim(self.lmax_out)
+
+    def extra_repr(self) -> str:
+        return (
+            f"lmax_in={self.lmax_in}, lmax_sh={self.lmax_sh}, lmax_out={self.lmax_out}, channels={self.channels}, "
+            f"paths={self.paths!r}, weights={self.weights!r}"
+        )
+
+    def check_inputs(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> None:
+        d_in, d_sh, _ = self.dims
+        if x.dim() != 3 or x.shape[1:] != (self.channels, d_in):
+            raise ValueError(f"x must have shape [E, {self.channels}, {d_in}], got {list(x.shape)}")
+        num_edges = x.shape[0]
+        if y.shape != (num_edges, d_sh):
+            raise ValueError(f"y must have shape [{num_edges}, {d_sh}] (E taken from x), got {list(y.shape)}")
+        if w.shape != (num_edges, self.channels, self.num_weights):
+            raise ValueError(
+                f"w must have shape [{num_edges}, {self.channels}, {self.num_weights}] "
+                f"(weights={self.weights!r}), got {list(w.shape)}"
+            )
+        if not x.is_floating_point() or y.dtype != x.dtype or w.dtype != x.dtype:
+            raise TypeError(f"x, y, w must share one floating dtype, got {x.dtype}, {y.dtype}, {w.dtype}")
+        if y.device != x.device or w.device != x.device:
+            raise ValueError(f"x, y, w must be on one device, got {x.device}, {y.device}, {w.device}")
+
+    def expand_weights(self, w: torch.Tensor) -> torch.Tensor:
+        """``w [E, C, P]`` -> per-component output scale ``[E, C, 1 or D_out]`` (modes "shared", "degree")."""
+        if self.weights == "degree":
+            return w[:, :, self._degree_index]
+        return w
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        self.check_inputs(x, y, w)
+        return self.product(x, y, w)
+
+    def product(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
