@@ -13,7 +13,7 @@ product of sphere functions ``f = x . Y``, ``g = y . Y`` written back in the sam
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 from e3nn import o3
@@ -45,7 +45,7 @@ def path_coefficients(path_set: list[Path]) -> list[float]:
     return [((2 * l3 + 1) / count[l3]) ** 0.5 for _, _, l3 in path_set]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _path_blocks(lmax_in: int, lmax_sh: int, lmax_out: int, paths: str) -> tuple[tuple[Path, torch.Tensor], ...]:
     path_set = path_list(lmax_in, lmax_sh, lmax_out, paths)
     blocks = []
@@ -68,7 +68,7 @@ def path_tensor(lmax_in: int, lmax_sh: int, lmax_out: int, paths: str = "o3") ->
     return m
 
 
-@lru_cache(maxsize=None)
+@cache
 def _gaunt(lmax_in: int, lmax_sh: int, lmax_out: int) -> torch.Tensor:
     points, weights = sphere_grid(lmax_in + lmax_sh + lmax_out)
     y1 = spherical_harmonics(lmax_in, points)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from .base import MAX_LMAX, WEIGHT_MODES, TensorProduct
 from .cg import CGProduct
 from .grid import GridProduct
@@ -43,7 +45,8 @@ def build(
     """Build a tensor product ``x [E,C,D_in], y [E,D_sh], w [E,C,P] -> [E,C,D_out]``.
 
     ``lmax`` sets all three degrees; ``lmax_in`` / ``lmax_sh`` / ``lmax_out`` override one each.
-    ``options`` go to the backend (e.g. ``rank=``, ``tol=`` for "cp").
+    ``options`` go to the backend (e.g. ``rank=``, ``tol=`` for "cp"). Tables are computed in float64 and the
+    module is returned in ``torch.get_default_dtype()``; ``.to(dtype)`` changes it like any module.
     """
     if kind not in BACKENDS:
         raise ValueError(f"kind must be one of {sorted(BACKENDS)}, got {kind!r}")
@@ -53,7 +56,8 @@ def build(
             if lmax is None:
                 raise ValueError(f"give lmax or {name}")
             degrees[name] = lmax
-    return BACKENDS[kind](channels=channels, paths=paths, weights=weights, **degrees, **options)
+    module = BACKENDS[kind](channels=channels, paths=paths, weights=weights, **degrees, **options)
+    return module.to(torch.get_default_dtype())
 
 
 __all__ = ["BACKENDS", "MAX_LMAX", "WEIGHT_MODES", "TensorProduct", "build"]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..o3 import check_path_set, degree_of_component, dim, path_list
+from .fused import edge_conv
 
 MAX_LMAX = 8
 WEIGHT_MODES = ("shared", "degree", "path")
@@ -75,13 +76,17 @@ class TensorProduct(nn.Module):
             f"paths={self.paths!r}, weights={self.weights!r}"
         )
 
-    def check_inputs(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> None:
+    def check_inputs(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, num_edges: int | None = None) -> None:
+        """Shapes, dtypes and devices of ``x [E, C, D_in]``, ``y [E, D_sh]``, ``w [E, C, P]``.
+
+        ``num_edges`` given: ``x`` holds node features (any number of rows) and E comes from it.
+        """
         d_in, d_sh, _ = self.dims
         if x.dim() != 3 or x.shape[1:] != (self.channels, d_in):
             raise ValueError(f"x must have shape [E, {self.channels}, {d_in}], got {list(x.shape)}")
-        num_edges = x.shape[0]
+        num_edges = x.shape[0] if num_edges is None else num_edges
         if y.shape != (num_edges, d_sh):
-            raise ValueError(f"y must have shape [{num_edges}, {d_sh}] (E taken from x), got {list(y.shape)}")
+            raise ValueError(f"y must have shape [{num_edges}, {d_sh}], got {list(y.shape)}")
         if w.shape != (num_edges, self.channels, self.num_weights):
             raise ValueError(
                 f"w must have shape [{num_edges}, {self.channels}, {self.num_weights}] "
@@ -91,6 +96,13 @@ class TensorProduct(nn.Module):
             raise TypeError(f"x, y, w must share one floating dtype, got {x.dtype}, {y.dtype}, {w.dtype}")
         if y.device != x.device or w.device != x.device:
             raise ValueError(f"x, y, w must be on one device, got {x.device}, {y.device}, {w.device}")
+
+    def check_edges(self, y: torch.Tensor, sender: torch.Tensor, receiver: torch.Tensor) -> None:
+        if sender.shape != (y.shape[0],) or receiver.shape != (y.shape[0],):
+            raise ValueError(
+                f"sender and receiver must have shape [{y.shape[0]}] (one entry per row of y), "
+                f"got {list(sender.shape)} and {list(receiver.shape)}"
+            )
 
     def expand_weights(self, w: torch.Tensor) -> torch.Tensor:
         """``w [E, C, P]`` -> per-component output scale ``[E, C, 1 or D_out]`` (modes "shared", "degree")."""
@@ -104,3 +116,55 @@ class TensorProduct(nn.Module):
 
     def product(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def conv(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        w: torch.Tensor,
+        sender: torch.Tensor,
+        receiver: torch.Tensor,
+        fused: bool | None = None,
+    ) -> torch.Tensor:
+        """Message passing with this product: ``out[n] = sum_{e: receiver[e] = n} tp(x[sender[e]], y[e], w[e])``.
+
+        x [N, C, D_in] node features, y [E, D_sh], w [E, C, P], sender/receiver [E] -> [N, C, D_out].
+        ``fused`` is used by factorised backends (see :mod:`tdn.tp.fused`); ignored here.
+        """
+        self.check_edges(y, sender, receiver)
+        messages = self(x.index_select(0, sender), y, w)  # [E, C, D_out]
+        return messages.new_zeros(x.shape[0], *messages.shape[1:]).index_add_(0, receiver, messages)
+
+
+class FactorisedProduct(TensorProduct):
+    """A product of the form ``T(x, y) = ((x @ left) ⊙ (y @ right)) @ project``, rank ``R``.
+
+    ``left [D_in, R]``, ``right [D_sh, R]``, ``project [R, D_out]``. With shared weights the convolution
+    moves both matmuls to the nodes and keeps only an ``R``-wide elementwise product per edge
+    (:func:`tdn.tp.fused.edge_conv`).
+    """
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(left [D_in, R], right [D_sh, R], project [R, D_out])``."""
+        raise NotImplementedError
+
+    def product(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        left, right, project = self.factors()
+        return (((x @ left) * (y @ right).unsqueeze(1)) @ project) * self.expand_weights(w)  # [E, C, D_out]
+
+    def conv(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        w: torch.Tensor,
+        sender: torch.Tensor,
+        receiver: torch.Tensor,
+        fused: bool | None = None,
+    ) -> torch.Tensor:
+        if self.weights != "shared":
+            return super().conv(x, y, w, sender, receiver, fused)
+        self.check_inputs(x, y, w, num_edges=y.shape[0])
+        self.check_edges(y, sender, receiver)
+        left, right, project = self.factors()
+        acc = edge_conv(x @ left, y @ right, w[:, :, 0], sender, receiver, x.shape[0], fused)  # [N, C, R]
+        return acc @ project  # [N, C, D_out]

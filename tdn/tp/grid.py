@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..o3 import sphere_grid, spherical_harmonics
-from .base import TensorProduct
+from .base import FactorisedProduct
 
 GAUNT_REASON = (
     "a Gaunt product multiplies sphere functions, so it only produces couplings with l1 + l2 + l3 even "
@@ -18,7 +18,7 @@ GAUNT_REASON = (
 )
 
 
-class GridProduct(TensorProduct):
+class GridProduct(FactorisedProduct):
     kind = "grid"
     supported_paths = ("o3",)
     supported_weights = ("shared", "degree")
@@ -33,7 +33,6 @@ class GridProduct(TensorProduct):
         self.register_buffer("to_grid_sh", spherical_harmonics(lmax_sh, points).T.contiguous())  # [d_sh, Q]
         self.register_buffer("from_grid", quad_weights[:, None] * spherical_harmonics(lmax_out, points))  # [Q, d_out]
 
-    def product(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        f = x @ self.to_grid_in  # [E, C, Q]
-        g = y @ self.to_grid_sh  # [E, Q]
-        return ((f * g.unsqueeze(1)) @ self.from_grid) * self.expand_weights(w)  # [E, C, d_out]
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # sphere values of x and y at the Q grid points, and the quadrature projection back to SH
+        return self.to_grid_in, self.to_grid_sh, self.from_grid

@@ -1,0 +1,71 @@
+"""Interaction block: the equivariant convolution that gathers messages from neighbours.
+
+For every edge ``i -> j`` (sender ``i``, receiver ``j``) the sender's features, mixed by a linear map, are coupled
+through the chosen tensor-product backend with the edge's spherical harmonics ``Y(r_ij)``, weighted per channel by
+a radial MLP of ``|r_ij|``; the messages are summed on the receiver, divided by the average number of neighbours,
+and mixed by a second linear map. The result is MACE's atomic basis ``A_j``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import tp as tp_backends
+from .linear import EquivariantLinear
+from .radial import RadialMLP
+
+
+class InteractionBlock(nn.Module):
+    """``h [N, C, (lmax_node+1)^2]`` -> atomic basis ``A [N, C, (lmax_out+1)^2]``.
+
+    ``kind``/``paths``/``weights``/``tp_options`` choose the tensor-product backend (see :func:`tdn.tp.build`).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        lmax_node: int,
+        lmax_sh: int,
+        lmax_out: int,
+        channels: int,
+        num_radial: int,
+        radial_hidden: Sequence[int],
+        avg_num_neighbors: float = 1.0,
+        paths: str = "o3",
+        weights: str = "shared",
+        tp_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.linear_up = EquivariantLinear(lmax_node, lmax_node, channels, channels)
+        self.tp = tp_backends.build(
+            kind,
+            channels=channels,
+            paths=paths,
+            weights=weights,
+            lmax_in=lmax_node,
+            lmax_sh=lmax_sh,
+            lmax_out=lmax_out,
+            **(tp_options or {}),
+        )
+        self.radial_mlp = RadialMLP(num_radial, radial_hidden, channels, self.tp.num_weights)
+        self.linear = EquivariantLinear(lmax_out, lmax_out, channels, channels)
+        self.avg_num_neighbors = float(avg_num_neighbors)
+
+    def forward(
+        self,
+        node_feats: torch.Tensor,  # [N, C, D_node]
+        edge_sh: torch.Tensor,  # [E, D_sh]
+        edge_radial: torch.Tensor,  # [E, num_radial]
+        edge_index: torch.Tensor,  # [2, E]: sender, receiver
+    ) -> torch.Tensor:
+        sender, receiver = edge_index[0], edge_index[1]
+        h = self.linear_up(node_feats)  # [N, C, D_node]
+        weights = self.radial_mlp(edge_radial)  # [E, C, P]
+        messages = self.tp(h[sender], edge_sh, weights)  # [E, C, D_out]
+        summed = messages.new_zeros(node_feats.shape[0], *messages.shape[1:])
+        summed = summed.index_add(0, receiver, messages)  # [N, C, D_out]
+        return self.linear(summed) / self.avg_num_neighbors  # [N, C, D_out]
