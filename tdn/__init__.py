@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import o3, tp  # noqa: E402
+from . import models, o3, tp  # noqa: E402
+from .io import load_model, save_model  # noqa: E402
 
-__all__ = ["o3", "tp"]
+__all__ = ["load_model", "models", "o3", "save_model", "tp"]

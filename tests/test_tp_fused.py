@@ -66,5 +66,12 @@ def test_fused_without_triton_device_is_a_clear_error():
         pytest.skip("TRITON_INTERPRET=1 is set: the CPU can run the kernel")
     x = torch.randn(2, 1, 3)
     with pytest.raises(RuntimeError, match="Triton"):
-        edge_conv(x, torch.randn(1, 3), torch.randn(1, 1), torch.zeros(1, dtype=torch.long),
-                  torch.zeros(1, dtype=torch.long), 2, fused=True)
+        edge_conv(
+            x,
+            torch.randn(1, 3),
+            torch.randn(1, 1),
+            torch.zeros(1, dtype=torch.long),
+            torch.zeros(1, dtype=torch.long),
+            2,
+            fused=True,
+        )

@@ -65,7 +65,10 @@ class InteractionBlock(nn.Module):
         sender, receiver = edge_index[0], edge_index[1]
         h = self.linear_up(node_feats)  # [N, C, D_node]
         weights = self.radial_mlp(edge_radial)  # [E, C, P]
-        messages = self.tp(h[sender], edge_sh, weights)  # [E, C, D_out]
-        summed = messages.new_zeros(node_feats.shape[0], *messages.shape[1:])
-        summed = summed.index_add(0, receiver, messages)  # [N, C, D_out]
+        if hasattr(self.tp, "conv"):  # the backend's own gather-product-scatter (may be fused)
+            summed = self.tp.conv(h, edge_sh, weights, sender, receiver)  # [N, C, D_out]
+        else:
+            messages = self.tp(h[sender], edge_sh, weights)  # [E, C, D_out]
+            summed = messages.new_zeros(node_feats.shape[0], *messages.shape[1:])
+            summed = summed.index_add(0, receiver, messages)  # [N, C, D_out]
         return self.linear(summed) / self.avg_num_neighbors  # [N, C, D_out]

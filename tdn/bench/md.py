@@ -1,0 +1,446 @@
+"""MD step benchmark: milliseconds per energy+forces call of an ASE calculator, and peak GPU memory, against the
+number of atoms (Cu fcc), for every tdn backend at MACE-medium widths and, in the same run, mace-torch's
+``MACECalculator`` with an untrained MACE of the same widths (e3nn, and cuEquivariance where importable).
+
+A "step" is what an MD step costs the calculator: every atom is displaced by ~1e-3 Å (as an MD step moves it),
+then ``atoms.get_forces()`` runs: ASE's state check, host -> device copy of the positions, neighbour list (tdn:
+the cached skin list, rebuilt only when needed), model energy and forces, device -> host copy. Median over
+repetitions after warm-up (the first neighbour-list build and any lazy set-up fall into the warm-up).
+
+mace-torch pins e3nn 0.4.4 while tdn needs e3nn >= 0.5, so the reference runs in a child process
+(``_mace_worker.py``, which never imports tdn) with its own ``PYTHONPATH`` (``--mace-pythonpath``) or interpreter
+(``--mace-python``); it is skipped with a note when mace-torch cannot be imported there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.build import bulk
+
+from . import common
+
+FULL_SIZES = (864, 4000, 10976, 32000, 108000)
+QUICK_SIZES = (32, 108)
+DTYPES = ("float32", "float64")
+REFERENCES = ("mace-e3nn", "mace-cueq")
+CU_LATTICE = 3.6  # Å, as in the reference measurements
+STEP_NOISE = 1e-3  # Å, displacement per step
+WORKER = Path(__file__).with_name("_mace_worker.py")
+
+
+@dataclass
+class MDBenchConfig:
+    device: str = "cpu"
+    sizes: tuple[int, ...] = FULL_SIZES
+    dtypes: tuple[str, ...] = DTYPES
+    backends: tuple[str, ...] | None = None  # None: every backend tdn.models knows
+    references: tuple[str, ...] = REFERENCES
+    preset: str = "mace-medium"
+    avg_num_neighbors: float = 40.0  # as the reference MACE is built; only scales the messages
+    skin: float = 0.5
+    warmup: int = 3
+    reps: int = 15
+    max_seconds: float | None = 60.0
+    mace_python: str = sys.executable
+    mace_pythonpath: str | None = None
+    quick: bool = False
+    name: str = "md_cpu"
+    notes: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------- systems
+
+
+def cu_fcc(natoms: int, seed: int = 0) -> Atoms:
+    """A rattled cubic Cu fcc supercell of ``natoms = 4 n^3`` atoms."""
+    n = round((natoms / 4) ** (1 / 3))
+    if 4 * n**3 != natoms:
+        raise ValueError(f"Cu fcc cubic supercells have 4 n^3 atoms (32, 108, 864, 4000, ...), got {natoms}")
+    atoms = bulk("Cu", "fcc", a=CU_LATTICE, cubic=True).repeat((n, n, n))
+    atoms.rattle(0.05, seed=seed)
+    return atoms
+
+
+def make_step(atoms: Atoms, seed: int = 0):
+    """The timed call: displace every atom by ~``STEP_NOISE`` Å, then energy and forces."""
+    rng = np.random.default_rng(seed)
+
+    def step() -> None:
+        atoms.positions += rng.normal(scale=STEP_NOISE, size=atoms.positions.shape)
+        atoms.get_forces()
+
+    return step
+
+
+def measure(calc: Any, natoms: int, cfg: MDBenchConfig) -> dict[str, Any]:
+    """Median ms per step, steps/s, peak GPU memory (absolute, as the reference reports it) and edge count."""
+    atoms = cu_fcc(natoms)
+    atoms.calc = calc
+    step = make_step(atoms)
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        common.free_memory(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    timing = common.time_call(step, device, warmup=cfg.warmup, reps=cfg.reps, max_seconds=cfg.max_seconds)
+    row: dict[str, Any] = {
+        "step_ms": timing["median_ms"],
+        "min_ms": timing["min_ms"],
+        "reps": timing["reps"],
+        "steps_per_s": 1e3 / timing["median_ms"],
+        "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+    }
+    if hasattr(calc, "neighbor_list_builds"):
+        row["neighbors_per_atom"] = calc.num_edges / natoms
+        row["neighbor_list_builds"] = calc.neighbor_list_builds
+    return row
+
+
+# ------------------------------------------------------------------------------------------------- tdn
+
+
+def tdn_backends(cfg: MDBenchConfig) -> tuple[str, ...]:
+    from ..models.config import BACKENDS
+
+    if cfg.backends is None:
+        from .. import tp
+
+        return tuple(b for b in BACKENDS if b in tp.BACKENDS)
+    unknown = sorted(set(cfg.backends) - set(BACKENDS))
+    if unknown:
+        raise ValueError(f"unknown backends {unknown}; known: {BACKENDS}")
+    return tuple(cfg.backends)
+
+
+def model_config(cfg: MDBenchConfig, backend: str) -> dict[str, Any]:
+    from ..models import PRESETS
+
+    return {**PRESETS[cfg.preset], "tp": backend, "elements": [29], "avg_num_neighbors": cfg.avg_num_neighbors}
+
+
+def bench_tdn(cfg: MDBenchConfig, workdir: Path) -> list[dict[str, Any]]:
+    """One row per (backend, dtype, size); after an out-of-memory error the larger sizes are skipped."""
+    from .. import save_model
+    from ..models import build_model
+
+    rows = []
+    for backend in tdn_backends(cfg):
+        torch.manual_seed(0)
+        model, err = common.attempt(lambda b=backend: build_model(**model_config(cfg, b)), "cpu")
+        if err is not None:
+            rows.append({"impl": f"tdn-{backend}", "err": f"build: {err}"})
+            continue
+        path = workdir / f"tdn_{backend}.pt"
+        save_model(model, path)
+        del model
+        for dtype in cfg.dtypes:
+            oom_at = None
+            for natoms in cfg.sizes:
+                row = {"impl": f"tdn-{backend}", "backend": backend, "atoms": natoms, "dtype": dtype}
+                if oom_at is not None:
+                    row["err"] = f"skipped: out of memory at {oom_at} atoms"
+                else:
+                    result, err = common.attempt(lambda p=path, n=natoms, d=dtype: _tdn_cell(p, n, d, cfg), cfg.device)
+                    row.update(result or {"err": err})
+                    if err is not None and err.startswith("OOM"):
+                        oom_at = natoms
+                    common.free_memory(cfg.device)
+                _print_row(row)
+                rows.append(row)
+    return rows
+
+
+def _tdn_cell(path: Path, natoms: int, dtype: str, cfg: MDBenchConfig) -> dict[str, Any]:
+    from ..calculator import TDNCalculator
+
+    calc = TDNCalculator(path, device=cfg.device, default_dtype=dtype, skin=cfg.skin)
+    return measure(calc, natoms, cfg)
+
+
+# ------------------------------------------------------------------------------------------------- mace
+
+
+def mace_widths(cfg: MDBenchConfig) -> dict[str, Any]:
+    """The reference MACE's hyperparameters, the same widths as the tdn model of ``cfg.preset``."""
+    from ..models import PRESETS, ModelConfig
+
+    c = ModelConfig.from_dict({**PRESETS[cfg.preset], "elements": [29]})
+    parity = "eo"
+    hidden = "+".join(f"{c.channels}x{l}{parity[l % 2]}" for l in range(c.lmax_hidden + 1))
+    return {
+        "r_max": c.cutoff,
+        "num_bessel": c.num_bessel,
+        "num_polynomial_cutoff": c.envelope_exponent,
+        "max_ell": c.lmax,
+        "num_interactions": c.num_layers,
+        "hidden_irreps": hidden,
+        "MLP_irreps": f"{c.readout_mlp}x0e",
+        "radial_MLP": list(c.radial_mlp),
+        "correlation": c.correlation,
+        "avg_num_neighbors": cfg.avg_num_neighbors,
+    }
+
+
+def bench_mace(cfg: MDBenchConfig, workdir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of the reference, measured by the worker in a child process; notes say what was skipped."""
+    if not cfg.references:
+        return [], []
+    job = {
+        "device": cfg.device,
+        "sizes": list(cfg.sizes),
+        "dtypes": list(cfg.dtypes),
+        "references": list(cfg.references),
+        "widths": mace_widths(cfg),
+        "warmup": cfg.warmup,
+        "reps": cfg.reps,
+        "max_seconds": cfg.max_seconds,
+        "lattice": CU_LATTICE,
+        "noise": STEP_NOISE,
+        "workdir": str(workdir),
+        "threads": torch.get_num_threads(),
+    }
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"  # mace-torch pickles whole models
+    if cfg.mace_pythonpath:
+        env["PYTHONPATH"] = cfg.mace_pythonpath
+    proc = subprocess.run(
+        [cfg.mace_python, str(WORKER), json.dumps(job)], capture_output=True, text=True, env=env, cwd=workdir
+    )
+    rows, notes = [], []
+    for line in proc.stdout.splitlines():
+        if line.startswith("ROW "):
+            row = json.loads(line[4:])
+            _print_row(row)
+            rows.append(row)
+        elif line.startswith("NOTE "):
+            notes.append(line[5:])
+        elif line.startswith("VERSIONS "):
+            notes.append("reference versions: " + line[9:])
+    if proc.returncode != 0:
+        tail = " ".join(proc.stderr.strip().splitlines()[-3:])[:400]
+        notes.append(f"mace worker exited with {proc.returncode}: {tail}")
+    return rows, notes
+
+
+# ------------------------------------------------------------------------------------------------- run + report
+
+
+def run(cfg: MDBenchConfig, out_dir: str | Path) -> dict[str, Any]:
+    meta = common.run_metadata(cfg.device, packages=("ase", "torch-geometric", "e3nn"))
+    with tempfile.TemporaryDirectory(prefix="tdn_bench_md_") as tmp:
+        rows = bench_tdn(cfg, Path(tmp))
+        mace_rows, notes = bench_mace(cfg, Path(tmp))
+    result = {
+        "meta": meta,
+        "config": asdict(cfg),
+        "model": {"preset": cfg.preset, **model_config(cfg, "<backend>"), "mace": mace_widths(cfg)},
+        "rows": rows + mace_rows,
+        "notes": cfg.notes + notes,
+    }
+    write_results(result, Path(out_dir), cfg.name)
+    return result
+
+
+def write_results(result: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
+    paths = [common.write_json(out_dir / f"{name}.json", result)]
+    paths.append(common.write_text(out_dir / f"{name}.md", markdown_report(result)))
+    try:
+        paths.append(plot(result, out_dir / f"{name}.png"))
+    except Exception as err:  # noqa: BLE001 - a broken plot must not lose the measurements
+        print(f"plot failed: {err}", file=sys.stderr)
+    return paths
+
+
+def _impls(rows: Sequence[dict[str, Any]]) -> list[str]:
+    seen: dict[str, None] = {}
+    for row in rows:
+        seen.setdefault(row["impl"], None)
+    return list(seen)
+
+
+def _lookup(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, int, str], dict[str, Any]]:
+    return {(r["impl"], r.get("atoms"), r.get("dtype")): r for r in rows if "atoms" in r}
+
+
+def speedup(table: dict, impls: Sequence[str], natoms: int, dtype: str) -> float | None:
+    """Fastest reference time over fastest tdn time (> 1: tdn is faster)."""
+
+    def best(prefix: str) -> float | None:
+        times = [
+            table[(i, natoms, dtype)].get("step_ms")
+            for i in impls
+            if i.startswith(prefix) and (i, natoms, dtype) in table
+        ]
+        times = [t for t in times if t is not None]
+        return min(times) if times else None
+
+    ours, ref = best("tdn-"), best("mace-")
+    return ref / ours if ours and ref else None
+
+
+def markdown_report(result: dict[str, Any]) -> str:
+    meta, cfg, rows = result["meta"], result["config"], result["rows"]
+    impls = _impls(rows)
+    table = _lookup(rows)
+    gpu = torch.device(cfg["device"]).type == "cuda"
+    git = meta["git"]
+    lines = [
+        "# MD step: ms per energy+forces call (Cu fcc)",
+        "",
+        f"- machine: {common.machine_line(meta)}",
+        f"- date: {meta['date']}; commit {git['commit'][:12]}{' (dirty)' if git.get('dirty') else ''}",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
+        f"- model: preset {cfg['preset']} (tdn), the same widths for MACE: {result['model']['mace']}",
+        f"- step: every atom displaced by ~{STEP_NOISE} Å, then get_forces(); median of up to {cfg['reps']} "
+        f"after {cfg['warmup']} warm-up calls; tdn neighbour-list skin {cfg['skin']} Å",
+        "",
+    ]
+    header = ["atoms", "dtype"] + [f"{i} ms" for i in impls] + ["best MACE / best tdn"]
+    if gpu:
+        header += [f"{i} GB" for i in impls]
+    body = []
+    for natoms in cfg["sizes"]:
+        for dtype in cfg["dtypes"]:
+            cells = [_cell(table.get((i, natoms, dtype)), "step_ms") for i in impls]
+            row = [natoms, dtype, *cells, common.fmt_ratio(speedup(table, impls, natoms, dtype))]
+            if gpu:
+                row += [_cell(table.get((i, natoms, dtype)), "peak_mem_gb") for i in impls]
+            body.append(row)
+    lines.append(common.markdown_table(header, body))
+    errors = [r for r in rows if r.get("err")]
+    notes = list(result.get("notes", []))
+    if not gpu:
+        notes.append("CPU run: peak GPU memory does not apply; GPU figures are still to be measured.")
+    if errors or notes:
+        lines += ["", "## Notes", ""]
+        lines += [f"- {n}" for n in notes]
+        lines += [f"- {r['impl']} {r.get('atoms', '')} {r.get('dtype', '')}: {r['err']}" for r in errors]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(row: dict[str, Any] | None, key: str) -> str:
+    if row is None:
+        return "—"
+    if row.get("err"):
+        return "OOM" if "OOM" in row["err"] or "out of memory" in row["err"] else "err"
+    value = row.get(key)
+    if value is None:
+        return "—"
+    return common.fmt_ms(value) if key == "step_ms" else f"{value:.2f}"
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    cfg, rows = result["config"], result["rows"]
+    table = _lookup(rows)
+    impls = _impls(rows)
+    panels = {}
+    for dtype in cfg["dtypes"]:
+        panels[f"{dtype}: ms per energy+forces call"] = {
+            impl: [table.get((impl, n, dtype), {}).get("step_ms") for n in cfg["sizes"]] for impl in impls
+        }
+    if torch.device(cfg["device"]).type == "cuda":
+        for dtype in cfg["dtypes"]:
+            panels[f"{dtype}: peak GPU memory [GB]"] = {
+                impl: [table.get((impl, n, dtype), {}).get("peak_mem_gb") for n in cfg["sizes"]] for impl in impls
+            }
+    title = f"MD step, Cu fcc — {common.machine_line(result['meta'])}, {result['meta']['date']}"
+    return common.line_plot(path, [str(n) for n in cfg["sizes"]], panels, ylabel="ms (memory panels: GB)", title=title)
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    keys = ("impl", "atoms", "dtype", "step_ms", "peak_mem_gb", "neighbors_per_atom", "err")
+    print(json.dumps({k: row[k] for k in keys if row.get(k) is not None}), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="bench_md.py",
+        description="ms per energy+forces call and peak GPU memory vs atoms (Cu fcc) for every tdn backend and, "
+        "in the same run, mace-torch's MACECalculator at the same widths.",
+    )
+    p.add_argument("--out", required=True, help="output directory for NAME.json / .md / .png")
+    p.add_argument("--name", default=None, help="file name stem (default: md_<device>[_quick])")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"small CPU run: {list(QUICK_SIZES)} atoms, 1 warm-up, 3 reps (< 1 min with --preset tiny)",
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sizes", type=int, nargs="+", help=f"numbers of atoms, 4 n^3 (default {list(FULL_SIZES)})")
+    p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
+    p.add_argument("--backends", nargs="+", help="tdn backends (default: every registered one)")
+    p.add_argument(
+        "--references",
+        nargs="*",
+        choices=REFERENCES,
+        default=list(REFERENCES),
+        help="mace-torch columns (mace-cueq only where cuequivariance-torch imports)",
+    )
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="model widths, a tdn.models.PRESETS name (default: mace-medium; tiny with --quick)",
+    )
+    p.add_argument("--skin", type=float, default=0.5, help="tdn neighbour-list skin in Å")
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--reps", type=int)
+    p.add_argument("--max-seconds", type=float, help="stop repeating a cell's timing after this long")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own; --quick uses 1)")
+    p.add_argument("--mace-python", default=sys.executable, help="interpreter with mace-torch for the reference")
+    p.add_argument(
+        "--mace-pythonpath",
+        default=None,
+        help="PYTHONPATH of the reference process, e.g. a `pip install --target DIR mace-torch` folder "
+        "(mace-torch pins e3nn 0.4.4, tdn needs e3nn >= 0.5)",
+    )
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> MDBenchConfig:
+    cfg = MDBenchConfig(
+        device=args.device,
+        sizes=tuple(args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)),
+        dtypes=tuple(args.dtypes),
+        backends=tuple(args.backends) if args.backends else None,
+        references=tuple(args.references),
+        preset=args.preset or ("tiny" if args.quick else "mace-medium"),
+        skin=args.skin,
+        mace_python=args.mace_python,
+        mace_pythonpath=args.mace_pythonpath,
+        quick=args.quick,
+    )
+    if args.quick:
+        cfg.warmup, cfg.reps, cfg.max_seconds = 1, 3, 5.0
+    for attr in ("warmup", "reps", "max_seconds"):
+        if getattr(args, attr) is not None:
+            setattr(cfg, attr, getattr(args, attr))
+    for natoms in cfg.sizes:
+        cu_fcc(natoms)  # fail early on a size that is not 4 n^3
+    cfg.name = args.name or f"md_{torch.device(args.device).type}{'_quick' if args.quick else ''}"
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    threads = args.threads or (1 if args.quick else None)
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = config_from_args(args)
+    result = run(cfg, out_dir=args.out)
+    print(f"wrote {Path(args.out) / cfg.name}.json, .md, .png")
+    return result

@@ -1,0 +1,183 @@
+"""Building labelled ase.Atoms, reading their labels back, and checking them.
+
+Labels live in a SinglePointCalculator: energy (eV), forces (eV/Å, [N,3]) and stress (eV/Å^3, ASE
+sign). Fixed atoms are a FixAtoms constraint, tags are ASE tags (OC20: 0 subsurface, 1 surface,
+2 adsorbate).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.constraints import FixAtoms
+from ase.data import chemical_symbols
+from ase.stress import voigt_6_to_full_3x3_stress
+
+from .errors import RecordProblem
+
+MAX_Z = len(chemical_symbols) - 1  # 118
+
+
+def symbol_to_number(symbol: str) -> int:
+    """Atomic number of an element symbol, tolerant of case ("CL") and label digits ("C12").
+
+    Raises RecordProblem("unknown_element") for anything that is not an element.
+    """
+    text = "".join(ch for ch in str(symbol).strip() if ch.isalpha())
+    text = text[:1].upper() + text[1:].lower()
+    if text in chemical_symbols[1:]:
+        return chemical_symbols.index(text)
+    raise RecordProblem("unknown_element", f"element symbol {symbol!r}")
+
+
+def check_numbers(numbers: np.ndarray) -> np.ndarray:
+    """Atomic numbers as int64, rejecting anything outside 1..118 (and non-integral floats)."""
+    z = np.asarray(numbers)
+    if z.size and np.issubdtype(z.dtype, np.floating):
+        if not np.all(np.isfinite(z)) or np.any(z != np.round(z)):
+            raise RecordProblem("unknown_element", f"non-integral atomic numbers {z[:8]}")
+    z = z.astype(np.int64).reshape(-1)
+    bad = (z < 1) | (z > MAX_Z)
+    if np.any(bad):
+        raise RecordProblem("unknown_element", f"atomic number(s) {sorted(set(z[bad].tolist()))[:5]}")
+    return z
+
+
+def as_stress_3x3(stress) -> np.ndarray | None:
+    """Stress as a 3x3 array from Voigt-6 or any 9-element layout; None stays None."""
+    if stress is None:
+        return None
+    s = np.asarray(stress, dtype=np.float64)
+    if s.size == 6:
+        return voigt_6_to_full_3x3_stress(s.reshape(6))
+    if s.size == 9:
+        return s.reshape(3, 3)
+    raise RecordProblem("shape_mismatch", f"stress with {s.size} components")
+
+
+def make_atoms(
+    numbers,
+    positions,
+    *,
+    cell=None,
+    pbc=False,
+    energy: float | None = None,
+    forces=None,
+    stress=None,
+    tags=None,
+    fixed=None,
+    info: dict | None = None,
+) -> Atoms:
+    """Labelled Atoms from plain arrays.
+
+    numbers [N] atomic numbers; positions [N,3] Å; cell [3,3] Å (or anything reshapeable to it);
+    pbc bool or [3]; energy eV; forces [N,3] eV/Å; stress Voigt-6 or 3x3 eV/Å^3; tags [N] int;
+    fixed [N] bool (becomes a FixAtoms constraint).
+    """
+    z = check_numbers(numbers)
+    pos = np.asarray(positions, dtype=np.float64).reshape(-1, 3) if len(z) else np.zeros((0, 3))
+    if len(pos) != len(z):
+        raise RecordProblem("shape_mismatch", f"{len(pos)} positions for {len(z)} atoms")
+    cell_arr = np.zeros((3, 3)) if cell is None else np.asarray(cell, dtype=np.float64).reshape(3, 3)
+    atoms = Atoms(numbers=z, positions=pos, cell=cell_arr, pbc=pbc)
+    if tags is not None:
+        atoms.set_tags(np.asarray(tags, dtype=np.int64).reshape(-1))
+    if fixed is not None:
+        mask = np.asarray(fixed).reshape(-1).astype(bool)
+        if len(mask) != len(z):
+            raise RecordProblem("shape_mismatch", f"fixed mask of length {len(mask)} for {len(z)} atoms")
+        if mask.any():
+            atoms.set_constraint(FixAtoms(mask=mask))
+    results = {}
+    if energy is not None:
+        results["energy"] = float(energy)
+    if forces is not None:
+        results["forces"] = np.asarray(forces, dtype=np.float64).reshape(-1, 3)
+    if stress is not None:
+        results["stress"] = as_stress_3x3(stress)
+    if results:
+        # Attach results directly: SinglePointCalculator would otherwise check them against the
+        # atoms, and a shape error must surface as a record problem from validate_atoms instead.
+        calc = SinglePointCalculator(atoms)
+        calc.results.update(results)
+        atoms.calc = calc
+    if info:
+        atoms.info.update(info)
+    return atoms
+
+
+def get_energy(atoms: Atoms) -> float | None:
+    """Energy (eV) stored on the atoms' calculator results, or None."""
+    results = getattr(atoms.calc, "results", None) or {}
+    value = results.get("energy", results.get("free_energy"))
+    return None if value is None else float(np.asarray(value).reshape(-1)[0])
+
+
+def get_forces(atoms: Atoms) -> np.ndarray | None:
+    """Forces [N,3] (eV/Å) stored on the calculator results, or None."""
+    results = getattr(atoms.calc, "results", None) or {}
+    value = results.get("forces")
+    return None if value is None else np.asarray(value, dtype=np.float64)
+
+
+def get_stress(atoms: Atoms) -> np.ndarray | None:
+    """Stress as 3x3 (eV/Å^3, ASE sign) from the calculator results, or None."""
+    results = getattr(atoms.calc, "results", None) or {}
+    return as_stress_3x3(results.get("stress"))
+
+
+def fixed_mask(atoms: Atoms) -> np.ndarray:
+    """Boolean [N]: True for atoms held by a FixAtoms constraint."""
+    mask = np.zeros(len(atoms), dtype=bool)
+    for constraint in atoms.constraints:
+        if isinstance(constraint, FixAtoms):
+            mask[constraint.get_indices()] = True
+    return mask
+
+
+def check_cell(cell: np.ndarray, pbc: np.ndarray) -> None:
+    """Periodic directions need a non-zero cell vector, and a fully periodic cell a non-zero volume."""
+    cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
+    pbc = np.asarray(pbc, dtype=bool).reshape(3)
+    if not np.all(np.isfinite(cell)):
+        raise RecordProblem("zero_cell_pbc", "non-finite cell")
+    lengths = np.linalg.norm(cell, axis=1)
+    if np.any(pbc & (lengths < 1e-8)):
+        raise RecordProblem("zero_cell_pbc", f"pbc={pbc.tolist()} but cell vector lengths {lengths.round(6).tolist()}")
+    if pbc.all() and abs(np.linalg.det(cell)) < 1e-8:
+        raise RecordProblem("zero_cell_pbc", "fully periodic cell with zero volume")
+
+
+def validate_atoms(atoms: Atoms, require: Iterable[str] = ("energy", "forces")) -> None:
+    """Raise RecordProblem if the structure cannot be trained on.
+
+    Checks: at least one atom, known elements, finite positions, a usable cell where periodic,
+    the required labels present ("energy", "forces"), labels finite and of the right shape.
+    """
+    require = set(require)
+    n = len(atoms)
+    if n == 0:
+        raise RecordProblem("empty", "structure has no atoms")
+    check_numbers(atoms.numbers)
+    if not np.all(np.isfinite(atoms.positions)):
+        raise RecordProblem("nan_positions", "non-finite coordinates")
+    check_cell(atoms.cell.array, atoms.pbc)
+    energy = get_energy(atoms)
+    forces = get_forces(atoms)
+    stress = get_stress(atoms)
+    if energy is None and "energy" in require:
+        raise RecordProblem("missing_energy", "no energy label")
+    if forces is None and "forces" in require:
+        raise RecordProblem("missing_forces", "no forces label")
+    if energy is not None and not np.isfinite(energy):
+        raise RecordProblem("nan_labels", f"energy {energy}")
+    if forces is not None:
+        if forces.shape != (n, 3):
+            raise RecordProblem("shape_mismatch", f"forces of shape {forces.shape} for {n} atoms")
+        if not np.all(np.isfinite(forces)):
+            raise RecordProblem("nan_labels", "non-finite forces")
+    if stress is not None and not np.all(np.isfinite(stress)):
+        raise RecordProblem("nan_labels", "non-finite stress")

@@ -1,0 +1,359 @@
+"""``tdn-md``: molecular dynamics with an exported tdn model through ASE's integrators.
+
+Ensembles: NVE (velocity Verlet), NVT (Langevin, Nosé–Hoover chain), NPT (isotropic and full-cell MTK, Langevin
+BAOAB barostat). Writes a trajectory (extxyz or ASE .traj), a thermo log, and a thermo PNG at the end::
+
+    tdn-md structure.xyz --model model.pt --ensemble nvt-langevin --temperature 300 --steps 10000 -o run1
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+from ase import Atoms, units
+from ase.io import Trajectory, read, write
+from ase.md.md import MolecularDynamics
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+
+ENSEMBLES = ("nve", "nvt-langevin", "nvt-nose-hoover", "npt-iso", "npt", "npt-langevin")
+NPT_ENSEMBLES = ("npt-iso", "npt", "npt-langevin")
+TRAJ_FORMATS = ("extxyz", "traj")
+LOG_COLUMNS = ("step", "time[ps]", "Epot[eV]", "Ekin[eV]", "Etot[eV]", "T[K]", "steps/s")
+NPT_LOG_COLUMNS = ("V[A^3]", "P[GPa]")
+
+
+@dataclass
+class MDSettings:
+    """Everything about the integrator, in user units (fs, K, GPa)."""
+
+    ensemble: str = "nve"
+    timestep: float = 1.0  # fs
+    temperature: float = 300.0  # K, thermostat target
+    friction: float = 0.01  # 1/fs, Langevin
+    tdamp: float = 100.0  # fs, Nosé–Hoover / MTK thermostat time
+    pressure: float = 0.0  # GPa, barostat target
+    pdamp: float = 1000.0  # fs, barostat time
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.ensemble not in ENSEMBLES:
+            raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {self.ensemble!r}")
+        for name in ("timestep", "tdamp", "pdamp"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.friction < 0 or self.temperature < 0:
+            raise ValueError("friction and temperature must not be negative")
+
+
+def build_dynamics(atoms: Atoms, settings: MDSettings) -> MolecularDynamics:
+    """The ASE integrator for ``settings.ensemble`` (no ASE-side logfile or trajectory: tdn-md writes its own)."""
+    dt = settings.timestep * units.fs
+    T = settings.temperature
+    rng = np.random.default_rng(settings.seed)
+    if settings.ensemble in NPT_ENSEMBLES and not atoms.pbc.all():
+        raise ValueError(f"ensemble {settings.ensemble!r} needs a fully periodic cell, got pbc={atoms.pbc.tolist()}")
+    if settings.ensemble == "nve":
+        from ase.md.verlet import VelocityVerlet
+
+        return VelocityVerlet(atoms, timestep=dt)
+    if settings.ensemble == "nvt-langevin":
+        from ase.md.langevin import Langevin
+
+        return Langevin(
+            atoms, timestep=dt, temperature_K=T, friction=settings.friction / units.fs, fixcm=False, rng=rng
+        )
+    if settings.ensemble == "nvt-nose-hoover":
+        from ase.md.nose_hoover_chain import NoseHooverChainNVT
+
+        return NoseHooverChainNVT(atoms, timestep=dt, temperature_K=T, tdamp=settings.tdamp * units.fs)
+    if settings.ensemble in ("npt-iso", "npt"):
+        from ase.md.nose_hoover_chain import MTKNPT, IsotropicMTKNPT
+
+        cls = IsotropicMTKNPT if settings.ensemble == "npt-iso" else MTKNPT
+        return cls(
+            atoms,
+            timestep=dt,
+            temperature_K=T,
+            pressure_au=settings.pressure * units.GPa,
+            tdamp=settings.tdamp * units.fs,
+            pdamp=settings.pdamp * units.fs,
+        )
+    from ase.md.langevinbaoab import LangevinBAOAB  # npt-langevin
+
+    return LangevinBAOAB(
+        atoms,
+        timestep=dt,
+        temperature_K=T,
+        externalstress=-settings.pressure * units.GPa,  # ASE stress sign: negative under compression
+        T_tau=1.0 / settings.friction * units.fs if settings.friction > 0 else None,
+        P_tau=settings.pdamp * units.fs,
+        rng=rng,
+    )
+
+
+def initialise_velocities(atoms: Atoms, temperature: float, seed: int) -> None:
+    """Maxwell–Boltzmann velocities at ``temperature`` K, no centre-of-mass drift (no rotation for molecules)."""
+    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(seed))
+    Stationary(atoms)
+    if not atoms.pbc.any():
+        ZeroRotation(atoms)
+
+
+class ThermoLogger:
+    """Writes one whitespace-separated line per call: step, time, Epot, Ekin, Etot, T, steps/s (+ V, P for NPT).
+
+    ``steps/s`` is measured over the steps since the previous line. Reads only cached calculator results.
+    """
+
+    def __init__(self, dyn: MolecularDynamics, atoms: Atoms, fh: IO[str], ensemble: str) -> None:
+        self.dyn, self.atoms, self.fh = dyn, atoms, fh
+        self.with_pressure = ensemble in NPT_ENSEMBLES
+        columns = LOG_COLUMNS + (NPT_LOG_COLUMNS if self.with_pressure else ())
+        fh.write(f"# tdn-md ensemble={ensemble} natoms={len(atoms)} timestep_fs={dyn.dt / units.fs:g}\n")
+        fh.write("#" + f"{columns[0]:>13} " + " ".join(f"{c:>14}" for c in columns[1:]) + "\n")
+        self._last_step, self._last_time = None, time.perf_counter()
+
+    def __call__(self) -> None:
+        step = self.dyn.nsteps
+        now = time.perf_counter()
+        rate = (step - self._last_step) / (now - self._last_time) if self._last_step is not None else float("nan")
+        if self._last_step is None or step > self._last_step:
+            self._last_step, self._last_time = step, now
+        epot = self.atoms.get_potential_energy()
+        ekin = self.atoms.get_kinetic_energy()
+        values = [
+            step,
+            step * self.dyn.dt / (1000 * units.fs),
+            epot,
+            ekin,
+            epot + ekin,
+            self.atoms.get_temperature(),
+            rate,
+        ]
+        if self.with_pressure:
+            pressure = -np.trace(self.atoms.get_stress(voigt=False, include_ideal_gas=True)) / 3 / units.GPa
+            values += [self.atoms.get_volume(), pressure]
+        self.fh.write(f"{step:>14d} " + " ".join(f"{v:>14.6f}" for v in values[1:]) + "\n")
+        self.fh.flush()
+
+
+class TrajectoryWriter:
+    """Appends frames (with energy and forces) to an extxyz file or an ASE .traj file."""
+
+    def __init__(self, path: Path, atoms: Atoms) -> None:
+        self.path, self.atoms = path, atoms
+        self.format = "traj" if path.suffix == ".traj" else "extxyz"
+        self._traj = Trajectory(str(path), "w", atoms) if self.format == "traj" else None
+        self._fh = None if self._traj else open(path, "w")
+        self.frames = 0
+
+    def __call__(self) -> None:
+        if self._traj is not None:
+            self._traj.write()
+        else:
+            write(self._fh, self.atoms, format="extxyz")
+            self._fh.flush()
+        self.frames += 1
+
+    def close(self) -> None:
+        (self._traj or self._fh).close()
+
+
+def read_log(path: str | Path) -> tuple[dict[str, str], list[str], np.ndarray]:
+    """Run metadata (ensemble, natoms, timestep_fs), column names and values ``[rows, columns]`` of a tdn-md log."""
+    with open(path) as fh:
+        meta = dict(item.split("=", 1) for item in fh.readline().lstrip("#").split() if "=" in item)
+        names = fh.readline().lstrip("#").split()
+    values = np.loadtxt(path, comments="#", ndmin=2)
+    return meta, names, values
+
+
+def plot_thermo(log_path: str | Path, png_path: str | Path) -> None:
+    """Energies, temperature (and volume, pressure for NPT) against time, one panel each, into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta, names, values = read_log(log_path)
+    natoms = int(meta.get("natoms", 1))
+    col = {name: values[:, i] for i, name in enumerate(names)}
+    t = col["time[ps]"]
+    panels = [("energy per atom rel. to start [meV]", ("Epot[eV]", "Etot[eV]")), ("T [K]", ("T[K]",))]
+    panels += [(name, (name,)) for name in NPT_LOG_COLUMNS if name in col]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.4 * len(panels)), sharex=True, squeeze=False)
+    for ax, (label, keys) in zip(axes[:, 0], panels):
+        for key in keys:
+            y = col[key]
+            if key.startswith("E"):
+                y = (y - y[0]) / natoms * 1000
+            ax.plot(t, y, label=key.split("[")[0])
+        ax.set_ylabel(label)
+        if len(keys) > 1:
+            ax.legend(loc="best", fontsize=8)
+    axes[-1, 0].set_xlabel("time [ps]")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+@dataclass
+class MDResult:
+    steps: int
+    wall_s: float
+    steps_per_s: float
+    log: Path
+    trajectory: Path
+    png: Path | None
+
+
+def run_md(
+    atoms: Atoms,
+    settings: MDSettings,
+    steps: int,
+    output_dir: str | Path,
+    *,
+    traj_format: str = "extxyz",
+    traj_interval: int = 10,
+    log_interval: int = 10,
+    progress: bool = True,
+    plot: bool = True,
+) -> MDResult:
+    """Run ``steps`` MD steps of ``atoms`` (calculator attached) and write log, trajectory and thermo PNG."""
+    if traj_format not in TRAJ_FORMATS:
+        raise ValueError(f"traj_format must be one of {TRAJ_FORMATS}, got {traj_format!r}")
+    if steps < 0 or traj_interval < 1 or log_interval < 1:
+        raise ValueError("steps must be >= 0 and the intervals >= 1")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path, traj_path = out / "md.log", out / f"trajectory.{traj_format}"
+    dyn = build_dynamics(atoms, settings)
+    traj = TrajectoryWriter(traj_path, atoms)
+    bar = _progress_bar(steps, progress)
+    with open(log_path, "w") as log_fh:
+        logger = ThermoLogger(dyn, atoms, log_fh, settings.ensemble)
+        dyn.attach(logger, interval=log_interval)
+        dyn.attach(traj, interval=traj_interval)
+        if bar is not None:
+            dyn.attach(lambda: bar.update(dyn.nsteps - bar.n), interval=max(1, min(log_interval, steps // 100 or 1)))
+        start = time.perf_counter()
+        try:
+            dyn.run(steps)
+        finally:
+            wall = time.perf_counter() - start
+            if bar is not None:
+                bar.update(steps - bar.n)
+                bar.close()
+            traj.close()
+    png = out / "thermo.png" if plot else None
+    if png is not None:
+        plot_thermo(log_path, png)
+    return MDResult(steps, wall, steps / wall if wall > 0 else float("nan"), log_path, traj_path, png)
+
+
+def _progress_bar(steps: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, unit="step", desc="tdn-md", dynamic_ncols=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tdn-md",
+        description="Molecular dynamics with an exported tdn model (ASE integrators). Writes OUTPUT_DIR/md.log "
+        "(step, time, Epot, Ekin, Etot, T, steps/s; + volume and pressure for NPT), OUTPUT_DIR/trajectory.extxyz "
+        "(or .traj) and OUTPUT_DIR/thermo.png.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("structure", help="input structure, any format ase.io.read knows (extxyz, cif, POSCAR, .traj)")
+    p.add_argument("--model", required=True, help="model file written by tdn.save_model / tdn-train's export")
+    p.add_argument("--index", default="-1", help="frame of the structure file to start from")
+    p.add_argument("-o", "--output-dir", default="md_out", help="directory for log, trajectory and PNG")
+    g = p.add_argument_group("integrator")
+    g.add_argument(
+        "--ensemble",
+        choices=ENSEMBLES,
+        default="nve",
+        help="nve: velocity Verlet; nvt-langevin; nvt-nose-hoover: Nosé–Hoover chain; npt-iso: isotropic "
+        "MTK; npt: full-cell MTK; npt-langevin: Langevin BAOAB with a Langevin-Hoover barostat",
+    )
+    g.add_argument("--steps", type=int, default=1000, help="number of MD steps")
+    g.add_argument("--timestep", type=float, default=1.0, help="time step in fs")
+    g.add_argument("--temperature", type=float, default=300.0, help="thermostat target in K")
+    g.add_argument(
+        "--init-temperature",
+        type=float,
+        default=None,
+        help="Maxwell-Boltzmann velocities at this temperature in K (default: --temperature); a negative "
+        "value keeps the velocities stored in the structure file",
+    )
+    g.add_argument("--friction", type=float, default=0.01, help="Langevin friction in 1/fs")
+    g.add_argument("--tdamp", type=float, default=100.0, help="Nosé–Hoover / MTK thermostat time in fs")
+    g.add_argument("--pressure", type=float, default=0.0, help="barostat target pressure in GPa")
+    g.add_argument("--pdamp", type=float, default=1000.0, help="barostat time in fs")
+    g.add_argument("--seed", type=int, default=0, help="seed for initial velocities and Langevin noise")
+    c = p.add_argument_group("calculator")
+    c.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
+    c.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="model precision")
+    c.add_argument("--skin", type=float, default=0.5, help="neighbour-list skin in Å (rebuilt after skin/2 moves)")
+    c.add_argument("--compile", action="store_true", help="torch.compile the model (experimental)")
+    o = p.add_argument_group("output")
+    o.add_argument("--traj-format", choices=TRAJ_FORMATS, default="extxyz", help="trajectory file format")
+    o.add_argument("--traj-interval", type=int, default=10, help="write a frame every this many steps")
+    o.add_argument("--log-interval", type=int, default=10, help="write a log line every this many steps")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--no-plot", action="store_true", help="no thermo PNG")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .calculator import TDNCalculator
+
+    atoms = read(args.structure, index=args.index)
+    if not isinstance(atoms, Atoms):
+        raise ValueError(f"--index {args.index!r} must select one frame of {args.structure}")
+    settings = MDSettings(
+        ensemble=args.ensemble,
+        timestep=args.timestep,
+        temperature=args.temperature,
+        friction=args.friction,
+        tdamp=args.tdamp,
+        pressure=args.pressure,
+        pdamp=args.pdamp,
+        seed=args.seed,
+    )
+    atoms.calc = TDNCalculator(
+        args.model, device=args.device, default_dtype=args.dtype, compile=args.compile, skin=args.skin
+    )
+    init_t = args.temperature if args.init_temperature is None else args.init_temperature
+    if init_t >= 0:
+        initialise_velocities(atoms, init_t, args.seed)
+    result = run_md(
+        atoms,
+        settings,
+        args.steps,
+        args.output_dir,
+        traj_format=args.traj_format,
+        traj_interval=args.traj_interval,
+        log_interval=args.log_interval,
+        progress=not args.no_progress,
+        plot=not args.no_plot,
+    )
+    print(
+        f"tdn-md: {result.steps} steps in {result.wall_s:.1f} s ({result.steps_per_s:.1f} steps/s); "
+        f"log {result.log}, trajectory {result.trajectory}" + (f", plot {result.png}" if result.png else "")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

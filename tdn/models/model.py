@@ -1,0 +1,268 @@
+"""The MACE-like model: embedding, ``num_layers`` x (interaction -> product basis -> readout), energies, and
+forces / stress / virials by automatic differentiation.
+
+Per layer ``t`` (node features ``h`` with ``l <= lmax_hidden``; scalars only into the first and out of the last):
+
+    A   = InteractionBlock(h)                              atomic basis, l <= lmax       [N, C, (lmax+1)^2]
+    h'  = ProductBlock(A, element) + ElementLinear(h)      self-connection from layer 2 on (MACE)
+    e_t = readout_t(h')                                    linear; a small MLP after the last layer
+
+    node_energy = E0[element] + scale * sum_t e_t + shift,   energy = sum over the graph's atoms.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..nn import (
+    ElementEmbedding,
+    ElementLinear,
+    InteractionBlock,
+    LinearReadout,
+    MLPReadout,
+    ProductBlock,
+    RadialEmbedding,
+)
+from ..o3 import spherical_harmonics
+from .config import ModelConfig
+
+MAX_ATOMIC_NUMBER = 118
+
+
+class UnknownElementError(KeyError, ValueError):
+    """An atomic number the model was not built for (both a KeyError and a ValueError)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class TDNModel(nn.Module):
+    """``model(batch, compute_forces=True, compute_stress=False)`` -> dict with ``energy [B]``,
+    ``node_energy [N]``, ``forces [N, 3]``, ``stress [B, 3, 3]``, ``virials [B, 3, 3]`` (None when not computed).
+
+    ``batch``: a torch_geometric ``Data``/``Batch`` with the fields of docs/CONTRACTS.md (``pos``,
+    ``atomic_numbers``, ``edge_index``, ``unit_shifts``, ``cell``, and ``batch`` when batched).
+    Build it with :func:`tdn.models.build_model`.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        # Built in float64, then cast: constant tables (CG, grids, CP factors) keep full precision in a float64
+        # model (the backends build in the default dtype).
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            self._build(config)
+        finally:
+            torch.set_default_dtype(previous)
+        self.to(config.torch_dtype)
+
+    def _build(self, config: ModelConfig) -> None:
+        c = config
+        self.num_elements = len(c.elements)
+        last = c.num_layers - 1
+
+        z_to_index = torch.full((MAX_ATOMIC_NUMBER + 1,), -1, dtype=torch.long)
+        z_to_index[torch.tensor(c.elements)] = torch.arange(self.num_elements)
+        self.register_buffer("z_to_index", z_to_index, persistent=False)
+        self.register_buffer("atomic_energies", torch.tensor(c.atomic_energies, dtype=torch.float64))
+        self.register_buffer("scale", torch.tensor(c.scale, dtype=torch.float64))
+        self.register_buffer("shift", torch.tensor(c.shift, dtype=torch.float64))
+
+        self.radial = RadialEmbedding(c.cutoff, c.num_bessel, c.envelope_exponent)
+        self.embedding = ElementEmbedding(self.num_elements, c.channels)
+
+        self.interactions = nn.ModuleList()
+        self.self_connections = nn.ModuleList()
+        self.products = nn.ModuleList()
+        self.readouts = nn.ModuleList()
+        for t in range(c.num_layers):
+            l_in = 0 if t == 0 else c.lmax_hidden  # degrees of h entering layer t
+            l_out = 0 if t == last else c.lmax_hidden  # ... and leaving it (only scalars are read after the last)
+            self.interactions.append(
+                InteractionBlock(
+                    c.tp,
+                    lmax_node=l_in,
+                    lmax_sh=c.lmax,
+                    lmax_out=c.lmax,
+                    channels=c.channels,
+                    num_radial=c.num_bessel,
+                    radial_hidden=c.radial_mlp,
+                    avg_num_neighbors=c.avg_num_neighbors,
+                    paths=c.paths,
+                    weights=c.tp_weights,
+                    tp_options=c.tp_options,
+                )
+            )
+            has_residual = t > 0 or c.residual_first
+            self.self_connections.append(
+                ElementLinear(l_in, l_out, c.channels, c.channels, self.num_elements) if has_residual else nn.Identity()
+            )
+            self.products.append(
+                ProductBlock(c.tp, c.lmax, l_out, c.channels, c.correlation, self.num_elements, paths=c.paths)
+            )
+            self.readouts.append(MLPReadout(c.channels, c.readout_mlp) if t == last else LinearReadout(c.channels))
+        self._has_residual = [t > 0 or c.residual_first for t in range(c.num_layers)]
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.atomic_energies.dtype
+
+    def element_index(self, atomic_numbers: torch.Tensor) -> torch.Tensor:
+        """Atomic numbers ``[N]`` -> positions in ``config.elements``; an unknown one is an UnknownElementError."""
+        clamped = atomic_numbers.clamp(0, MAX_ATOMIC_NUMBER)
+        index = self.z_to_index[clamped]
+        unknown = (index < 0) | (clamped != atomic_numbers)
+        if bool(unknown.any()):
+            bad = sorted({int(z) for z in atomic_numbers[unknown].tolist()})
+            raise UnknownElementError(f"atomic number(s) {bad} not in the model's elements {self.config.elements}")
+        return index
+
+    def set_statistics(
+        self,
+        avg_num_neighbors: float | None = None,
+        atomic_energies: list[float] | dict[int, float] | None = None,
+        scale: float | None = None,
+        shift: float | None = None,
+    ) -> None:
+        """Set dataset statistics after construction (buffers and config stay in step)."""
+        c = self.config
+        if avg_num_neighbors is not None:
+            c.avg_num_neighbors = float(avg_num_neighbors)
+            for block in self.interactions:
+                block.avg_num_neighbors = c.avg_num_neighbors
+        if atomic_energies is not None:
+            if isinstance(atomic_energies, dict):
+                atomic_energies = [float(atomic_energies[z]) for z in c.elements]
+            if len(atomic_energies) != self.num_elements:
+                raise ValueError(f"atomic_energies needs {self.num_elements} values, got {len(atomic_energies)}")
+            self.atomic_energies.copy_(torch.as_tensor(atomic_energies, dtype=self.dtype))
+        if scale is not None:
+            self.scale.fill_(float(scale))
+        if shift is not None:
+            self.shift.fill_(float(shift))
+        self.sync_config()
+
+    def sync_config(self) -> ModelConfig:
+        """Write the statistics buffers back into ``config`` (done before saving) and return it."""
+        c = self.config
+        c.atomic_energies = [float(e) for e in self.atomic_energies.tolist()]
+        c.scale, c.shift = float(self.scale), float(self.shift)
+        c.dtype = str(self.dtype).removeprefix("torch.")
+        return c
+
+    # ----------------------------------------------------------------------------------------------- energy
+    def node_energies(
+        self,
+        pos: torch.Tensor,  # [N, 3]
+        element_index: torch.Tensor,  # [N]
+        edge_index: torch.Tensor,  # [2, E]: sender, receiver
+        edge_shift: torch.Tensor,  # [E, 3]: unit_shifts @ cell, in Å
+    ) -> torch.Tensor:
+        """Per-atom energies ``[N]`` from positions: the network itself, tensors in and out."""
+        sender, receiver = edge_index[0], edge_index[1]
+        vectors = pos[receiver] - pos[sender] + edge_shift  # [E, 3]
+        lengths = torch.linalg.vector_norm(vectors, dim=-1)  # [E]
+        edge_sh = spherical_harmonics(self.config.lmax, vectors)  # [E, (lmax+1)^2]
+        edge_radial = self.radial(lengths)  # [E, num_bessel]
+
+        h = self.embedding(element_index)  # [N, C, 1]
+        interaction_energy = pos.new_zeros(pos.shape[0])  # [N]
+        for interaction, self_connection, product, readout, has_residual in zip(
+            self.interactions, self.self_connections, self.products, self.readouts, self._has_residual
+        ):
+            residual = self_connection(h, element_index) if has_residual else None  # [N, C, D_out]
+            atomic_basis = interaction(h, edge_sh, edge_radial, edge_index)  # [N, C, (lmax+1)^2]
+            h = product(atomic_basis, element_index, residual)  # [N, C, D_out]
+            interaction_energy = interaction_energy + readout(h)  # [N]
+
+        return self.atomic_energies[element_index] + self.scale * interaction_energy + self.shift  # [N]
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        batch: Any,
+        compute_forces: bool = True,
+        compute_stress: bool = False,
+        training: bool | None = None,
+    ) -> dict[str, torch.Tensor | None]:
+        """Energies, and forces / stress / virials as derivatives of the total energy.
+
+        ``training`` (default ``self.training``) keeps the graph of the derivatives (``create_graph``) so that
+        a loss on forces or stress can be backpropagated.
+        """
+        create_graph = self.training if training is None else training
+        dtype = self.dtype
+        pos = batch.pos.to(dtype)  # [N, 3]
+        num_atoms = pos.shape[0]
+        edge_index = batch.edge_index  # [2, E]
+        element_index = self.element_index(batch.atomic_numbers)  # [N]
+        batch_index = getattr(batch, "batch", None)
+        if batch_index is None:
+            batch_index = torch.zeros(num_atoms, dtype=torch.long, device=pos.device)
+        cell = getattr(batch, "cell", None)
+        cell = pos.new_zeros(1, 3, 3) if cell is None else cell.to(dtype).view(-1, 3, 3)  # [B, 3, 3]
+        num_graphs = cell.shape[0]
+        unit_shifts = getattr(batch, "unit_shifts", None)
+        if unit_shifts is None:
+            unit_shifts = pos.new_zeros(edge_index.shape[1], 3)
+        unit_shifts = unit_shifts.to(dtype)  # [E, 3]
+
+        with torch.enable_grad():
+            inputs: list[torch.Tensor] = []
+            if compute_forces or compute_stress:
+                if not pos.requires_grad:
+                    pos = pos.detach().requires_grad_(True)
+                inputs.append(pos)
+            if compute_stress:
+                # Strain everything by (1 + eps) with eps the symmetric part of a zero displacement:
+                # dE/d(displacement) at 0 is then the (symmetric) derivative of E with respect to strain.
+                displacement = pos.new_zeros(num_graphs, 3, 3, requires_grad=True)
+                inputs.append(displacement)
+                strain = 0.5 * (displacement + displacement.transpose(1, 2))  # [B, 3, 3]
+                strained_pos = pos + torch.einsum("ni,nij->nj", pos, strain[batch_index])  # [N, 3]
+                strained_cell = cell + torch.bmm(cell, strain)  # [B, 3, 3]
+            else:
+                strained_pos, strained_cell = pos, cell
+            edge_graph = batch_index[edge_index[0]]  # [E]
+            edge_shift = torch.einsum("ei,eij->ej", unit_shifts, strained_cell[edge_graph])  # [E, 3]
+
+            node_energy = self.node_energies(strained_pos, element_index, edge_index, edge_shift)  # [N]
+            energy = node_energy.new_zeros(num_graphs).index_add(0, batch_index, node_energy)  # [B]
+
+            grads: list[torch.Tensor | None] = [None] * len(inputs)
+            if inputs and energy.requires_grad:
+                grads = list(
+                    torch.autograd.grad(
+                        energy.sum(),  # graphs are independent, so d(sum)/d(pos of graph b) = dE_b/d(pos)
+                        inputs,
+                        create_graph=create_graph,
+                        retain_graph=create_graph,
+                        allow_unused=True,
+                    )
+                )
+
+        out: dict[str, torch.Tensor | None] = {
+            "energy": energy,
+            "node_energy": node_energy,
+            "forces": None,
+            "stress": None,
+            "virials": None,
+        }
+        if compute_forces:
+            out["forces"] = -grads[0] if grads[0] is not None else torch.zeros_like(pos)
+        if compute_stress:
+            d_energy_d_strain = grads[-1] if grads[-1] is not None else torch.zeros_like(cell)  # [B, 3, 3]
+            volume = torch.linalg.det(cell).abs()  # [B]; zero for molecules
+            virials = -d_energy_d_strain
+            has_volume = (volume > 0).view(-1, 1, 1)
+            out["virials"] = virials
+            out["stress"] = torch.where(
+                has_volume, d_energy_d_strain / volume.clamp_min(1e-30).view(-1, 1, 1), torch.zeros_like(virials)
+            )  # ASE sign: stress = (1/V) dE/d(strain) = -virials / V
+        return out

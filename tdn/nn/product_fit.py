@@ -1,0 +1,154 @@
+"""Tables behind :class:`tdn.nn.product.ProductBasis`, computed in float64 and cached.
+
+* :func:`coupling_basis` — the generalised Clebsch–Gordan basis ``U^{nu,L}``: an orthonormal basis of the
+  symmetric, equivariant ``nu``-linear maps from the stacked layout (degrees ``0..lmax_in``) to degree ``L``.
+* :func:`fit_symmetric_cp` / :func:`symmetric_cp` — a symmetric CP decomposition of the stacked ``U^nu``
+  (rows ``(L, eta, M)``) with shared directions: ``U^nu ≈ a (b_r^{⊗nu})_r``.
+* :func:`output_variance` / :func:`power_variance` — the exact output variance of each basis for
+  unit-variance Gaussian inputs, used to scale the weights (Isserlis' theorem).
+
+Run ``python -m tdn.nn.product_fit`` to regenerate the shipped CP directions in ``product_factors/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from e3nn.o3 import wigner_3j
+
+from ..o3 import check_path_set, dim, sphere_grid, spherical_harmonics
+
+# ---------------------------------------------------------------------------------------------------------------
+# The generalised Clebsch–Gordan basis
+# ---------------------------------------------------------------------------------------------------------------
+
+Multiset = tuple[int, ...]
+
+
+@lru_cache(maxsize=None)
+def _w3j(l1: int, l2: int, l3: int) -> torch.Tensor:
+    """The Wigner-3j block ``(l1, l2, l3)`` as ``[2l3+1, 2l1+1, 2l2+1]`` (float64, unit Frobenius norm).
+
+    The same e3nn table :func:`tdn.o3.path_blocks` stacks (without its path normalisation, which does not
+    matter here because every coupling tree is normalised), fetched one triple at a time: trees need
+    intermediate degrees up to ``nu * lmax_in`` but only triples with a small middle degree.
+    """
+    return wigner_3j(l1, l2, l3, dtype=torch.float64).permute(2, 0, 1).contiguous()
+
+
+def _coupling_trees(degrees: Multiset, L: int) -> list[torch.Tensor]:
+    """All left-coupled trees ``((l1 l2)K2 l3)K3 ... -> L`` of the degrees, each ``[2L+1, 2l1+1, ..., 2lnu+1]``.
+
+    Trees with different intermediate degrees are orthogonal and together span every SO(3)-equivariant map
+    ``V_l1 ⊗ ... ⊗ V_lnu -> V_L``. Intermediates that can no longer reach ``L`` are pruned.
+    """
+    nu = len(degrees)
+    states: list[tuple[int, torch.Tensor]] = [(degrees[0], torch.eye(2 * degrees[0] + 1, dtype=torch.float64))]
+    for j in range(1, nu):
+        lj, rest = degrees[j], sum(degrees[j + 1 :])
+        new_states = []
+        for k_prev, tree in states:  # tree [2K+1, inputs so far...]
+            for k in range(abs(k_prev - lj), k_prev + lj + 1):
+                if abs(k - L) > rest:
+                    continue
+                block = _w3j(k_prev, lj, k)  # [2k+1, 2k_prev+1, 2lj+1]
+                new_states.append((k, torch.einsum("kpb,p...->k...b", block, tree)))
+        states = new_states
+    return [tree / tree.norm() for k, tree in states if k == L]
+
+
+def _slot_permutations(degrees: Multiset) -> list[tuple[int, ...]]:
+    """Permutations of the input slots that leave the (sorted) degree tuple unchanged."""
+    return [p for p in itertools.permutations(range(len(degrees))) if all(degrees[i] == degrees[j] for i, j in
+                                                                          zip(p, range(len(degrees))))]
+
+
+@lru_cache(maxsize=None)
+def _multiset_basis(degrees: Multiset, L: int) -> torch.Tensor:
+    """Orthonormal basis ``[eta, 2L+1, 2l1+1, ..., 2lnu+1]`` of the equivariant maps on ``V_l1 ⊗ ... ⊗ V_lnu``
+    that are symmetric under exchanging slots of equal degree (``degrees`` sorted).
+
+    The trees form an orthonormal basis of all equivariant maps and the symmetriser is an orthogonal projector
+    commuting with rotations, so the singular values of the symmetrised trees are exactly 0 or 1.
+    """
+    trees = _coupling_trees(degrees, L)
+    shape = (2 * L + 1, *(2 * l + 1 for l in degrees))
+    if not trees:
+        return torch.zeros(0, *shape, dtype=torch.float64)
+    perms = _slot_permutations(degrees)
+    sym = []
+    for tree in trees:
+        sym.append(sum(tree.permute(0, *(1 + i for i in p)) for p in perms) / len(perms))
+    mat = torch.stack(sym).reshape(len(sym), -1)  # [trees, (2L+1) prod(2l+1)]
+    _, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    keep = s > 0.5
+    if bool(((s > 1e-8) & ~keep).any()):  # pragma: no cover - would mean the trees were not orthonormal
+        raise RuntimeError(f"coupling trees of {degrees} -> {L} are not orthonormal: singular values {s.tolist()}")
+    return vh[keep].reshape(-1, *shape)
+
+
+def multisets(nu: int, lmax_in: int, L: int, paths: str) -> list[Multiset]:
+    """Sorted degree tuples ``l1 <= ... <= lnu`` of the inputs (for "o3": ``sum + L`` even)."""
+    out = []
+    for degrees in itertools.combinations_with_replacement(range(lmax_in + 1), nu):
+        if paths == "o3" and (sum(degrees) + L) % 2:
+            continue
+        out.append(degrees)
+    return out
+
+
+def _arrangements(degrees: Multiset) -> list[tuple[int, ...]]:
+    """Distinct orderings of the multiset, each as the permutation ``p`` with ``ordering[j] = degrees[p[j]]``."""
+    seen, out = set(), []
+    for p in itertools.permutations(range(len(degrees))):
+        key = tuple(degrees[i] for i in p)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+@lru_cache(maxsize=None)
+def _coupling_basis(nu: int, lmax_in: int, L: int, paths: str) -> torch.Tensor:
+    d = dim(lmax_in)
+    parts = []
+    for degrees in multisets(nu, lmax_in, L, paths):
+        block = _multiset_basis(degrees, L)  # [eta_m, 2L+1, 2l1+1, ...]
+        if block.shape[0] == 0:
+            continue
+        arrangements = _arrangements(degrees)
+        full = torch.zeros(block.shape[0], 2 * L + 1, *([d] * nu), dtype=torch.float64)
+        for p in arrangements:
+            # slot j carries degree degrees[p[j]]: move block axis 1 + p[j] to position 1 + j
+            index = (slice(None), slice(None), *(slice(degrees[i] ** 2, (degrees[i] + 1) ** 2) for i in p))
+            full[index] = block.permute(0, 1, *(2 + i for i in p))
+        parts.append(full / math.sqrt(len(arrangements)))
+    if not parts:
+        return torch.zeros(0, 2 * L + 1, *([d] * nu), dtype=torch.float64)
+    return torch.cat(parts)
+
+
+MAX_DENSE = 16**3 * 4  # largest dense U row (components x inputs) built: nu = 3 at lmax_in = 3 (x4 margin)
+
+
+def coupling_basis(nu: int, lmax_in: int, L: int, paths: str = "o3") -> torch.Tensor:
+    """``U^{nu,L}`` ``[eta, 2L+1, D, ..., D]`` (``nu`` input axes, ``D = (lmax_in+1)^2``), float64.
+
+    Orthonormal (``sum_{M, i} U_a[M, i...] U_b[M, i...] = delta_ab``), symmetric under permuting the input axes,
+    and equivariant: ``U(D x, ..., D x) = D_L U(x, ..., x)`` for rotations (and for inversion with "o3", where
+    degree ``l`` has parity ``(-1)^l``). It spans *all* such maps: for every sorted degree multiset
+    ``l1 <= ... <= lnu`` the left-coupled Wigner-3j trees are symmetrised over slots of equal degree and
+    orthonormalised (SVD), then spread symmetrically over the distinct orderings of the multiset; "o3" keeps the
+    multisets with ``l1 + ... + lnu + L`` even (natural parity). Each basis element lives on one multiset.
+    """
+    check_path_set(paths)
+    if nu < 1 or L < 0 or lmax_in < 0:
+        raise ValueError(f"need nu >= 1, L >= 0, lmax_in >= 0, got nu={nu}, L={L}, lmax_in={lmax_in}")
+    return _coupling_basis(nu, lmax_in, L, paths).clone()

@@ -1,0 +1,196 @@
+"""From the ``data`` config group to a :class:`tdn.data.TDNDataModule`, with the checks made before training.
+
+Three keys of the group are not the data module's: ``source`` (free values the paths are built from), ``metrics``
+(the metric families of the dataset's field) and ``free_atoms_only`` (OC20/OC22: forces count on free atoms only).
+Everything else is passed to :class:`tdn.data.TDNDataModule` as is.
+
+Validation and test loaders are replaced by ones that are exact under DDP: every rank still gets the same number
+of batches (the data module pads by repeating batches, so that collective calls line up), but repeated batches are
+marked (``batch.padding``) and left out of the losses and metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+
+from ..data import TDNDataModule, collate
+from ..data.sampler import pack_batches
+from .errors import ConfigError
+
+logger = logging.getLogger("tdn.train")
+
+TRAIN_KEYS = ("metrics", "free_atoms_only", "source")  # not data module arguments
+PATH_KEYS = ("train", "val", "test")
+REFERENCE_KEYS = ("ref_energies", "linear_reference", "atom_refs")
+ELEMENT_SCAN_LIMIT = 20_000  # val/test splits up to this size are scanned for elements the model lacks
+
+
+def _paths(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (str, Path)):
+        return [str(value)]
+    return [str(v) for v in value]
+
+
+def check_paths(data: Mapping[str, Any]) -> None:
+    """Every data path given must exist: a ConfigError naming the key and the path otherwise."""
+    if data.get("train") in (None, "", "???"):
+        raise ConfigError("data.train is required: give data.train=/path/to/training/data (a file or a directory)")
+    checks = [(f"data.{key}", p) for key in PATH_KEYS for p in _paths(data.get(key))]
+    e0 = data.get("e0")
+    if isinstance(e0, str) and e0 not in ("least_squares", "zero"):
+        checks.append(("data.e0", e0))
+    for key in REFERENCE_KEYS:
+        value = (data.get("reader_options") or {}).get(key)
+        if isinstance(value, str):
+            checks.append((f"data.reader_options.{key}", value))
+    for key, path in checks:
+        if not Path(path).exists():
+            raise ConfigError(f"{key}: no such file or directory: {path}")
+
+
+def datamodule_kwargs(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k not in TRAIN_KEYS}
+
+
+# ---------------------------------------------------------------------------------------------- exact evaluation
+class _MarkPadding(Dataset):
+    """Graphs of ``dataset`` at positions ``(k, is_padding)``, with ``graph.padding`` set."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, bool]):
+        k, padding = item
+        graph = self.dataset[k]
+        if graph is not None:
+            graph.padding = torch.tensor([bool(padding)])
+        return graph
+
+
+class EvalBatchSampler:
+    """The data module's evaluation batches, split over ranks with repeated (padding) batches marked."""
+
+    def __init__(
+        self,
+        natoms: np.ndarray | None,
+        nedges: np.ndarray | None,
+        n: int,
+        *,
+        batch_size: int | None,
+        max_atoms: int | None,
+        max_edges: int | None,
+    ) -> None:
+        natoms = np.ones(n, dtype=np.int64) if natoms is None else np.asarray(natoms, dtype=np.int64)
+        self.batches = pack_batches(
+            np.arange(n), natoms, nedges, batch_size=batch_size, max_atoms=max_atoms, max_edges=max_edges
+        )
+
+    def _rank_batches(self) -> list[tuple[list[int], bool]]:
+        world, rank = 1, 0
+        if dist.is_available() and dist.is_initialized():
+            world, rank = dist.get_world_size(), dist.get_rank()
+        marked = [(b, False) for b in self.batches]
+        if world > 1 and marked:
+            pad = -len(marked) % world
+            marked += [(self.batches[k % len(self.batches)], True) for k in range(pad)]
+        return marked[rank::world]
+
+    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+        for batch, padding in self._rank_batches():
+            yield [(k, padding) for k in batch]
+
+    def __len__(self) -> int:
+        return len(self._rank_batches())
+
+
+class TrainingDataModule(TDNDataModule):
+    """:class:`tdn.data.TDNDataModule` with exact (unrepeated) validation and test under DDP."""
+
+    def _eval_loader(self, name: str) -> DataLoader:
+        dataset, natoms, nedges = self.prepared(name)
+        sampler = EvalBatchSampler(
+            natoms,
+            nedges,
+            len(dataset),
+            batch_size=self.eval_batch_size,
+            max_atoms=self.max_atoms,
+            max_edges=self.max_edges,
+        )
+        return DataLoader(
+            _MarkPadding(dataset),
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def has_split(self, name: str) -> bool:
+        self.setup()
+        return name in self.datasets and len(self.datasets[name]) > 0
+
+    def split_elements(self, name: str, limit: int = ELEMENT_SCAN_LIMIT) -> set[int] | None:
+        """Atomic numbers present in a split (None when it is larger than ``limit`` and was not scanned)."""
+        if not self.has_split(name):
+            return set()
+        dataset = self.datasets[name]
+        if len(dataset) > limit:
+            return None
+        seen: set[int] = set()
+        for k in range(len(dataset)):
+            atoms = dataset.atoms_at(k)
+            if atoms is not None:
+                seen.update(int(z) for z in np.unique(atoms.numbers))
+        return seen
+
+
+def build_datamodule(data: Mapping[str, Any], stats_file: Path | None = None) -> TrainingDataModule:
+    """The data module for the ``data`` group (paths checked first); statistics cached in ``stats_file``."""
+    check_paths(data)
+    kwargs = datamodule_kwargs(data)
+    if kwargs.get("stats_file") is None and stats_file is not None:
+        kwargs["stats_file"] = str(stats_file)
+    try:
+        return TrainingDataModule(**kwargs)
+    except TypeError as exc:  # an unknown key in the data group
+        raise ConfigError(f"data: {exc}") from exc
+
+
+def check_elements(datamodule: TrainingDataModule, elements: Sequence[int], stats: Mapping[str, Any]) -> None:
+    """Every element of the training split, and of the val/test splits when small enough to scan, is in the
+    model: a ConfigError naming the elements and the split otherwise."""
+    from ase.data import chemical_symbols
+
+    known = {int(z) for z in elements}
+    splits: list[tuple[str, set[int] | None]] = [("training", {int(z) for z in stats["elements"]})]
+    splits += [(name, datamodule.split_elements(name)) for name in ("val", "test")]
+    for name, present in splits:
+        if present is None:
+            logger.info("%s split not scanned for elements (more than %d structures)", name, ELEMENT_SCAN_LIMIT)
+            continue
+        missing = sorted(present - known)
+        if missing:
+            names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in missing)
+            raise ConfigError(
+                f"element(s) {names} appear in the {name} data but not in the model's elements {sorted(known)}; "
+                "add them to model.elements (or leave model.elements to the training data statistics)"
+            )

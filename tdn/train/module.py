@@ -1,0 +1,175 @@
+"""The LightningModule: a :class:`tdn.models.TDNModel`, its loss, metrics and EMA, the optimizer and schedule."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from .. import models
+from .ema import EMA
+from .losses import LossConfig, PotentialLoss
+from .metrics import MeanLoss, MetricSet
+from .optim import build_optimizer, build_scheduler
+
+FLOAT_FIELDS = ("pos", "cell", "unit_shifts", "energy", "forces", "stress")
+
+
+class PotentialModule(L.LightningModule):
+    """Trains an interatomic potential on energies, forces and (where labelled) stress.
+
+    Args:
+        model_config: the model's :class:`tdn.models.ModelConfig` as a dict (kept in the checkpoint, so
+            ``PotentialModule.load_from_checkpoint(path)`` rebuilds the model without the data).
+        loss: :class:`tdn.train.losses.LossConfig` fields.
+        optimizer / lr_scheduler: see :mod:`tdn.train.optim`.
+        ema: ``{enabled, decay, warmup}``; when enabled the average is what validation, test and export use.
+        metrics: metric families for validation and test (``generic``, ``s2ef``, ``pubchemqcr``).
+        compute_stress: "auto" (when the loss needs it or the batch carries stress labels), True or False.
+        seed: the global RNGs are re-seeded from ``(seed, epoch)`` at the start of every training epoch, so that the
+            data order (and anything else random) of an epoch does not depend on what ran before it: a run resumed
+            from an end-of-epoch checkpoint continues exactly as the uninterrupted run would.
+        model: an already built model (e.g. loaded with ``init_from``); its config must equal ``model_config``.
+    """
+
+    def __init__(
+        self,
+        model_config: Mapping[str, Any],
+        loss: Mapping[str, Any] | None = None,
+        optimizer: Mapping[str, Any] | None = None,
+        lr_scheduler: Mapping[str, Any] | None = None,
+        ema: Mapping[str, Any] | None = None,
+        metrics: Sequence[str] = ("generic",),
+        compute_stress: str | bool = "auto",
+        seed: int = 0,
+        model: torch.nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model if model is not None else models.build_model(config=dict(model_config))
+        self.loss_config = LossConfig.from_dict(loss or {})
+        self.loss_fn = PotentialLoss(self.loss_config)
+        self.optimizer_config = dict(optimizer or {})
+        self.scheduler_config = dict(lr_scheduler or {"name": "none"})
+        ema = dict(ema or {})
+        unknown = sorted(set(ema) - {"enabled", "decay", "warmup"})
+        if unknown:
+            raise ValueError(f"unknown ema option(s) {unknown}; known: ['decay', 'enabled', 'warmup']")
+        self.ema = None
+        if ema.get("enabled", True):
+            self.ema = EMA(self.model, ema.get("decay", 0.99), ema.get("warmup", True))
+        self.val_metrics = MetricSet(metrics)
+        self.test_metrics = MetricSet(metrics)
+        self.val_loss = MeanLoss()
+        self.test_loss = MeanLoss()
+        if compute_stress not in ("auto", True, False):
+            raise ValueError(f"compute_stress must be 'auto', true or false, got {compute_stress!r}")
+        self.compute_stress = compute_stress
+        self.seed = int(seed)
+        self.test_results: dict[str, float] = {}
+        if self.ema is not None:  # the average is identical on every rank: keep DDP from broadcasting it
+            names = [n for n, _ in self.named_buffers()] + [n for n, _ in self.named_parameters()]
+            self._ddp_params_and_buffers_to_ignore = [n for n in names if n.startswith("ema.")]
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """What validation, test and export use: the EMA of the weights when enabled."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def _wants_stress(self, batch: Any) -> bool:
+        if self.compute_stress != "auto":
+            return bool(self.compute_stress)
+        if self.loss_config.uses("stress"):
+            return True
+        has = getattr(batch, "has_stress", None)
+        return has is not None and bool(has.any())
+
+    def _forward(self, model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor | None]:
+        return model(batch, compute_forces=True, compute_stress=self._wants_stress(batch))
+
+    @staticmethod
+    def _num_graphs(batch: Any) -> int:
+        return int(batch.num_graphs) if hasattr(batch, "num_graphs") else 1
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Floating-point fields in the model's dtype (Lightning's 64-true precision does not reach inside graphs)."""
+        dtype = self.model.dtype
+        for name in FLOAT_FIELDS:
+            value = getattr(batch, name, None)
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype:
+                setattr(batch, name, value.to(dtype))
+        return batch
+
+    # ------------------------------------------------------------------------------------------------ training
+    def on_train_epoch_start(self) -> None:
+        seed = (self.seed * 1_000_003 + self.current_epoch) % (2**31 - 1)
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        pred = self._forward(self.model, batch)
+        loss, parts = self.loss_fn(pred, batch, self.current_epoch)
+        size = self._num_graphs(batch)
+        self.log("loss", loss, on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=size)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
+        for term, value in parts.items():
+            self.log(f"train/loss_{term}", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.trainer.global_step)
+
+    # ------------------------------------------------------------------------------------------------ evaluation
+    def _evaluate(self, batch: Any, metrics: MetricSet, mean_loss: MeanLoss) -> torch.Tensor | None:
+        padding = getattr(batch, "padding", None)
+        if padding is not None and bool(padding.all()):
+            return None  # a batch repeated only to give every rank the same number of batches
+        pred = self._forward(self.eval_model, batch)
+        loss, _ = self.loss_fn(pred, batch, self.current_epoch)
+        mean_loss.update(loss, self._num_graphs(batch))
+        metrics.update(pred, batch)
+        return loss
+
+    def _log_metrics(self, stage: str, metrics: MetricSet, mean_loss: MeanLoss) -> dict[str, float]:
+        # compute() all-reduces sums and counts, then divides: identical on every rank
+        values = {"loss": mean_loss.compute(), **metrics.compute()}
+        metrics.reset()
+        mean_loss.reset()
+        self.log_dict({f"{stage}/{k}": v.float() for k, v in values.items()}, sync_dist=True)
+        return {k: float(v) for k, v in values.items()}
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        return self._evaluate(batch, self.val_metrics, self.val_loss)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics, self.val_loss)
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        return self._evaluate(batch, self.test_metrics, self.test_loss)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = self._log_metrics("test", self.test_metrics, self.test_loss)
+
+    # ------------------------------------------------------------------------------------------------ optimizer
+    def configure_optimizers(self) -> Any:
+        optimizer = build_optimizer(self.model.named_parameters(), self.optimizer_config)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        scheduler = build_scheduler(optimizer, self.scheduler_config, total, total / max_epochs)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    # ------------------------------------------------------------------------------------------------ export
+    def export_model(self) -> torch.nn.Module:
+        """The model to save: the EMA weights (when enabled), in eval mode."""
+        model = self.eval_model
+        model.eval()
+        return model

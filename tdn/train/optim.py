@@ -1,0 +1,80 @@
+"""Optimizers (Adam / AdamW, optionally AMSGrad) and learning-rate schedules (ReduceLROnPlateau, cosine with
+linear warm-up) from the ``optimizer`` and ``lr_scheduler`` sections of the config."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+SCHEDULERS = ("plateau", "cosine", "none")
+
+
+def _check_keys(section: str, values: Mapping[str, Any], known: Iterable[str]) -> None:
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {section} option(s) {unknown}; known: {sorted(known)}")
+
+
+def build_optimizer(params: Iterable[tuple[str, nn.Parameter]], config: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """``config``: name (adam | adamw), lr, amsgrad, weight_decay, betas, eps.
+
+    Weight decay applies to weight matrices only (parameters with two or more dimensions), never to biases or
+    per-element scalars.
+    """
+    config = dict(config)
+    _check_keys("optimizer", config, ("name", "lr", "amsgrad", "weight_decay", "betas", "eps"))
+    name = str(config.pop("name", "adam")).lower()
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer.name must be one of {sorted(OPTIMIZERS)}, got {name!r}")
+    weight_decay = float(config.pop("weight_decay", 0.0))
+    decay, no_decay = [], []
+    for _, p in params:
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if "betas" in config:
+        config["betas"] = tuple(float(b) for b in config["betas"])
+    return OPTIMIZERS[name]([g for g in groups if g["params"]], **config)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_lr_ratio: float):
+    """LR factor per optimizer step: linear up to 1 over ``warmup_steps``, then a half cosine to ``min_lr_ratio``."""
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: Mapping[str, Any], total_steps: int, steps_per_epoch: float
+) -> dict[str, Any] | None:
+    """A Lightning ``lr_scheduler`` dict, or None for a constant learning rate.
+
+    plateau: factor, patience (epochs), min_lr, threshold, monitor (default ``val/loss``).
+    cosine: warmup_epochs (may be fractional), min_lr_ratio; stepped every optimizer step over ``total_steps``.
+    """
+    config = dict(config)
+    name = str(config.pop("name", "plateau")).lower()
+    if name not in SCHEDULERS:
+        raise ValueError(f"lr_scheduler.name must be one of {SCHEDULERS}, got {name!r}")
+    if name == "none":
+        return None
+    if name == "plateau":
+        _check_keys("lr_scheduler (plateau)", config, ("factor", "patience", "min_lr", "threshold", "monitor"))
+        monitor = config.pop("monitor", "val/loss")
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", **config)
+        return {"scheduler": scheduler, "monitor": monitor, "interval": "epoch", "frequency": 1, "strict": True}
+    _check_keys("lr_scheduler (cosine)", config, ("warmup_epochs", "min_lr_ratio"))
+    warmup_steps = int(round(float(config.get("warmup_epochs", 0.0)) * steps_per_epoch))
+    factor = warmup_cosine(int(total_steps), warmup_steps, float(config.get("min_lr_ratio", 0.0)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return {"scheduler": scheduler, "interval": "step", "frequency": 1}

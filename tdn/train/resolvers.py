@@ -1,0 +1,70 @@
+"""OmegaConf resolvers used by conf/.
+
+- ``${training_data_stats:NAME}``: a statistic of the training split (``avg_num_neighbors``, ``atomic_energies``,
+  ``elements``, ``forces_rms``, ``mean_interaction_energy``, ...), computed by the data module when first asked for.
+  Only resolvable inside :func:`training_data_stats`; this is how dataset statistics reach the model, never typed.
+- ``${tdn.precision:DTYPE}`` / ``${tdn.model_dtype:DTYPE}``: the Lightning precision and the model's weight dtype for
+  the run's ``dtype`` (float32 | float64 | bf16-mixed).
+- ``${tdn.root:}``: the repository root (where ``conf/`` and ``datasets/`` live in an editable install).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = ROOT / "conf"
+
+PRECISIONS = {"float32": "32-true", "float64": "64-true", "bf16-mixed": "bf16-mixed"}
+MODEL_DTYPES = {"float32": "float32", "float64": "float64", "bf16-mixed": "float32"}
+
+_stats_provider: Callable[[str], Any] | None = None
+
+
+def _lookup(table: dict[str, str], what: str) -> Callable[[str], str]:
+    def resolve(dtype: str) -> str:
+        if dtype not in table:
+            raise ValueError(f"dtype must be one of {sorted(table)}, got {dtype!r}")
+        return table[dtype]
+
+    resolve.__name__ = what
+    return resolve
+
+
+def _training_data_stats(name: str) -> Any:
+    if _stats_provider is None:
+        raise RuntimeError(
+            f"${{training_data_stats:{name}}} can only be resolved while tdn-train builds the model from the data"
+        )
+    return _stats_provider(name)
+
+
+def register() -> None:
+    """Register the resolvers (idempotent)."""
+    resolvers = {
+        "training_data_stats": _training_data_stats,
+        "tdn.precision": _lookup(PRECISIONS, "precision"),
+        "tdn.model_dtype": _lookup(MODEL_DTYPES, "model_dtype"),
+        "tdn.root": lambda: str(ROOT),
+    }
+    for name, fn in resolvers.items():
+        OmegaConf.register_new_resolver(name, fn, replace=True, use_cache=False)
+
+
+@contextlib.contextmanager
+def training_data_stats(provider: Callable[[str], Any]) -> Iterator[None]:
+    """Within the block, ``${training_data_stats:NAME}`` resolves to ``provider(NAME)``."""
+    global _stats_provider
+    previous, _stats_provider = _stats_provider, provider
+    try:
+        yield
+    finally:
+        _stats_provider = previous
+
+
+register()

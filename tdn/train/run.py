@@ -1,0 +1,225 @@
+"""One training run from a composed config: checks, data, model, fit, test, export, plots.
+
+:func:`train` is what ``tdn-train`` calls inside Hydra; tests call it with a config from Hydra's compose API and an
+output directory of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
+
+from .. import models
+from ..io import load_model
+from .data import TrainingDataModule, build_datamodule, check_elements
+from .errors import ConfigError
+from .export import export_model, reproduction_error
+from .module import PotentialModule
+from .plot import plot_learning_curve
+from .resolvers import MODEL_DTYPES, training_data_stats
+
+logger = logging.getLogger("tdn.train")
+
+TOP_LEVEL_REQUIRED = ("model", "data", "trainer", "training_module", "checkpoint")
+
+
+@dataclass
+class RunResult:
+    """What a run produced (paths are None when that output was not written)."""
+
+    output_dir: Path
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    model_path: Path | None = None
+    best_checkpoint: Path | None = None
+    last_checkpoint: Path | None = None
+    learning_curve: Path | None = None
+    export_error: float | None = None
+
+
+# ---------------------------------------------------------------------------------------------------- building
+def _container(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.to_container(cfg[key], resolve=True)
+
+
+def _stats_provider(datamodule: TrainingDataModule):
+    def provide(name: str) -> Any:
+        stats = datamodule.statistics()
+        if name not in stats:
+            known = sorted(k for k in stats if k != "fingerprint")
+            raise ConfigError(f"${{training_data_stats:{name}}}: no such statistic; the data module gives {known}")
+        value = stats[name]
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"${{training_data_stats:{name}}} is {value}: the training split cannot provide it")
+        return value
+
+    return provide
+
+
+def build_model(cfg: DictConfig, datamodule: TrainingDataModule) -> torch.nn.Module:
+    """The model of ``cfg.model`` with its statistics from the training split, or the one of ``cfg.init_from``."""
+    dtype = MODEL_DTYPES[cfg.dtype] if cfg.dtype in MODEL_DTYPES else None
+    if dtype is None:
+        raise ConfigError(f"dtype must be one of {sorted(MODEL_DTYPES)}, got {cfg.dtype!r}")
+    if cfg.get("init_from"):
+        path = Path(cfg.init_from)
+        if not path.is_file():
+            raise ConfigError(f"init_from: no such model file: {path}")
+        model = load_model(path, dtype=dtype)
+        logger.info("fine-tuning from %s (its architecture, E0s and weights; model.* settings are not used)", path)
+        return model
+    with training_data_stats(_stats_provider(datamodule)):
+        try:
+            values = _container(cfg, "model")
+        except InterpolationResolutionError as exc:
+            if isinstance(exc.__cause__, ConfigError):
+                raise exc.__cause__ from None
+            raise ConfigError(f"model: {exc}") from exc
+    values = {k: v for k, v in values.items() if v is not None}
+    energies = values.get("atomic_energies")
+    if isinstance(energies, dict):  # {Z: E0} from the statistics; elements absent from training get 0
+        energies = {int(z): float(e) for z, e in energies.items()}
+        absent = [int(z) for z in values.get("elements", []) if int(z) not in energies]
+        if absent:
+            logger.warning("no training structure contains Z=%s: their E0 is set to 0 eV", absent)
+        values["atomic_energies"] = {int(z): energies.get(int(z), 0.0) for z in values.get("elements", [])}
+    try:
+        return models.build_model(config=values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model: {exc}") from exc
+
+
+def build_module(cfg: DictConfig, model: torch.nn.Module) -> PotentialModule:
+    tm = _container(cfg, "training_module")
+    unknown = sorted(set(tm) - {"loss", "optimizer", "lr_scheduler", "ema", "metrics", "compute_stress"})
+    if unknown:
+        raise ConfigError(f"unknown training_module option(s) {unknown}")
+    try:
+        return PotentialModule(model_config=model.config.to_dict(), model=model, seed=int(cfg.seed), **tm)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"training_module: {exc}") from exc
+
+
+def build_trainer(cfg: DictConfig, output_dir: Path) -> tuple[L.Trainer, ModelCheckpoint]:
+    trainer_kwargs = _container(cfg, "trainer")
+    checkpoint = ModelCheckpoint(
+        dirpath=output_dir / "checkpoints",
+        filename="best",
+        monitor=cfg.checkpoint.monitor,
+        mode=cfg.checkpoint.mode,
+        save_top_k=1,
+        save_last=True,
+        auto_insert_metric_name=False,
+    )
+    loggers = [
+        CSVLogger(save_dir=str(output_dir), name="", version=""),
+        TensorBoardLogger(save_dir=str(output_dir), name="tensorboard", version="", default_hp_metric=False),
+    ]
+    callbacks = [checkpoint, LearningRateMonitor(logging_interval="epoch")]
+    try:
+        trainer = L.Trainer(
+            default_root_dir=str(output_dir),
+            logger=loggers,
+            callbacks=callbacks,
+            use_distributed_sampler=False,  # the data module shards its balanced batches over the ranks itself
+            **trainer_kwargs,
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"trainer: {exc}") from exc
+    return trainer, checkpoint
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Structural checks that need no data (Hydra has already refused unknown groups and keys)."""
+    missing = [k for k in TOP_LEVEL_REQUIRED if k not in cfg]
+    if missing:
+        raise ConfigError(f"config is missing section(s) {missing}")
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path: no such checkpoint: {cfg.ckpt_path}")
+    if cfg.get("init_from") and not Path(cfg.init_from).is_file():
+        raise ConfigError(f"init_from: no such model file: {cfg.init_from}")
+    if cfg.dtype not in MODEL_DTYPES:
+        raise ConfigError(f"dtype must be one of {sorted(MODEL_DTYPES)}, got {cfg.dtype!r}")
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+def train(cfg: DictConfig, output_dir: str | Path) -> RunResult:
+    """Train, test and export as ``cfg`` says, writing everything under ``output_dir``."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    check_config(cfg)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+    datamodule = build_datamodule(_container(cfg, "data"), stats_file=output_dir / "statistics.json")
+    model = build_model(cfg, datamodule)
+    check_elements(datamodule, model.config.elements, datamodule.statistics())
+    module = build_module(cfg, model)
+    trainer, checkpoint = build_trainer(cfg, output_dir)
+    result = RunResult(output_dir=output_dir)
+
+    if trainer.is_global_zero:
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
+        (output_dir / "model_config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path") or None)
+
+        result.last_checkpoint = _existing(output_dir / "checkpoints" / "last.ckpt")
+        result.best_checkpoint = _existing(checkpoint.best_model_path)
+        if result.best_checkpoint is not None:  # test and export the best weights (and their EMA)
+            state = torch.load(result.best_checkpoint, map_location=module.device, weights_only=False)
+            module.load_state_dict(state["state_dict"])
+        if cfg.get("test", True) and datamodule.has_split("test"):
+            trainer.test(module, datamodule=datamodule, verbose=False)
+            result.test_metrics = dict(module.test_results)
+
+    if trainer.is_global_zero:
+        _finish(cfg, module, datamodule, result)
+    return result
+
+
+def _existing(path: str | Path | None) -> Path | None:
+    return Path(path) if path and Path(path).is_file() else None
+
+
+def _finish(cfg: DictConfig, module: PotentialModule, datamodule: TrainingDataModule, result: RunResult) -> None:
+    out = result.output_dir
+    if result.test_metrics:
+        (out / "test_metrics.json").write_text(json.dumps(result.test_metrics, indent=2, sort_keys=True))
+    metrics_csv = out / "metrics.csv"
+    if metrics_csv.is_file():
+        result.learning_curve = plot_learning_curve(metrics_csv, out / "learning_curve.png")
+    if cfg.get("export", True):
+        model = module.export_model()
+        result.model_path = export_model(model, out / "model.pt")
+        batch = next(iter(datamodule.val_dataloader()))
+        result.export_error = reproduction_error(model, result.model_path, module.on_after_batch_transfer(batch, 0))
+    _report(result)
+
+
+def _report(result: RunResult) -> None:
+    lines = []
+    if result.test_metrics:
+        lines.append("test metrics:")
+        width = max(len(k) for k in result.test_metrics)
+        lines += [f"  {k:<{width}}  {v:.6g}" for k, v in sorted(result.test_metrics.items())]
+    if result.best_checkpoint is not None:
+        lines.append(f"best checkpoint: {result.best_checkpoint}")
+    if result.learning_curve is not None:
+        lines.append(f"learning curve:  {result.learning_curve}")
+    if result.model_path is not None:
+        lines.append(
+            f"exported model:  {result.model_path}  (reproduces the trained model to {result.export_error:.1e} eV)"
+        )
+    print("\n".join(lines), flush=True)

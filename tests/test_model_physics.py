@@ -1,0 +1,359 @@
+"""Physics of the assembled model for every tensor-product backend: symmetries, batching, derivatives, cutoff."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, fcc111, molecule
+from ase.neighborlist import neighbor_list
+from torch_geometric.data import Batch, Data
+
+import tdn.tp
+from tdn.models import UnknownElementError, build_model
+from tdn.o3 import random_rotation
+
+pytest.importorskip("tdn.nn.product", reason="tdn.nn.product (the product basis, issue B) is not written yet")
+
+BACKENDS = ("cg", "cp", "gaunt", "grid")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: OpenMP threads only add synchronisation (and stall badly on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+ELEMENTS = [1, 6, 8, 29]
+CUTOFF = 3.0
+
+
+def backend(kind: str) -> str:
+    if kind not in tdn.tp.BACKENDS:
+        pytest.skip(f"tensor-product backend {kind!r} is not importable from tdn.tp yet")
+    return kind
+
+
+def make_graph(atoms: Atoms, cutoff: float = CUTOFF) -> Data:
+    """The graph of docs/CONTRACTS.md, built with ASE's neighbour list (float64)."""
+    i, j, shifts = neighbor_list("ijS", atoms, cutoff)
+    return Data(
+        pos=torch.tensor(atoms.positions, dtype=torch.float64),
+        atomic_numbers=torch.tensor(atoms.numbers, dtype=torch.long),
+        edge_index=torch.tensor(np.stack([i, j]), dtype=torch.long),
+        unit_shifts=torch.tensor(shifts, dtype=torch.float64),
+        cell=torch.tensor(atoms.cell.array, dtype=torch.float64).view(1, 3, 3),
+        pbc=torch.tensor(atoms.pbc, dtype=torch.bool).view(1, 3),
+        natoms=torch.tensor([len(atoms)]),
+    )
+
+
+def tiny_model(kind: str = "cg", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    options = dict(
+        tp=backend(kind),
+        lmax=2,
+        lmax_hidden=1,
+        channels=4,
+        num_layers=2,
+        correlation=2,
+        cutoff=CUTOFF,
+        elements=ELEMENTS,
+        radial_mlp=[8, 8],
+        readout_mlp=4,
+        avg_num_neighbors=4.0,
+        atomic_energies=[-1.0, -2.0, -3.0, -4.0],
+        dtype="float64",
+    )
+    options.update(overrides)
+    return build_model(**options).eval()
+
+
+def run(model, atoms_or_graphs, **kwargs):
+    if isinstance(atoms_or_graphs, Atoms):
+        atoms_or_graphs = [make_graph(atoms_or_graphs)]
+    return model(Batch.from_data_list(list(atoms_or_graphs)), **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- structures
+def methanol() -> Atoms:
+    atoms = molecule("CH3OH")
+    atoms.rattle(0.05, seed=1)
+    return atoms
+
+
+def slab() -> Atoms:
+    atoms = fcc111("Cu", size=(2, 2, 2), vacuum=3.0, a=3.8)
+    atoms.pbc = (True, True, False)
+    atoms += Atoms("OH", positions=[[1.0, 1.0, atoms.positions[:, 2].max() + 1.8], [1.3, 1.2, 0.0]])
+    atoms.positions[-1, 2] = atoms.positions[-2, 2] + 0.97
+    atoms.rattle(0.05, seed=2)
+    return atoms
+
+
+def triclinic_bulk() -> Atoms:
+    atoms = bulk("Cu", "fcc", a=3.7) * (2, 1, 1)
+    atoms.set_cell(atoms.cell.array + np.array([[0.0, 0.1, 0.2], [0.1, 0.0, -0.1], [0.2, 0.0, 0.05]]), scale_atoms=True)
+    atoms.numbers[1] = 8
+    atoms.rattle(0.08, seed=3)
+    return atoms
+
+
+STRUCTURES = {"molecule": methanol, "slab": slab, "bulk": triclinic_bulk}
+
+
+# --------------------------------------------------------------------------------------------- symmetries
+@pytest.mark.parametrize("kind", BACKENDS)
+@pytest.mark.parametrize("name", ["molecule", "slab", "bulk"])
+def test_rotation_invariance_and_equivariance(kind, name):
+    model = tiny_model(kind)
+    atoms = STRUCTURES[name]()
+    graph = make_graph(atoms)
+    out = run(model, [graph], compute_stress=True)
+    rotation = random_rotation(generator=torch.Generator().manual_seed(7))
+    rotated = graph.clone()
+    rotated.pos = graph.pos @ rotation.T
+    rotated.cell = graph.cell @ rotation.T  # cell rows are lattice vectors; shifts stay the same integers
+    out_r = run(model, [rotated], compute_stress=True)
+    assert torch.allclose(out_r["energy"], out["energy"], rtol=1e-10, atol=1e-10)
+    assert torch.allclose(out_r["forces"], out["forces"] @ rotation.T, atol=1e-10)
+    if name != "molecule":
+        expected = rotation @ out["stress"][0] @ rotation.T
+        assert torch.allclose(out_r["stress"][0], expected, atol=1e-10)
+        assert out["stress"].abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_inversion(kind):
+    model = tiny_model(kind)
+    graph = make_graph(triclinic_bulk())
+    out = run(model, [graph], compute_stress=True)
+    inverted = graph.clone()
+    inverted.pos, inverted.cell = -graph.pos, -graph.cell
+    out_i = run(model, [inverted], compute_stress=True)
+    assert torch.allclose(out_i["energy"], out["energy"], rtol=1e-10, atol=1e-10)
+    assert torch.allclose(out_i["forces"], -out["forces"], atol=1e-10)
+    assert torch.allclose(out_i["stress"], out["stress"], atol=1e-10)
+
+
+def test_so3_paths_are_rotation_invariant():
+    model = tiny_model("cg", paths="so3")
+    graph = make_graph(methanol())
+    rotation = random_rotation(generator=torch.Generator().manual_seed(3))
+    rotated = graph.clone()
+    rotated.pos = graph.pos @ rotation.T
+    e, e_r = run(model, [graph])["energy"], run(model, [rotated])["energy"]
+    assert torch.allclose(e, e_r, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["cg", "cp"])
+def test_permutation(kind):
+    model = tiny_model(kind)
+    atoms = slab()
+    out = run(model, atoms)
+    perm = np.random.default_rng(0).permutation(len(atoms))
+    out_p = run(model, atoms[perm])
+    assert torch.allclose(out_p["energy"], out["energy"], rtol=1e-10, atol=1e-10)
+    assert torch.allclose(out_p["forces"], out["forces"][torch.as_tensor(perm)], atol=1e-10)
+    assert torch.allclose(out_p["node_energy"], out["node_energy"][torch.as_tensor(perm)], atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["cg", "grid"])
+def test_translation_and_wrapping(kind):
+    model = tiny_model(kind)
+    atoms = triclinic_bulk()
+    out = run(model, atoms, compute_stress=True)
+    moved = atoms.copy()
+    moved.positions += np.array([0.3, -1.1, 2.5])
+    moved.positions[0] += 2 * atoms.cell[0] - atoms.cell[2]  # lattice translation of one atom
+    out_m = run(model, moved, compute_stress=True)
+    moved.wrap()
+    out_w = run(model, moved, compute_stress=True)
+    for other in (out_m, out_w):
+        assert torch.allclose(other["energy"], out["energy"], rtol=1e-10, atol=1e-10)
+        assert torch.allclose(other["forces"], out["forces"], atol=1e-10)
+        assert torch.allclose(other["stress"], out["stress"], atol=1e-10)
+
+
+# --------------------------------------------------------------------------------------------- batching
+@pytest.mark.parametrize("kind", ["cg", "cp"])
+def test_batched_equals_one_by_one(kind):
+    model = tiny_model(kind)
+    lone = Atoms("O", positions=[[0.0, 0.0, 0.0]])
+    graphs = [make_graph(a) for a in (methanol(), slab(), lone, triclinic_bulk())]
+    batched = run(model, graphs, compute_stress=True)
+    start = 0
+    for b, graph in enumerate(graphs):
+        single = run(model, [graph], compute_stress=True)
+        n = graph.num_nodes
+        assert torch.allclose(batched["energy"][b], single["energy"][0], rtol=1e-12, atol=1e-12)
+        assert torch.allclose(batched["node_energy"][start : start + n], single["node_energy"], atol=1e-12)
+        assert torch.allclose(batched["forces"][start : start + n], single["forces"], atol=1e-12)
+        assert torch.allclose(batched["stress"][b], single["stress"][0], atol=1e-12)
+        assert torch.allclose(batched["virials"][b], single["virials"][0], atol=1e-12)
+        start += n
+
+
+def test_no_gradient_leaks_between_graphs():
+    model = tiny_model("cg").train()
+    graphs = [make_graph(methanol()), make_graph(triclinic_bulk())]
+    batch = Batch.from_data_list(graphs)
+    batch.pos.requires_grad_(True)
+    out = model(batch, compute_forces=True, compute_stress=True)
+    first = batch.batch == 0
+    # energy and forces of graph 0 do not depend on the positions of graph 1, and vice versa
+    (d_energy,) = torch.autograd.grad(out["energy"][0], batch.pos, retain_graph=True)
+    assert d_energy[~first].abs().max() == 0 and d_energy[first].abs().max() > 0
+    probe = torch.randn(out["forces"][first].shape, dtype=torch.float64)  # (plain sum: 0 by translation invariance)
+    (d_forces,) = torch.autograd.grad((out["forces"][first] * probe).sum(), batch.pos, retain_graph=True)
+    assert d_forces[~first].abs().max() == 0 and d_forces[first].abs().max() > 0
+    (d_stress,) = torch.autograd.grad(out["stress"][1].sum(), batch.pos)
+    assert d_stress[first].abs().max() == 0 and d_stress[~first].abs().max() > 0
+
+
+# --------------------------------------------------------------------------------------------- derivatives
+def energy_of(model, atoms: Atoms) -> float:
+    return run(model, atoms, compute_forces=False)["energy"].item()
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_forces_and_stress_match_finite_differences(kind):
+    model = tiny_model(kind)
+    h = 1e-4
+    for atoms in (slab()[:5] + Atoms("H", positions=[[0.5, 0.5, 8.0]]), triclinic_bulk()):
+        out = run(model, atoms, compute_stress=True)
+        forces = out["forces"].numpy()
+        numeric = np.zeros_like(forces)
+        for a in range(len(atoms)):
+            for k in range(3):
+                plus, minus = atoms.copy(), atoms.copy()
+                plus.positions[a, k] += h
+                minus.positions[a, k] -= h
+                numeric[a, k] = -(energy_of(model, plus) - energy_of(model, minus)) / (2 * h)
+        assert np.abs(forces).max() > 1e-3
+        assert np.abs(numeric - forces).max() <= 1e-5 * np.abs(forces).max()
+
+    # stress against finite strains (ASE's definition: sigma = (1/V) dE/d(strain))
+    atoms = triclinic_bulk()
+    stress = run(model, atoms, compute_stress=True)["stress"][0].numpy()
+    volume = atoms.get_volume()
+    numeric = np.zeros((3, 3))
+    for i in range(3):
+        for j in range(3):
+            energies = []
+            for sign in (1, -1):
+                strained = atoms.copy()
+                strain = np.eye(3)
+                strain[i, j] += sign * h / 2
+                strain[j, i] += sign * h / 2
+                strained.set_cell(atoms.cell.array @ strain, scale_atoms=True)
+                energies.append(energy_of(model, strained))
+            numeric[i, j] = (energies[0] - energies[1]) / (2 * h) / volume
+    assert np.abs(stress).max() > 1e-4
+    assert np.abs(numeric - stress).max() <= 1e-5 * np.abs(stress).max()
+
+
+def test_stress_sign_matches_ase():
+    """ASE's numerical stress of a calculator wrapping the model has the model's sign and layout."""
+    from ase.calculators.calculator import Calculator, all_changes
+    from ase.calculators.fd import calculate_numerical_stress
+
+    model = tiny_model("cg")
+
+    class Wrapper(Calculator):
+        implemented_properties = ["energy", "free_energy"]
+
+        def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+            super().calculate(atoms, properties, system_changes)
+            self.results["energy"] = self.results["free_energy"] = energy_of(model, self.atoms)
+
+    atoms = triclinic_bulk()
+    atoms.calc = Wrapper()
+    numeric = calculate_numerical_stress(atoms, eps=1e-5, voigt=False)
+    stress = run(model, atoms, compute_stress=True)["stress"][0].numpy()
+    assert np.abs(numeric - stress).max() <= 1e-6 * np.abs(stress).max()
+
+
+def test_virials_are_minus_stress_times_volume():
+    model = tiny_model("cg")
+    atoms = triclinic_bulk()
+    out = run(model, atoms, compute_stress=True)
+    assert torch.allclose(out["virials"][0], -out["stress"][0] * atoms.get_volume(), atol=1e-12)
+    mol = run(model, methanol(), compute_stress=True)
+    assert mol["stress"].abs().max() == 0  # no volume: stress is zero, virials are still defined
+    assert mol["virials"].abs().max() > 0
+
+
+def test_training_mode_keeps_graph_for_force_loss():
+    model = tiny_model("cg").train()
+    out = run(model, triclinic_bulk(), compute_stress=True)
+    loss = out["energy"].sum() + out["forces"].square().sum() + out["stress"].square().sum()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+# --------------------------------------------------------------------------------------------- edge cases
+@pytest.mark.parametrize("kind", ["cg", "grid"])
+def test_lone_atom_energy_is_e0(kind):
+    model = tiny_model(kind)
+    for z, e0 in zip(ELEMENTS, [-1.0, -2.0, -3.0, -4.0]):
+        out = run(model, Atoms(numbers=[z], positions=[[0.1, 0.2, 0.3]]), compute_stress=True)
+        assert out["energy"][0].item() == pytest.approx(e0, abs=1e-12)
+        assert out["forces"].abs().max() == 0
+        assert out["stress"].abs().max() == 0
+    # a shift is added to every atom, lone or not
+    model.set_statistics(shift=0.5)
+    out = run(model, Atoms("Cu", positions=[[0.0, 0.0, 0.0]]))
+    assert out["energy"][0].item() == pytest.approx(-4.0 + 0.5, abs=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["cg", "cp"])
+def test_energy_continuous_as_neighbour_crosses_cutoff(kind):
+    model = tiny_model(kind)
+    far = run(model, Atoms("CuO", positions=[[0, 0, 0], [0, 0, CUTOFF + 1.0]]))["energy"].item()
+    assert far == pytest.approx(-4.0 - 3.0, abs=1e-12)
+    previous_gap = None
+    for eps in (1e-1, 1e-2, 1e-3):
+        inside = run(model, Atoms("CuO", positions=[[0, 0, 0], [0, 0, CUTOFF - eps]]))
+        gap = abs(inside["energy"].item() - far)
+        if previous_gap is not None:
+            assert gap < previous_gap * 0.02  # vanishes at least like eps^2 (the envelope: eps^3)
+        previous_gap = gap
+        assert inside["forces"].abs().max() < 100 * eps**2
+    assert previous_gap < 1e-8
+    outside = run(model, Atoms("CuO", positions=[[0, 0, 0], [0, 0, CUTOFF + 1e-9]]))
+    assert outside["energy"].item() == pytest.approx(far, abs=1e-14)
+
+
+def test_unknown_element_is_a_clear_error():
+    model = tiny_model("cg")
+    with pytest.raises(UnknownElementError, match=r"\[79\]") as info:
+        run(model, Atoms("CuAu", positions=[[0, 0, 0], [0, 0, 2.0]]))
+    assert isinstance(info.value, KeyError) and isinstance(info.value, ValueError)
+    assert "[1, 6, 8, 29]" in str(info.value)
+
+
+def test_molecule_without_cell_or_shifts():
+    model = tiny_model("cg")
+    graph = make_graph(methanol())
+    bare = Data(pos=graph.pos, atomic_numbers=graph.atomic_numbers, edge_index=graph.edge_index)
+    a, b = model(bare), run(model, [graph])
+    assert torch.allclose(a["energy"], b["energy"]) and torch.allclose(a["forces"], b["forces"])
+
+
+def test_float32_input_to_float64_model_and_back():
+    model = tiny_model("cg")
+    graph = make_graph(methanol())
+    reference = model(graph)
+    graph32 = graph.clone()
+    graph32.pos, graph32.cell, graph32.unit_shifts = graph.pos.float(), graph.cell.float(), graph.unit_shifts.float()
+    assert torch.allclose(model(graph32)["energy"], reference["energy"], rtol=1e-6)
+    model32 = model.float()
+    assert model32(graph32)["energy"].dtype == torch.float32
+    assert torch.allclose(model32(graph32)["energy"].double(), reference["energy"], rtol=1e-4)

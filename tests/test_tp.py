@@ -1,0 +1,310 @@
+"""Backend-generic tests of tdn.tp: every registered backend (``tdn.tp.BACKENDS`` at collection time).
+
+Exactness: cg == e3nn's uvu TensorProduct, cg "shared"/"degree" == "path" with expanded weights, gaunt == grid ==
+the Gaunt tensor. For every backend, weight mode and path set it supports: rotation equivariance (and inversion
+for "o3"), gradcheck and gradgradcheck, float32 agreement, and the argument errors.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from e3nn import o3 as e3nn_o3
+
+import tdn
+from tdn.o3 import (
+    e3nn_irreps,
+    equivariance_error,
+    from_e3nn_layout,
+    gaunt_tensor,
+    random_rotation,
+    to_e3nn_layout,
+)
+from tdn.tp import BACKENDS, MAX_LMAX, WEIGHT_MODES
+
+pytestmark = pytest.mark.usefixtures("float64", "seed")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny tensors: threads only add overhead, and oversubscribed OpenMP spin-waits on a busy 2-core runner
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+KINDS = sorted(BACKENDS)
+GAUNT_KINDS = [k for k in ("grid", "gaunt") if k in BACKENDS]
+
+# (lmax_in, lmax_sh, lmax_out): square and not, with lmax_out above and below the product's band
+DEGREES = [(1, 1, 1), (2, 1, 3), (3, 2, 2), (2, 3, 1)]
+CG_DEGREES = [(0, 0, 0), (1, 1, 1), (2, 2, 2), (3, 3, 3), (2, 1, 3), (3, 2, 1), (0, 2, 2), (1, 3, 4)]
+GAUNT_DEGREES = [(0, 0, 0), (1, 1, 1), (3, 3, 3), (2, 1, 3), (3, 2, 1), (4, 1, 2), (1, 4, 6), (6, 6, 6)]
+
+
+def degrees_for(kind: str) -> list[tuple[int, int, int]]:
+    # cp ships fitted factors for lmax_in = lmax_sh = lmax_out only; other degrees would be fitted on first use
+    return [(1, 1, 1), (2, 2, 2)] if kind == "cp" else DEGREES
+
+
+def supported(kind: str) -> list[tuple[str, str]]:
+    """``(paths, weights)`` pairs the backend accepts."""
+    cls = BACKENDS[kind]
+    return [(p, w) for p in cls.supported_paths for w in cls.supported_weights]
+
+
+def build(kind: str, degrees: tuple[int, int, int], channels: int = 3, **kwargs) -> tdn.tp.TensorProduct:
+    l_in, l_sh, l_out = degrees
+    return tdn.tp.build(kind, lmax_in=l_in, lmax_sh=l_sh, lmax_out=l_out, channels=channels, **kwargs)
+
+
+def random_inputs(tp: tdn.tp.TensorProduct, num_edges: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    d_in, d_sh, _ = tp.dims
+    x = torch.randn(num_edges, tp.channels, d_in)  # [E, C, D_in]
+    y = torch.randn(num_edges, d_sh)  # [E, D_sh]
+    w = torch.randn(num_edges, tp.channels, tp.num_weights)  # [E, C, P]
+    return x, y, w
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_backends_registered():
+    assert {"cg", "grid", "gaunt"} <= set(KINDS)
+
+
+# ------------------------------------------------------------------------------------------------ exactness
+
+
+@pytest.mark.parametrize("degrees", CG_DEGREES)
+@pytest.mark.parametrize("paths", ["o3", "so3"])
+def test_cg_matches_e3nn_uvu(paths, degrees):
+    l_in, l_sh, l_out = degrees
+    channels = 4
+    tp = build("cg", degrees, channels, paths=paths, weights="path")
+    x, y, w = random_inputs(tp, num_edges=7)
+    reference = e3nn_o3.TensorProduct(  # built under float64 default dtype (fixture), so its w3j are float64
+        e3nn_irreps(l_in, channels, paths),
+        e3nn_irreps(l_sh, 1, paths),
+        e3nn_irreps(l_out, channels, paths),
+        [(l1, l2, l3, "uvu", True) for l1, l2, l3 in tp.path_list],
+        internal_weights=False,
+        shared_weights=False,
+    )
+    expected = reference(to_e3nn_layout(x, l_in), y, w.transpose(1, 2).reshape(w.shape[0], -1))
+    expected = from_e3nn_layout(expected, l_out, channels)
+    assert relative_error(tp(x, y, w), expected) < 1e-10
+
+
+@pytest.mark.parametrize("degrees", [(2, 2, 2), (2, 1, 3), (3, 2, 1)])
+@pytest.mark.parametrize("paths", ["o3", "so3"])
+@pytest.mark.parametrize("weights", ["shared", "degree"])
+def test_cg_shared_and_degree_equal_path_with_expanded_weights(weights, paths, degrees):
+    tp = build("cg", degrees, paths=paths, weights=weights)
+    per_path = build("cg", degrees, paths=paths, weights="path")
+    x, y, w = random_inputs(tp)
+    if weights == "shared":
+        expanded = w.expand(-1, -1, per_path.num_paths)  # one weight for every path
+    else:
+        l_out = torch.tensor([l3 for _, _, l3 in per_path.path_list])
+        expanded = w[:, :, l_out]  # the weight of the path's output degree
+    assert relative_error(tp(x, y, w), per_path(x, y, expanded)) < 1e-12
+
+
+@pytest.mark.parametrize("degrees", GAUNT_DEGREES)
+@pytest.mark.parametrize("weights", ["shared", "degree"])
+@pytest.mark.parametrize("kind", GAUNT_KINDS)
+def test_gaunt_products_equal_the_gaunt_tensor(kind, weights, degrees):
+    tp = build(kind, degrees, weights=weights)
+    x, y, w = random_inputs(tp)
+    expected = torch.einsum("kij,eci,ej->eck", gaunt_tensor(*degrees), x, y) * tp.expand_weights(w)
+    assert relative_error(tp(x, y, w), expected) < 1e-10
+
+
+@pytest.mark.skipif("gaunt" not in BACKENDS, reason="gaunt backend not present")
+@pytest.mark.parametrize("degrees", GAUNT_DEGREES + [(MAX_LMAX,) * 3])
+def test_gaunt_matches_grid(degrees):
+    gaunt, grid = build("gaunt", degrees, weights="degree"), build("grid", degrees, weights="degree")
+    x, y, w = random_inputs(gaunt)
+    assert relative_error(gaunt(x, y, w), grid(x, y, w)) < 1e-8
+
+
+@pytest.mark.skipif("gaunt" not in BACKENDS, reason="gaunt backend not present")
+@pytest.mark.parametrize("lmax", range(5))
+def test_gaunt_fourier_change_of_basis_is_exact(lmax):
+    from tdn.tp.gaunt import fourier_to_sh, sh_to_fourier
+
+    to_fourier = sh_to_fourier(lmax)  # [d, 2L+1, 2L+1]
+    # Y_lm has only v = +-m and u = l mod 2: the change of basis is sparse
+    for l in range(lmax + 1):
+        for m in range(-l, l + 1):
+            nonzero = to_fourier[l * l + l + m].abs() > 0
+            u, v = nonzero.nonzero().unbind(1)
+            assert set((v - lmax).abs().tolist()) == {abs(m)}
+            assert all((uu - lmax - l) % 2 == 0 for uu in u.tolist())
+    # projecting Y_i's Fourier modes back gives <Y_k Y_i> = delta_ki (component normalisation)
+    gram = torch.einsum("kuv,iuv->ki", fourier_to_sh(lmax, lmax), to_fourier)
+    assert gram.imag.abs().max() < 1e-14
+    assert (gram.real - torch.eye(gram.shape[0])).abs().max() < 1e-13
+
+
+# ----------------------------------------------------------------------------------- symmetry and gradients
+
+
+def equivariance_tolerance(tp: tdn.tp.TensorProduct) -> float:
+    # cp approximates the coupling tensor, so it is equivariant only up to its fit error
+    return max(1e-10, 10 * tp.fit_error) if tp.kind == "cp" else 1e-10
+
+
+EQUIVARIANCE_CASES = [
+    (kind, paths, weights, degrees)
+    for kind in KINDS
+    for paths, weights in supported(kind)
+    for degrees in degrees_for(kind)
+]
+
+
+@pytest.mark.parametrize(("kind", "paths", "weights", "degrees"), EQUIVARIANCE_CASES)
+def test_rotation_equivariance(kind, paths, weights, degrees):
+    tp = build(kind, degrees, paths=paths, weights=weights)
+    x, y, w = random_inputs(tp)
+    l_in, l_sh, l_out = degrees
+    rotation = random_rotation()
+    tol = equivariance_tolerance(tp)
+    assert equivariance_error(tp, [x, y, w], [l_in, l_sh, None], l_out, rotation) < tol
+    if paths == "o3":  # natural parity: the improper rotation -R too
+        assert equivariance_error(tp, [x, y, w], [l_in, l_sh, None], l_out, -rotation) < tol
+
+
+@pytest.mark.parametrize(
+    ("kind", "paths", "weights"), [(kind, p, w) for kind in KINDS for p, w in supported(kind)]
+)
+def test_gradcheck(kind, paths, weights):
+    degrees = degrees_for(kind)[0] if kind == "cp" else (1, 1, 2)
+    tp = build(kind, degrees, channels=2, paths=paths, weights=weights)
+    inputs = tuple(t.requires_grad_() for t in random_inputs(tp, num_edges=2))
+    assert torch.autograd.gradcheck(tp, inputs)
+    assert torch.autograd.gradgradcheck(tp, inputs)  # forces in the loss need the second derivative
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_float32_matches_float64(kind):
+    tp = build(kind, degrees_for(kind)[-1], weights="shared")
+    x, y, w = random_inputs(tp)
+    expected = tp(x, y, w)
+    tp32 = tp.float()
+    out = tp32(x.float(), y.float(), w.float())
+    assert out.dtype == torch.float32
+    assert relative_error(out.double(), expected) < 1e-5
+
+
+def test_build_returns_the_default_dtype():
+    assert build("cg", (1, 1, 1)).m_flat.dtype == torch.float64  # fixture: float64 default
+    torch.set_default_dtype(torch.float32)  # the fixture restores it
+    for kind in KINDS:
+        tp = build(kind, degrees_for(kind)[0])
+        x, y, w = (t.float() for t in random_inputs(tp))
+        assert tp(x, y, w).dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_num_weights(kind):
+    degrees = degrees_for(kind)[-1]
+    for paths, weights in supported(kind):
+        tp = build(kind, degrees, paths=paths, weights=weights)
+        expected = {"shared": 1, "degree": degrees[2] + 1, "path": len(tp.path_list)}[weights]
+        assert tp.num_weights == expected
+        x, y, w = random_inputs(tp)
+        assert tp(x, y, w).shape == (x.shape[0], tp.channels, (degrees[2] + 1) ** 2)
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+
+def test_unknown_kind():
+    with pytest.raises(ValueError, match=r"kind must be one of .*'cg'.*, got 'nope'"):
+        tdn.tp.build("nope", lmax=1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", ["lmax_in", "lmax_sh", "lmax_out"])
+@pytest.mark.parametrize("value", [-1, MAX_LMAX + 1, 1.0, "1", True])
+def test_bad_lmax(kind, name, value):
+    with pytest.raises(ValueError, match=rf"{name} must be an integer in 0\.\.{MAX_LMAX}, got {value!r}"):
+        tdn.tp.build(kind, lmax=1, **{name: value})
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bad_lmax_through_lmax(kind):
+    with pytest.raises(ValueError, match=rf"lmax_in must be an integer in 0\.\.{MAX_LMAX}, got -1"):
+        tdn.tp.build(kind, lmax=-1)
+    with pytest.raises(ValueError, match="give lmax or lmax_in"):
+        tdn.tp.build(kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("channels", [0, -2, 2.0, None])
+def test_bad_channels(kind, channels):
+    with pytest.raises(ValueError, match=rf"channels must be a positive integer, got {channels!r}"):
+        tdn.tp.build(kind, lmax=1, channels=channels)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unsupported_and_unknown_paths(kind):
+    cls = BACKENDS[kind]
+    for paths in ("o3", "so3"):
+        if paths not in cls.supported_paths:
+            with pytest.raises(ValueError, match=rf"paths in \('o3',\), got '{paths}'") as info:
+                tdn.tp.build(kind, lmax=1, paths=paths)
+            assert cls.unsupported_reason and cls.unsupported_reason in str(info.value)  # says why
+            if kind in ("grid", "gaunt"):
+                assert "l1 + l2 + l3 even" in str(info.value)
+    with pytest.raises(ValueError, match=r"paths must be one of \('o3', 'so3'\), got 'se3'"):
+        tdn.tp.build(kind, lmax=1, paths="se3")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unsupported_and_unknown_weights(kind):
+    cls = BACKENDS[kind]
+    paths = cls.supported_paths[0]
+    for weights in WEIGHT_MODES:
+        if weights not in cls.supported_weights:
+            with pytest.raises(ValueError, match=rf"the '{kind}' backend supports weights in .*, got '{weights}'"):
+                tdn.tp.build(kind, lmax=1, paths=paths, weights=weights)
+    if kind in ("grid", "gaunt"):
+        assert "path" not in cls.supported_weights
+    with pytest.raises(ValueError, match=r"weights must be one of \('shared', 'degree', 'path'\), got 'edge'"):
+        tdn.tp.build(kind, lmax=1, paths=paths, weights="edge")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bad_input_shapes(kind):
+    tp = build(kind, degrees_for(kind)[0], channels=2)
+    d_in, d_sh, _ = tp.dims
+    x, y, w = random_inputs(tp, num_edges=3)
+    p = tp.num_weights
+    bad_x = [x[:, :1], x[..., :-1], x[0], torch.randn(3, 3, d_in)]  # channels mismatch, wrong D, 2-D, channels
+    for bad in bad_x:
+        got = re.escape(str(list(bad.shape)))
+        with pytest.raises(ValueError, match=rf"x must have shape \[E, 2, {d_in}\], got {got}"):
+            tp(bad, y, w)
+    for bad in [y[:2], y[:, :-1], y[:, None]]:  # wrong E, wrong D, 3-D
+        with pytest.raises(ValueError, match=rf"y must have shape \[3, {d_sh}\], got"):
+            tp(x, bad, w)
+    for bad in [w[:2], w[:, :1], torch.randn(3, 2, p + 1), w[..., 0]]:  # wrong E, channels, P, 2-D
+        with pytest.raises(ValueError, match=rf"w must have shape \[3, 2, {p}\] \(weights='shared'\), got"):
+            tp(x, y, bad)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mismatched_dtypes(kind):
+    tp = build(kind, degrees_for(kind)[0], channels=2)
+    x, y, w = random_inputs(tp, num_edges=3)
+    for args in [(x, y.float(), w), (x, y, w.float()), (x.float(), y, w)]:
+        with pytest.raises(TypeError, match=r"x, y, w must share one floating dtype, got"):
+            tp(*args)
+    with pytest.raises(TypeError, match="floating dtype"):
+        tp(x.long(), y.long(), w.long())
