@@ -5,7 +5,8 @@
     python scripts/fit_cp.py --list                # what is shipped: degrees, paths, rank, error, time, size
 
 The shipped set: lmax_in = lmax_sh = lmax_out = L for L = 1..6, and (0, L, L), (1, L, L) for L = 1..3 (the
-MACE-like model's convolutions), each for paths "o3" and "so3", at --tol (default 1e-4). BLAS runs on one
+MACE-like model's convolutions), each for paths "o3" and "so3", at --tol (default 1e-4); and for comparison
+the TDN paper's fixed rank 7 L^2 for the square ones (its error is whatever ALS reaches at that rank). BLAS runs on one
 thread unless OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS are set: faster on a shared machine
 and the same bytes every time (the same seed gives the same file on one machine and BLAS build).
 """
@@ -44,6 +45,17 @@ def print_table(rows: list[dict]) -> None:
               f"{r['rel_error']:>9.2e} {r['method']:>12} {r['sweeps']:>7} {seconds:>8} {r['bytes']:>9}", flush=True)
 
 
+def jobs(args: argparse.Namespace) -> list[tuple[tuple[int, int, int], str, int | None]]:
+    """``(degrees, paths, rank)`` to fit: rank None searches by ``--tol``; the paper's 7 L² for square degrees."""
+    degrees = default_degrees(args.lmax, args.nonsquare)
+    if args.rank is not None:
+        return [(d, p, args.rank) for d in degrees for p in args.paths]
+    out = [(d, p, None) for d in degrees for p in args.paths]
+    if args.paper_ranks:
+        out += [(d, p, 7 * d[0] ** 2) for d in degrees if d[0] == d[1] == d[2] for p in args.paths]
+    return out
+
+
 def _progress(start: float):
     return lambda line: print(f"    {line}  [{time.perf_counter() - start:.0f} s]", flush=True)
 
@@ -55,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tol", type=float, default=DEFAULT_TOL, help="target relative error of M")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rank", type=int, default=None, help="fit this rank instead of searching by --tol")
+    parser.add_argument("--no-paper-ranks", dest="paper_ranks", action="store_false",
+                        help="skip the fixed rank 7 L^2 of the TDN paper (shipped for comparison)")
     parser.add_argument("--no-nonsquare", dest="nonsquare", action="store_false",
                         help="skip the (0, L, L), (1, L, L) combinations")
     parser.add_argument("--out", type=Path, default=PACKAGE_DIR, help="output folder (default: the package data)")
@@ -66,19 +80,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print_table(shipped_factors(args.out))
         return 0
-    for l_in, l_sh, l_out in default_degrees(args.lmax, args.nonsquare):
-        for paths in args.paths:
-            file = args.out / factor_name(l_in, l_sh, l_out, paths, args.tol, args.rank, args.seed)
-            if file.exists() and not args.force:
-                print(f"keep {file.name}", flush=True)
-                continue
-            progress = _progress(time.perf_counter()) if args.verbose else None
-            print(f"fit  {file.name} ...", flush=True)
-            factors = fit_factors(l_in, l_sh, l_out, paths, args.tol, args.rank, args.seed, progress=progress)
-            save_factors(file, factors)
-            print_table([dict(lmax_in=l_in, lmax_sh=l_sh, lmax_out=l_out, paths=paths, rank=factors.rank,
-                              rel_error=factors.rel_error, method=factors.method, sweeps=factors.sweeps,
-                              seconds=factors.seconds, bytes=file.stat().st_size)])
+    for (l_in, l_sh, l_out), paths, rank in jobs(args):
+        file = args.out / factor_name(l_in, l_sh, l_out, paths, args.tol, rank, args.seed)
+        if file.exists() and not args.force:
+            print(f"keep {file.name}", flush=True)
+            continue
+        progress = _progress(time.perf_counter()) if args.verbose else None
+        print(f"fit  {file.name} ...", flush=True)
+        factors = fit_factors(l_in, l_sh, l_out, paths, args.tol, rank, args.seed, progress=progress)
+        save_factors(file, factors)
+        print_table([dict(lmax_in=l_in, lmax_sh=l_sh, lmax_out=l_out, paths=paths, rank=factors.rank,
+                          rel_error=factors.rel_error, method=factors.method, sweeps=factors.sweeps,
+                          seconds=factors.seconds, bytes=file.stat().st_size)])
     print()
     print_table(shipped_factors(args.out))
     return 0

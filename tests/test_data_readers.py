@@ -93,7 +93,7 @@ def test_ase_db(tmp_path, suffix):
     assert ds.format == "asedb" and len(ds) == 3
     atoms = ds[2]
     assert atoms.get_potential_energy() == pytest.approx(-2.0)
-    assert np.allclose(atoms.get_forces(), 0.2)
+    assert np.allclose(atoms.get_forces(apply_constraint=False), 0.2)  # get_forces() zeroes fixed atoms
     assert list(atoms.get_tags()) == [1, 2]
     assert [type(c).__name__ for c in atoms.constraints] == ["FixAtoms"]
     assert atoms.calc.results["stress"][0, 1] == pytest.approx(0.05)  # Voigt index 5 = xy
@@ -140,7 +140,7 @@ def test_aselmdb_both_array_encodings(tmp_path, ndarray_encoding):
     assert ds.format == "aselmdb" and len(ds) == 3
     atoms = ds[2]  # id 4: id 3 was deleted
     assert atoms.get_potential_energy() == pytest.approx(-14.0)
-    assert atoms.get_forces()[0, 0] == pytest.approx(0.5)
+    assert atoms.get_forces(apply_constraint=False)[0, 0] == pytest.approx(0.5)
     assert list(atoms.numbers) == [29, 8] and list(atoms.get_tags()) == [1, 2]
     assert atoms.constraints[0].get_indices().tolist() == [0]
     assert atoms.info["sid"] == 104 and atoms.info["unique_id"] == "u4"
@@ -173,7 +173,7 @@ def test_oc20_lmdb_shards_and_pyg_layouts(tmp_path, layout):
     assert ds.format == "oc20-lmdb" and len(ds) == 5
     atoms = ds[4]  # second shard, local key "1"
     assert atoms.get_potential_energy() == pytest.approx(-6.0)
-    assert np.allclose(atoms.get_forces(), 0.25)
+    assert np.allclose(atoms.calc.results["forces"], 0.25)
     assert list(atoms.numbers) == [29, 29, 8] and list(atoms.get_tags()) == [0, 1, 2]
     assert atoms.constraints[0].get_indices().tolist() == [0]
     assert atoms.pbc.all() and np.allclose(atoms.cell.array, np.eye(3) * 8)
@@ -293,7 +293,7 @@ def test_pubchemqcr_units_stages_and_dedup(tmp_path):
     assert (boundary.info["stage"], boundary.info["step"]) == ("DFT_2nd", 1)
     assert ds.groups().tolist() == [984] * 4 + [15111] * 4 + [2] * 4
     assert len(tdn.data.read(tmp_path, dedup=False)) == 3 * 5
-    assert len(tdn.data.read(tmp_path, stages=("pm3", "hf", "DFT_1st", "DFT_2nd"))) == 3 * 7  # 9 steps, 2 repeats
+    assert len(tdn.data.read(tmp_path, stages=("pm3", "hf", "DFT_1st", "DFT_2nd"))) == 3 * 6  # 9 steps, 3 repeats
     assert len(tdn.data.read(tmp_path, subset="S")) == 2 * 4  # PubChemQCR-S: the first shard only
     assert len(tdn.data.read(tmp_path, shards=["shard1.lmdb"])) == 4
 

@@ -38,6 +38,20 @@ def backend(kind: str) -> str:
     return kind
 
 
+# cp replaces the CG tensor by CP factors with relative error <= 1e-4 (the default tol): the model is then
+# equivariant only to about that level, so its symmetry checks get a matching tolerance. Derivative checks
+# (forces, stress) are exact for every backend: the model is conservative whatever the tensor product.
+SYMMETRY_RTOL = {"cp": 2e-3}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, kind: str = "cg", rtol: float = 1e-10) -> None:
+    """``max |actual - expected| <= rtol * max(|expected|, 1)`` with the backend's symmetry tolerance."""
+    rtol = max(rtol, SYMMETRY_RTOL.get(kind, 0.0))
+    scale = max(float(expected.abs().max()), 1.0 if kind not in SYMMETRY_RTOL else 1e-30)
+    error = float((actual - expected).abs().max())
+    assert error <= rtol * scale, f"max error {error:.3e} > {rtol:.1e} x {scale:.3e}"
+
+
 def make_graph(atoms: Atoms, cutoff: float = CUTOFF) -> Data:
     """The graph of docs/CONTRACTS.md, built with ASE's neighbour list (float64)."""
     i, j, shifts = neighbor_list("ijS", atoms, cutoff)
@@ -74,9 +88,14 @@ def tiny_model(kind: str = "cg", seed: int = 0, **overrides):
 
 
 def run(model, atoms_or_graphs, **kwargs):
+    """The model's output, plus "interaction": the energy minus the E0 sum, per graph (where symmetry errors show)."""
     if isinstance(atoms_or_graphs, Atoms):
         atoms_or_graphs = [make_graph(atoms_or_graphs)]
-    return model(Batch.from_data_list(list(atoms_or_graphs)), **kwargs)
+    batch = Batch.from_data_list(list(atoms_or_graphs))
+    out = model(batch, **kwargs)
+    e0 = model.atomic_energies[model.element_index(batch.atomic_numbers)]
+    out["interaction"] = out["energy"] - torch.zeros_like(out["energy"]).index_add(0, batch.batch, e0)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- structures
@@ -119,12 +138,11 @@ def test_rotation_invariance_and_equivariance(kind, name):
     rotated.pos = graph.pos @ rotation.T
     rotated.cell = graph.cell @ rotation.T  # cell rows are lattice vectors; shifts stay the same integers
     out_r = run(model, [rotated], compute_stress=True)
-    assert torch.allclose(out_r["energy"], out["energy"], rtol=1e-10, atol=1e-10)
-    assert torch.allclose(out_r["forces"], out["forces"] @ rotation.T, atol=1e-10)
+    assert_close(out_r["interaction"], out["interaction"], kind)
+    assert_close(out_r["forces"], out["forces"] @ rotation.T, kind)
     if name != "molecule":
-        expected = rotation @ out["stress"][0] @ rotation.T
-        assert torch.allclose(out_r["stress"][0], expected, atol=1e-10)
         assert out["stress"].abs().max() > 1e-6
+        assert_close(out_r["stress"][0], rotation @ out["stress"][0] @ rotation.T, kind)
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
@@ -135,9 +153,9 @@ def test_inversion(kind):
     inverted = graph.clone()
     inverted.pos, inverted.cell = -graph.pos, -graph.cell
     out_i = run(model, [inverted], compute_stress=True)
-    assert torch.allclose(out_i["energy"], out["energy"], rtol=1e-10, atol=1e-10)
-    assert torch.allclose(out_i["forces"], -out["forces"], atol=1e-10)
-    assert torch.allclose(out_i["stress"], out["stress"], atol=1e-10)
+    assert_close(out_i["interaction"], out["interaction"], kind)
+    assert_close(out_i["forces"], -out["forces"], kind)
+    assert_close(out_i["stress"], out["stress"], kind)
 
 
 def test_so3_paths_are_rotation_invariant():

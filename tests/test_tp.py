@@ -35,6 +35,7 @@ def _one_thread():
     yield
     torch.set_num_threads(previous)
 
+
 KINDS = sorted(BACKENDS)
 GAUNT_KINDS = [k for k in ("grid", "gaunt") if k in BACKENDS]
 
@@ -73,7 +74,8 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_backends_registered():
-    assert {"cg", "grid", "gaunt"} <= set(KINDS)
+    # the registry swallows ImportError of optional modules: a broken cp.py or gaunt.py must not go unnoticed
+    assert set(KINDS) == {"cg", "cp", "gaunt", "grid"}
 
 
 # ------------------------------------------------------------------------------------------------ exactness
@@ -179,6 +181,15 @@ def test_rotation_equivariance(kind, paths, weights, degrees):
         assert equivariance_error(tp, [x, y, w], [l_in, l_sh, None], l_out, -rotation) < tol
 
 
+def test_inversion_check_has_teeth():
+    # the odd ("so3"-only) paths of cg are rotation- but not inversion-equivariant in this layout
+    tp = build("cg", (1, 1, 1), paths="so3", weights="path")
+    x, y, w = random_inputs(tp)
+    rotation = random_rotation()
+    assert equivariance_error(tp, [x, y, w], [1, 1, None], 1, rotation) < 1e-10
+    assert equivariance_error(tp, [x, y, w], [1, 1, None], 1, -rotation) > 1e-2
+
+
 @pytest.mark.parametrize(
     ("kind", "paths", "weights"), [(kind, p, w) for kind in KINDS for p, w in supported(kind)]
 )
@@ -202,12 +213,12 @@ def test_float32_matches_float64(kind):
 
 
 def test_build_returns_the_default_dtype():
-    assert build("cg", (1, 1, 1)).m_flat.dtype == torch.float64  # fixture: float64 default
-    torch.set_default_dtype(torch.float32)  # the fixture restores it
-    for kind in KINDS:
-        tp = build(kind, degrees_for(kind)[0])
-        x, y, w = (t.float() for t in random_inputs(tp))
-        assert tp(x, y, w).dtype == torch.float32
+    for dtype in (torch.float64, torch.float32):
+        torch.set_default_dtype(dtype)  # the float64 fixture restores the default afterwards
+        for kind in KINDS:
+            tp = build(kind, degrees_for(kind)[0])
+            assert {b.dtype for b in tp.buffers() if b.is_floating_point()} <= {dtype}
+            assert tp(*random_inputs(tp)).dtype == dtype
 
 
 @pytest.mark.parametrize("kind", KINDS)

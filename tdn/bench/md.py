@@ -302,7 +302,8 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"- machine: {common.machine_line(meta)}",
         f"- date: {meta['date']}; commit {git['commit'][:12]}{' (dirty)' if git.get('dirty') else ''}",
         f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
-        f"- model: preset {cfg['preset']} (tdn), the same widths for MACE: {result['model']['mace']}",
+        f"- model: tdn preset {cfg['preset']}; the reference MACE at the same widths: "
+        + ", ".join(f"{k}={v}" for k, v in result["model"]["mace"].items()),
         f"- step: every atom displaced by ~{STEP_NOISE} Å, then get_forces(); median of up to {cfg['reps']} "
         f"after {cfg['warmup']} warm-up calls; tdn neighbour-list skin {cfg['skin']} Å",
         "",
@@ -378,7 +379,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help=f"small CPU run: {list(QUICK_SIZES)} atoms, 1 warm-up, 3 reps (< 1 min with --preset tiny)",
+        help=f"CPU smoke run (< 1 min): {list(QUICK_SIZES)} atoms, tiny widths, 1 warm-up, 3 reps",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sizes", type=int, nargs="+", help=f"numbers of atoms, 4 n^3 (default {list(FULL_SIZES)})")

@@ -27,22 +27,19 @@ def _is_sqlite(path: Path) -> bool:
 def _sniff_lmdb(path: Path) -> str:
     """Tell OC-style LMDBs (keys "0".., "length"; pickles) from PubChemQCR (9-digit CIDs; gzip) and aselmdb."""
     shard = LmdbFile(find_shards(path, (".lmdb",))[0])
-    try:
-        for key in shard.keys():
-            if key in (b"nextid", b"deleted_ids", b"metadata"):
-                return "aselmdb"
-            if key == b"length":
-                continue
-            value = shard.get(key)
-            if value[:2] == b"\x1f\x8b":  # gzip magic: PubChemQCR molecules
-                return "pubchemqcr"
-            if value[:1] == b"\x78":  # zlib header: aselmdb rows
-                return "aselmdb"
-            if value[:1] == pickle.PROTO:
-                return "oc20-lmdb"
-            break
-    finally:
-        shard.close()
+    for key in shard.keys():
+        if key in (b"nextid", b"deleted_ids", b"metadata"):
+            return "aselmdb"
+        if key == b"length":
+            continue
+        value = shard.get(key)
+        if value[:2] == b"\x1f\x8b":  # gzip magic: PubChemQCR molecules
+            return "pubchemqcr"
+        if value[:1] == b"\x78":  # zlib header: aselmdb rows
+            return "aselmdb"
+        if value[:1] == pickle.PROTO:
+            return "oc20-lmdb"
+        break
     raise ValueError(f"{path}: cannot tell the LMDB format; pass format=")
 
 

@@ -26,6 +26,38 @@ def find_shards(path, suffixes: tuple[str, ...] = (".lmdb",)) -> list[Path]:
     return shards
 
 
+# One environment per file per process: LMDB refuses to open the same file twice in a process,
+# and several datasets (or splits) may read the same file. After fork() the child inherits the
+# parent's handles (and py-lmdb's record that the file is open) but must not use them: the child
+# closes its inherited copies (this unmaps them in the child only; with lock=False there are no
+# locks to release) and opens its own. A file replaced on disk (new inode) is opened afresh.
+_ENVIRONMENTS: dict[tuple[int, int], tuple[int, lmdb.Environment]] = {}
+
+
+def _drop_inherited() -> None:
+    pid = os.getpid()
+    for key, (owner, env) in list(_ENVIRONMENTS.items()):
+        if owner != pid:
+            try:
+                env.close()
+            except lmdb.Error:  # pragma: no cover - already closed
+                pass
+            del _ENVIRONMENTS[key]
+
+
+def open_environment(path) -> lmdb.Environment:
+    """The read-only environment of an LMDB file (``subdir=False``) for this process."""
+    _drop_inherited()
+    stat = os.stat(path)
+    key = (stat.st_dev, stat.st_ino)
+    if key not in _ENVIRONMENTS:
+        # lock=False: datasets are read-only and may live on read-only or network file systems.
+        env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=False, meminit=False,
+                        max_readers=256)
+        _ENVIRONMENTS[key] = (os.getpid(), env)
+    return _ENVIRONMENTS[key][1]
+
+
 class LmdbFile:
     """A read-only LMDB file (``subdir=False``), opened on first use in each process."""
 
@@ -37,16 +69,7 @@ class LmdbFile:
     @property
     def env(self) -> lmdb.Environment:
         if self._env is None or self._pid != os.getpid():
-            # lock=False: datasets are read-only and may live on read-only or network file systems.
-            self._env = lmdb.open(
-                str(self.path),
-                subdir=False,
-                readonly=True,
-                lock=False,
-                readahead=False,
-                meminit=False,
-                max_readers=256,
-            )
+            self._env = open_environment(self.path)
             self._pid = os.getpid()
         return self._env
 
@@ -61,11 +84,6 @@ class LmdbFile:
 
     def entries(self) -> int:
         return int(self.env.stat()["entries"])
-
-    def close(self) -> None:
-        if self._env is not None and self._pid == os.getpid():
-            self._env.close()
-        self._env = None
 
     def __getstate__(self):
         return {"path": self.path, "_env": None, "_pid": None}

@@ -17,6 +17,8 @@ them back (``"add"``).
 
 from __future__ import annotations
 
+import copyreg
+import io
 import json
 import pickle
 from collections.abc import Mapping, Sequence
@@ -293,22 +295,24 @@ def write_oc_lmdb(path, records: Sequence[dict], pyg_layout: int = 2) -> None:
     def encode(fields: dict) -> bytes:
         if pyg_layout == 2:
             return pickle.dumps(Data(**fields), protocol=pickle.HIGHEST_PROTOCOL)
-        return pickle.dumps(_PyG1Data(fields), protocol=pickle.HIGHEST_PROTOCOL)
+        # PyG 1 kept fields as plain instance attributes; build such an object and pickle its __dict__.
+        old = Data.__new__(Data)
+        old.__dict__.update(fields)
+        buffer = io.BytesIO()
+        _PyG1Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(old)
+        return buffer.getvalue()
 
     items = [(str(i).encode("ascii"), encode(r)) for i, r in enumerate(records)]
     items.append((b"length", pickle.dumps(len(records), protocol=pickle.HIGHEST_PROTOCOL)))
     write_lmdb(path, items)
 
 
-class _PyG1Data:
-    """Pickles as ``torch_geometric.data.data.Data`` with its fields as the instance ``__dict__`` (PyG 1)."""
+class _PyG1Pickler(pickle.Pickler):
+    """Pickles Data as PyG 1 did: NEWOBJ of the class, then its instance ``__dict__`` as state."""
 
-    def __init__(self, fields: dict):
-        self.fields = fields
+    def reducer_override(self, obj):
+        from torch_geometric.data import Data
 
-    def __reduce_ex__(self, protocol):
-        import copyreg
-
-        from torch_geometric.data.data import Data
-
-        return copyreg.__newobj__, (Data,), dict(self.fields)
+        if type(obj) is Data:
+            return copyreg.__newobj__, (Data,), dict(obj.__dict__)
+        return NotImplemented

@@ -80,6 +80,13 @@ def _reconstructor(cls, base, state):
     return obj
 
 
+def _latin1_bytes(text: str, encoding: str = "utf-8") -> bytes:
+    # Protocol-2 pickles write bytes as _codecs.encode(text, "latin1"): allow exactly that.
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickle("_codecs", "encode")
+    return text.encode("latin1")
+
+
 def _numpy_multiarray():
     try:
         from numpy._core import multiarray  # numpy >= 2
@@ -105,6 +112,7 @@ def _allowed_globals() -> dict:
         ("torch", "Size"): torch.Size,
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("copyreg", "_reconstructor"): _reconstructor,
+        ("_codecs", "encode"): _latin1_bytes,
         ("builtins", "object"): object,
         ("builtins", "set"): set,
         ("builtins", "frozenset"): frozenset,

@@ -152,3 +152,117 @@ def coupling_basis(nu: int, lmax_in: int, L: int, paths: str = "o3") -> torch.Te
     if nu < 1 or L < 0 or lmax_in < 0:
         raise ValueError(f"need nu >= 1, L >= 0, lmax_in >= 0, got nu={nu}, L={L}, lmax_in={lmax_in}")
     return _coupling_basis(nu, lmax_in, L, paths).clone()
+
+
+def stacked_basis(nu: int, lmax_in: int, lmax_out: int, paths: str = "o3") -> tuple[torch.Tensor, list[int]]:
+    """All ``U^{nu,L}`` for ``L = 0..lmax_out`` stacked as rows ``(L, eta, M)``: ``[K, D^nu]`` (float64), and
+    the number of basis elements ``eta_L`` per ``L``. ``K = sum_L eta_L (2L + 1)``."""
+    blocks = [coupling_basis(nu, lmax_in, L, paths) for L in range(lmax_out + 1)]
+    d = dim(lmax_in)
+    return torch.cat([b.reshape(-1, d**nu) for b in blocks]), [b.shape[0] for b in blocks]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Symmetric CP decomposition of the stacked basis
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def power_contraction(target: torch.Tensor, directions: torch.Tensor, nu: int) -> torch.Tensor:
+    """``H[k, r] = T_k(b_r, ..., b_r)`` for rows ``target [K, D^nu]`` and ``directions [D, R]`` -> ``[K, R]``.
+
+    One slot at a time: a dense matmul for the first, then ``nu - 1`` diagonal (per-``r``) contractions.
+    """
+    k = target.shape[0]
+    d, r = directions.shape
+    x = (target.reshape(-1, d) @ directions).reshape(k, -1, r)  # [K, D^(nu-1), R]
+    for _ in range(nu - 1):
+        x = torch.einsum("kxdr,dr->kxr", x.reshape(k, -1, d, r), directions)  # [K, D^(j-1), R]
+    return x.reshape(k, r)
+
+
+def _ridge(gram: torch.Tensor) -> torch.Tensor:
+    return 1e-12 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+
+
+def cp_coefficients(target: torch.Tensor, directions: torch.Tensor, nu: int) -> tuple[torch.Tensor, float]:
+    """Least-squares ``a [K, R]`` for fixed directions, and the relative error ``||T - a Phi^T|| / ||T||``.
+
+    ``Phi [D^nu, R]`` has columns ``b_r^{⊗nu}``, so its Gram matrix is the Hadamard power ``(B^T B)^{∘nu}``
+    and ``T Phi = H`` (:func:`power_contraction`): the ``D^nu``-sized ``Phi`` is never formed.
+    """
+    h = power_contraction(target, directions, nu)  # [K, R]
+    gram = (directions.T @ directions) ** nu  # [R, R]
+    chol, info = torch.linalg.cholesky_ex(gram + _ridge(gram))
+    if int(info) != 0:  # numerically singular: fall back to a pseudo-inverse
+        a = torch.linalg.lstsq(gram, h.T, driver="gelsd").solution.T
+    else:
+        a = torch.cholesky_solve(h.T, chol).T
+    norm2 = float((target**2).sum())
+    err2 = norm2 - 2 * float((a * h).sum()) + float(((a @ gram) * a).sum())
+    return a, math.sqrt(max(err2, 0.0) / norm2)
+
+
+def fit_symmetric_cp(
+    target: torch.Tensor,
+    nu: int,
+    rank: int,
+    seed: int = 0,
+    tol: float = 0.0,
+    max_iter: int = 3000,
+    init: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Fit ``target [K, D^nu] ≈ a Phi(B)^T`` with ``Phi(B) = (b_r^{⊗nu})_r``: the symmetric CP decomposition with
+    directions ``B [D, R]`` shared by all rows. Returns ``(B, a, relative error)``.
+
+    Variable projection: for fixed ``B`` the best ``a`` solves a linear least-squares problem with Gram matrix
+    ``(B^T B)^{∘nu}`` (ridge ``1e-12 * mean diag``); the reduced objective
+    ``f(B) = min_a ||T - a Phi^T||^2 + ridge ||a||^2`` is minimised over ``B`` by L-BFGS (strong Wolfe). Its gradient is
+    the gradient at fixed optimal ``a`` (envelope theorem), so ``a`` is not differentiated. ``B`` starts from a
+    seeded ``N(0, 1/D)`` draw (or ``init``, padded with seeded columns); float64 throughout, deterministic for a
+    given seed and thread count. Stops once the relative error is ``<= tol`` or after ``max_iter`` iterations.
+    """
+    target = target.to(torch.float64)
+    d = round(target.shape[1] ** (1 / nu))
+    gen = torch.Generator().manual_seed(seed)
+    fresh = torch.randn(d, rank, generator=gen, dtype=torch.float64) / math.sqrt(d)
+    if init is not None:
+        keep = min(rank, init.shape[1])
+        fresh[:, :keep] = init[:, :keep]
+    directions = fresh.requires_grad_(True)
+    norm2 = float((target**2).sum())
+    opt = torch.optim.LBFGS(
+        [directions], lr=1.0, max_iter=50, history_size=50, line_search_fn="strong_wolfe",
+        tolerance_grad=1e-15, tolerance_change=1e-18,
+    )
+    state = {"err": math.inf}
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        h = power_contraction(target, directions, nu)  # [K, R]
+        gram = (directions.T @ directions) ** nu  # [R, R]
+        with torch.no_grad():
+            ridge = _ridge(gram)
+            chol, info = torch.linalg.cholesky_ex(gram + ridge)
+            if int(info) != 0:
+                a = torch.linalg.lstsq(gram + ridge, h.T, driver="gelsd").solution.T
+            else:
+                a = torch.cholesky_solve(h.T, chol).T
+        fit = (a * h).sum()
+        quad = ((a @ gram) * a).sum()
+        loss = (norm2 - 2 * fit + quad + ridge[0, 0] * (a**2).sum()) / norm2
+        loss.backward()
+        state["err"] = math.sqrt(max(float(norm2 - 2 * fit + quad), 0.0) / norm2)
+        return loss
+
+    done, best = 0, math.inf
+    while done < max_iter:
+        opt.step(closure)
+        done += 50
+        if state["err"] <= tol:
+            break
+        if best - state["err"] < 1e-3 * best and best < math.inf:  # stalled over 50 iterations
+            break
+        best = min(best, state["err"])
+    b = directions.detach()
+    a, err = cp_coefficients(target, b, nu)
+    return b, a, err

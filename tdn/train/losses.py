@@ -18,13 +18,20 @@ import torch
 import torch.nn.functional as F
 
 TERMS = ("energy", "forces", "stress")
-KINDS = ("mse", "mae", "huber")
+KINDS = ("mse", "mae", "huber", "l2mae")
 
 
 def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, delta: float) -> torch.Tensor:
-    """Mean of the chosen pointwise loss over all elements (0 for empty input)."""
+    """Mean of the chosen pointwise loss over all elements (0 for empty input).
+
+    ``l2mae`` (fairchem's force loss) is the mean over rows of the Euclidean norm of the error of each row (a force
+    vector, a flattened stress); for an energy (one value per row) it is the MAE.
+    """
     if pred.numel() == 0:
         return pred.sum() * 0.0
+    if kind == "l2mae":
+        diff = (pred - target).reshape(pred.shape[0], -1)
+        return torch.linalg.vector_norm(diff, dim=-1).mean()
     if kind == "mse":
         return F.mse_loss(pred, target)
     if kind == "mae":
@@ -39,7 +46,7 @@ class LossConfig:
     energy_weight: float = 1.0
     forces_weight: float = 100.0
     stress_weight: float = 0.0
-    kind: str = "mse"  # mse | mae | huber, for all terms unless overridden below
+    kind: str = "mse"  # mse | mae | huber | l2mae, for all terms unless overridden below
     energy_kind: str | None = None
     forces_kind: str | None = None
     stress_kind: str | None = None

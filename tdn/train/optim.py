@@ -54,27 +54,32 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_lr_ratio: float):
     return factor
 
 
+PLATEAU_KEYS = ("factor", "patience", "min_lr", "threshold", "monitor")
+COSINE_KEYS = ("warmup_epochs", "min_lr_ratio")
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, config: Mapping[str, Any], total_steps: int, steps_per_epoch: float
 ) -> dict[str, Any] | None:
-    """A Lightning ``lr_scheduler`` dict, or None for a constant learning rate.
+    """A Lightning ``lr_scheduler`` dict, or None for a constant learning rate (``name: none``).
 
-    plateau: factor, patience (epochs), min_lr, threshold, monitor (default ``val/loss``).
-    cosine: warmup_epochs (may be fractional), min_lr_ratio; stepped every optimizer step over ``total_steps``.
+    plateau: factor, patience (epochs), min_lr, threshold, monitor (default ``val/loss``); stepped every epoch.
+    cosine: warmup_epochs (linear warm-up, may be fractional), min_lr_ratio (final lr / initial lr); stepped every
+    optimizer step over ``total_steps``. Keys of the other schedule are ignored, so one section can hold both.
     """
     config = dict(config)
+    _check_keys("lr_scheduler", config, ("name", *PLATEAU_KEYS, *COSINE_KEYS))
     name = str(config.pop("name", "plateau")).lower()
     if name not in SCHEDULERS:
         raise ValueError(f"lr_scheduler.name must be one of {SCHEDULERS}, got {name!r}")
     if name == "none":
         return None
     if name == "plateau":
-        _check_keys("lr_scheduler (plateau)", config, ("factor", "patience", "min_lr", "threshold", "monitor"))
-        monitor = config.pop("monitor", "val/loss")
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", **config)
+        options = {k: config[k] for k in PLATEAU_KEYS if k in config and k != "monitor"}
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", **options)
+        monitor = config.get("monitor") or "val/loss"
         return {"scheduler": scheduler, "monitor": monitor, "interval": "epoch", "frequency": 1, "strict": True}
-    _check_keys("lr_scheduler (cosine)", config, ("warmup_epochs", "min_lr_ratio"))
-    warmup_steps = int(round(float(config.get("warmup_epochs", 0.0)) * steps_per_epoch))
-    factor = warmup_cosine(int(total_steps), warmup_steps, float(config.get("min_lr_ratio", 0.0)))
+    warmup_steps = int(round(float(config.get("warmup_epochs") or 0.0) * steps_per_epoch))
+    factor = warmup_cosine(int(total_steps), warmup_steps, float(config.get("min_lr_ratio") or 0.0))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"scheduler": scheduler, "interval": "step", "frequency": 1}

@@ -33,6 +33,12 @@ from .resolvers import MODEL_DTYPES, training_data_stats
 logger = logging.getLogger("tdn.train")
 
 TOP_LEVEL_REQUIRED = ("model", "data", "trainer", "training_module", "checkpoint")
+QUIET_WARNINGS = (  # Lightning's hints that do not apply here
+    ".*does not have many workers.*",
+    ".*module\\(s\\) in eval mode.*",  # the EMA copy is meant to stay in eval mode
+    ".*overridden `on_after_batch_transfer`.*",  # the dtype cast is the module's, on purpose
+    ".*Experiment logs directory .* exists and is not empty.*",  # the run directory holds more than the CSV log
+)
 
 
 @dataclass
@@ -172,7 +178,8 @@ def train(cfg: DictConfig, output_dir: str | Path) -> RunResult:
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
         (output_dir / "model_config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        for message in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path") or None)
 
         result.last_checkpoint = _existing(output_dir / "checkpoints" / "last.ckpt")

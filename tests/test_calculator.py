@@ -1,0 +1,312 @@
+"""TDNCalculator: derivatives against finite differences, relaxation, energy conservation, the skin neighbour
+list, batched evaluation, and rejection of bad input before the model runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms, units
+from ase.build import bulk, molecule
+from ase.calculators.calculator import PropertyNotImplementedError
+from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
+from ase.filters import FrechetCellFilter
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+from ase.md.verlet import VelocityVerlet
+from ase.optimize import FIRE
+
+import tdn
+from tdn import TDNCalculator
+from tdn.models import build_model
+
+pytest.importorskip("tdn.nn.product", reason="tdn.nn.product (the product basis, issue B) is not written yet")
+
+ELEMENTS = [1, 6, 8, 13, 29]
+CUTOFF = 3.5
+BACKEND = "cp"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: OpenMP threads only add synchronisation (and stall badly on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed: int = 0, **overrides):
+    """An untrained tiny model with smooth, non-zero forces."""
+    torch.manual_seed(seed)
+    options = dict(tp=BACKEND, preset="tiny", elements=ELEMENTS, cutoff=CUTOFF, avg_num_neighbors=10.0, dtype="float64")
+    return build_model(**{**options, **overrides})
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    tdn.save_model(tiny_model(), path)
+    return path
+
+
+def calculator(model_file: Path, **kwargs) -> TDNCalculator:
+    return TDNCalculator(model_file, default_dtype=kwargs.pop("default_dtype", "float64"), **kwargs)
+
+
+def cu_al(repeat=(2, 1, 1), seed: int = 1) -> Atoms:
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(repeat)
+    atoms.numbers[::3] = 13
+    atoms.rattle(0.08, seed=seed)
+    return atoms
+
+
+def triclinic() -> Atoms:
+    atoms = bulk("Cu", "fcc", a=3.6).repeat((2, 2, 1))  # primitive fcc vectors: a non-orthogonal cell
+    atoms.numbers[1] = 13
+    atoms.rattle(0.05, seed=2)
+    return atoms
+
+
+# --------------------------------------------------------------------------------------------- properties
+
+
+def test_properties_follow_ase_conventions(model_file):
+    atoms = cu_al()
+    atoms.calc = calculator(model_file)
+    energy = atoms.get_potential_energy()
+    assert atoms.get_potential_energy(force_consistent=True) == energy
+    energies = atoms.get_potential_energies()
+    assert energies.shape == (len(atoms),)
+    assert energies.sum() == pytest.approx(energy, abs=1e-10)
+    forces = atoms.get_forces()
+    assert forces.shape == (len(atoms), 3) and forces.dtype == np.float64
+    assert np.abs(forces).max() > 1e-3, "the test model must have non-zero forces"
+    assert np.allclose(forces.sum(axis=0), 0, atol=1e-10)  # translation invariance
+    assert atoms.get_stress().shape == (6,)
+    assert atoms.get_stress(voigt=False).shape == (3, 3)
+
+
+def test_forces_match_central_differences(model_file):
+    atoms = cu_al()
+    atoms.calc = calculator(model_file)
+    numerical = calculate_numerical_forces(atoms, eps=1e-4)
+    assert np.abs(atoms.get_forces() - numerical).max() < 1e-6
+
+
+def test_molecule_forces_and_no_stress(model_file):
+    atoms = molecule("CH3CH2OH")
+    atoms.rattle(0.05, seed=0)
+    atoms.calc = calculator(model_file)
+    numerical = calculate_numerical_forces(atoms, eps=1e-4)
+    assert np.abs(atoms.get_forces() - numerical).max() < 1e-6
+    with pytest.raises(PropertyNotImplementedError, match="periodic"):
+        atoms.get_stress()
+
+
+@pytest.mark.parametrize("make", [cu_al, triclinic], ids=["orthorhombic", "triclinic"])
+def test_stress_matches_finite_strain(model_file, make):
+    atoms = make()
+    atoms.calc = calculator(model_file)
+    numerical = calculate_numerical_stress(atoms, eps=1e-5)
+    stress = atoms.get_stress()
+    assert np.abs(stress).max() > 1e-5
+    assert np.abs(stress - numerical).max() < 1e-7
+
+
+def test_float32_agrees_with_float64(model_file):
+    atoms = cu_al()
+    atoms.calc = calculator(model_file)
+    e64, f64, s64 = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
+    atoms.calc = calculator(model_file, default_dtype="float32")
+    assert atoms.get_potential_energy() == pytest.approx(e64, rel=1e-5)
+    assert np.abs(atoms.get_forces() - f64).max() < 1e-4
+    assert np.abs(atoms.get_stress() - s64).max() < 1e-5
+
+
+# --------------------------------------------------------------------------------------------- dynamics
+
+
+def test_fire_relaxation_with_cell_filter_converges(model_file):
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.numbers[0] = 13
+    atoms.rattle(0.05, seed=3)
+    atoms.calc = calculator(model_file)
+    start = atoms.get_potential_energy()
+    opt = FIRE(FrechetCellFilter(atoms), logfile=None)
+    assert opt.run(fmax=1e-3, steps=500)
+    assert np.abs(atoms.get_forces()).max() < 1e-3
+    assert atoms.get_potential_energy() < start
+
+
+def test_nve_conserves_energy(model_file):
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)  # 32 atoms
+    atoms.numbers[::4] = 13
+    atoms.calc = calculator(model_file)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    Stationary(atoms)
+    dyn = VelocityVerlet(atoms, timestep=1.0 * units.fs)
+    totals = []
+    dyn.attach(lambda: totals.append(atoms.get_potential_energy() + atoms.get_kinetic_energy()), interval=10)
+    dyn.run(400)
+    drift = (max(totals) - min(totals)) / len(atoms)
+    assert atoms.get_temperature() > 10  # it moved
+    assert drift < 1e-4, f"total energy varies by {drift:.2e} eV/atom over 400 steps"
+    assert atoms.calc.neighbor_list_builds < 400  # the skin list was reused
+
+
+# --------------------------------------------------------------------------------------------- neighbour list
+
+
+def test_skin_reuse_gives_the_forces_of_a_fresh_list(model_file):
+    atoms = cu_al(repeat=(2, 2, 1))
+    calc = calculator(model_file, skin=0.6)
+    atoms.calc = calc
+    atoms.get_forces()
+    assert calc.neighbor_list_builds == 1
+    rng = np.random.default_rng(0)
+    for _ in range(3):  # below skin / 2: reused
+        atoms.positions += rng.uniform(-0.1, 0.1, size=atoms.positions.shape)
+        forces = atoms.get_forces()
+        fresh = atoms.copy()
+        fresh.calc = calculator(model_file, skin=0.0)
+        assert np.abs(forces - fresh.get_forces()).max() < 1e-10
+        assert atoms.get_potential_energy() == pytest.approx(fresh.get_potential_energy(), abs=1e-10)
+    assert calc.neighbor_list_builds == 1
+    atoms.positions[5] += [0.35, 0.0, 0.0]  # above skin / 2: rebuilt
+    forces = atoms.get_forces()
+    assert calc.neighbor_list_builds == 2
+    fresh = atoms.copy()
+    fresh.calc = calculator(model_file, skin=0.0)
+    assert np.abs(forces - fresh.get_forces()).max() < 1e-10
+
+
+def test_pair_entering_the_cutoff_during_reuse_is_seen(model_file):
+    dimer = Atoms("CuCu", positions=[[0, 0, 0], [CUTOFF + 0.1, 0, 0]])
+    calc = calculator(model_file, skin=0.6)
+    dimer.calc = calc
+    assert np.abs(dimer.get_forces()).max() == 0  # out of range
+    dimer.positions[1, 0] -= 0.25  # inside the cutoff now, moved less than skin / 2
+    forces = dimer.get_forces()
+    assert calc.neighbor_list_builds == 1 and calc.num_edges == 2
+    assert np.abs(forces).max() > 0
+    fresh = dimer.copy()
+    fresh.calc = calculator(model_file, skin=0.0)
+    assert np.abs(forces - fresh.get_forces()).max() < 1e-12
+
+
+def test_cell_or_species_change_rebuilds(model_file):
+    atoms = cu_al()
+    calc = calculator(model_file)
+    atoms.calc = calc
+    atoms.get_forces()
+    atoms.set_cell(atoms.cell * 1.01, scale_atoms=True)
+    strained = atoms.get_forces()
+    assert calc.neighbor_list_builds == 2
+    fresh = atoms.copy()
+    fresh.calc = calculator(model_file, skin=0.0)
+    assert np.abs(strained - fresh.get_forces()).max() < 1e-10
+    atoms.numbers[0] = 29
+    energy = atoms.get_potential_energy()
+    fresh.numbers[0] = 29
+    assert energy == pytest.approx(fresh.get_potential_energy(), abs=1e-10)
+
+
+# --------------------------------------------------------------------------------------------- batches
+
+
+def test_batch_matches_single_evaluations(model_file):
+    structures = [cu_al(), molecule("H2O"), triclinic(), cu_al(repeat=(1, 1, 2), seed=5)]
+    calc = calculator(model_file)
+    results = calc.calculate_batch(structures, properties=("energy", "forces", "stress"), batch_size=3)
+    assert len(results) == len(structures)
+    for atoms, result in zip(structures, results):
+        single = atoms.copy()
+        single.calc = calculator(model_file)
+        assert result["energy"] == pytest.approx(single.get_potential_energy(), abs=1e-9)
+        assert result["free_energy"] == result["energy"]
+        assert np.abs(result["forces"] - single.get_forces()).max() < 1e-9
+        assert np.abs(result["energies"] - single.get_potential_energies()).max() < 1e-9
+        if atoms.pbc.all():
+            assert np.abs(result["stress"] - single.get_stress()).max() < 1e-9
+        else:
+            assert "stress" not in result
+
+
+def test_batch_names_the_bad_structure(model_file):
+    calc = calculator(model_file)
+    bad = cu_al()
+    bad.positions[2, 1] = np.nan
+    with pytest.raises(ValueError, match=r"structure 1: .*atom 2"):
+        calc.calculate_batch([cu_al(), bad])
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+class _MustNotRun(torch.nn.Module):
+    def forward(self, *args, **kwargs):
+        raise AssertionError("the model ran on invalid input")
+
+
+def _guarded(model_file) -> TDNCalculator:
+    calc = calculator(model_file)
+    calc.model = _MustNotRun()
+    return calc
+
+
+def _nan_atoms() -> Atoms:
+    atoms = cu_al()
+    atoms.positions[3] = [np.nan, 0.0, 1.0]
+    return atoms
+
+
+def _unknown_element() -> Atoms:
+    atoms = cu_al()
+    atoms.numbers[2] = 79  # Au
+    return atoms
+
+
+def _zero_cell_vector() -> Atoms:
+    atoms = molecule("H2O")
+    atoms.set_cell([5.0, 5.0, 0.0])
+    atoms.pbc = True
+    return atoms
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (Atoms, ValueError, "empty"),
+        (_nan_atoms, ValueError, r"atom 3"),
+        (_unknown_element, KeyError, r"Au \(Z=79\) of atom 2"),
+        (_zero_cell_vector, ValueError, r"pbc is True along c but cell vector c"),
+    ],
+    ids=["empty", "nan-position", "unknown-element", "zero-cell-vector"],
+)
+def test_bad_input_is_rejected_before_the_model_runs(model_file, make, error, message):
+    atoms = make()
+    atoms.calc = _guarded(model_file)
+    with pytest.raises(error, match=message):
+        atoms.get_potential_energy()
+
+
+def test_nan_during_a_run_is_rejected(model_file):
+    atoms = cu_al()
+    calc = calculator(model_file)
+    atoms.calc = calc
+    atoms.get_forces()
+    calc.model = _MustNotRun()
+    atoms.positions[4, 2] = np.inf
+    with pytest.raises(ValueError, match="atom 4"):
+        atoms.get_forces()
+
+
+def test_constructor_arguments_are_checked(model_file, tmp_path):
+    with pytest.raises(ValueError, match="default_dtype"):
+        TDNCalculator(model_file, default_dtype="float16")
+    with pytest.raises(ValueError, match="skin"):
+        TDNCalculator(model_file, skin=-1.0)
+    with pytest.raises(FileNotFoundError):
+        TDNCalculator(tmp_path / "missing.pt")

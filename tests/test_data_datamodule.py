@@ -1,0 +1,118 @@
+"""The LightningDataModule on the bundled sample: splits, capped batches, workers, statistics, DDP sharding."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+
+import tdn.data
+from tdn.data import statistics as statistics_module
+
+SAMPLE = Path(__file__).resolve().parents[1] / "datasets" / "sample"
+
+
+def sample_module(tmp_path, **overrides) -> tdn.data.TDNDataModule:
+    options = dict(train=str(SAMPLE / "oc20"), val_size=0.25, test_size=2, cutoff=5.0, batch_size=None,
+                   max_atoms=60, max_edges=2000, seed=3, stats_file=str(tmp_path / "run" / "statistics.json"),
+                   cache_dir=str(tmp_path / "cache"))
+    options.update(overrides)
+    return tdn.data.TDNDataModule(**options)
+
+
+def split_sids(dm, name) -> set:
+    dataset = dm.datasets[name]
+    return {dataset.atoms_at(k).info["sid"] for k in range(len(dataset))}
+
+
+def test_sample_splits_by_system_and_caps_batches(tmp_path):
+    dm = sample_module(tmp_path)
+    dm.setup("fit")
+    sizes = {name: len(ds) for name, ds in dm.datasets.items()}
+    assert sizes == {"train": 50, "val": 20, "test": 10}  # 16 systems x 5 frames: 10 / 4 / 2 systems
+    train, val, test = (split_sids(dm, n) for n in ("train", "val", "test"))
+    assert not (train & val or train & test or val & test)  # no system leaks across splits
+    loader = dm.train_dataloader()
+    seen = 0
+    for batch in loader:
+        assert batch.natoms.sum() <= 60 and batch.edge_index.shape[1] <= 2000
+        seen += batch.num_graphs
+    assert seen == 50 and len(loader) >= 50 * 13 // 60
+    first_epoch = [b for b in loader.batch_sampler]
+    loader.batch_sampler.set_epoch(1)
+    assert [b for b in loader.batch_sampler] != first_epoch  # reshuffled each epoch
+    assert sum(b.num_graphs for b in dm.val_dataloader()) == 20
+
+
+def test_statistics_cached_next_to_the_run(tmp_path, monkeypatch):
+    dm = sample_module(tmp_path)
+    stats = dm.statistics()
+    assert set(stats["elements"]) == {1, 6, 8, 29, 78} and set(stats["e0"]) == set(stats["elements"])
+    assert stats["num_structures"] == 50 and stats["avg_num_neighbors"] > 5 and stats["force_rms"] > 0
+    assert (tmp_path / "run" / "statistics.json").exists()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("statistics should have come from the cache")
+
+    monkeypatch.setattr("tdn.data.datamodule.compute_statistics", fail)
+    cached = sample_module(tmp_path).statistics()
+    assert cached["e0"] == stats["e0"] and cached["avg_num_neighbors"] == pytest.approx(stats["avg_num_neighbors"])
+    monkeypatch.setattr("tdn.data.datamodule.compute_statistics", statistics_module.compute_statistics)
+    changed = sample_module(tmp_path, cutoff=4.0).statistics()  # a different cutoff invalidates the cache
+    assert changed["cutoff"] == 4.0 and changed["avg_num_neighbors"] < stats["avg_num_neighbors"]
+
+
+def test_extxyz_paths_workers_and_skipped_records(tmp_path):
+    bad = tmp_path / "molecules_bad.xyz"
+    shutil.copy(SAMPLE / "molecules.xyz", bad)
+    with open(bad, "a") as handle:
+        handle.write('1\nProperties=species:S:1:pos:R:3 energy=-1.0 pbc="F F F"\nH 0 0 0\n')  # no forces
+        handle.write('1\nProperties=species:S:1:pos:R:3:forces:R:3 energy=-1.0\nXx 0 0 0 0 0 0\n')
+    dm = tdn.data.TDNDataModule(train=str(bad), val=str(SAMPLE / "molecules.xyz"), val_size=0, batch_size=16,
+                                cutoff=4.0, skip_invalid=True, num_workers=1, dtype="float64")
+    loader = dm.train_dataloader()
+    assert dm.skipped["train"] == {"missing_forces": 1, "unknown_element": 1}
+    batches = list(loader)
+    assert sum(b.num_graphs for b in batches) == 80 and batches[0].pos.dtype.is_floating_point
+    assert str(batches[0].pos.dtype) == "torch.float64"
+    with pytest.raises(tdn.data.InvalidRecordError, match="missing_forces"):
+        strict = tdn.data.TDNDataModule(train=str(bad), val_size=0.1, batch_size=16, cutoff=4.0, max_atoms=100)
+        strict.train_dataloader()
+
+
+def test_lightning_injects_distributed_sampler(tmp_path):
+    pytest.importorskip("lightning")
+    from lightning.fabric.utilities.data import _replace_dunder_methods
+    from lightning.pytorch.trainer.states import RunningStage
+    from lightning.pytorch.utilities.data import _update_dataloader
+
+    dm = sample_module(tmp_path, stats_file=None)
+    with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):
+        loader = dm.train_dataloader()  # as Lightning calls the hook
+    per_rank = []
+    for rank in range(2):
+        sampler = DistributedSampler(loader.dataset, num_replicas=2, rank=rank, shuffle=False)
+        new = _update_dataloader(loader, sampler, mode=RunningStage.TRAINING)
+        assert isinstance(new.batch_sampler, tdn.data.BalancedBatchSampler)
+        per_rank.append([list(b) for b in new.batch_sampler])
+    assert len(per_rank[0]) == len(per_rank[1])
+    assert {i for batches in per_rank for b in batches for i in b} == set(range(50))
+    global_batches = len(loader.batch_sampler._global_batches())
+    if global_batches % 2 == 0:  # otherwise one batch is repeated to even out the ranks
+        assert not {tuple(b) for b in per_rank[0]} & {tuple(b) for b in per_rank[1]}
+
+
+def test_train_size_subset_and_rmd17_style_counts(tmp_path):
+    def make():
+        dm = tdn.data.TDNDataModule(train=str(SAMPLE / "molecules.xyz"), train_size=40, val_size=10, batch_size=8,
+                                    cutoff=4.0, seed=1)
+        dm.setup()
+        return dm
+
+    dm = make()
+    assert len(dm.datasets["train"]) == 40 and len(dm.datasets["val"]) == 10
+    assert not set(dm.datasets["train"].indices) & set(dm.datasets["val"].indices)
+    assert np.array_equal(dm.datasets["val"].indices, make().datasets["val"].indices)  # fixed seed, same split

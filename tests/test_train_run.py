@@ -1,0 +1,110 @@
+"""End-to-end training runs through the Hydra config (compose API): every backend, export, fine-tuning, exact
+resume. Tiny model and data so that the whole file stays within tens of seconds on two cores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import tdn
+from tdn.train import compose, train
+from tdn.train.resolvers import ROOT
+
+MOLECULES = ROOT / "datasets" / "sample" / "molecules.xyz"
+TINY = [
+    "data=extxyz",
+    f"data.train={MOLECULES}",
+    "data.train_size=8",
+    "data.val_size=4",
+    "data.test_size=4",
+    "batch_size=4",
+    "model.channels=4",
+    "model.lmax=1",
+    "model.lmax_hidden=1",
+    "model.correlation=2",
+    "model.num_bessel=4",
+    "model.radial_mlp=[8]",
+    "model.readout_mlp=4",
+    "epochs=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.log_every_n_steps=1",
+]
+
+pytestmark = pytest.mark.skipif(not MOLECULES.is_file(), reason="bundled sample not generated")
+
+
+def run(tmp_path: Path, *overrides: str, name: str = "run"):
+    return train(compose(TINY + list(overrides)), tmp_path / name)
+
+
+@pytest.mark.parametrize("tp", ["cg", "cp", "gaunt", "grid"])
+def test_one_epoch_per_backend(tmp_path, tp):
+    result = run(tmp_path, f"tp={tp}")
+    out = result.output_dir
+    for name in ("checkpoints/best.ckpt", "checkpoints/last.ckpt", "metrics.csv", "learning_curve.png",
+                 "test_metrics.json", "model.pt", "config.yaml", "statistics.json"):
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    assert {"energy_mae_meV", "forces_rmse_meV_A", "loss"} <= metrics.keys()
+    assert all(v == v for v in metrics.values())  # no NaN
+    model = tdn.load_model(result.model_path)
+    assert model.config.tp == tp and model.config.elements == [1, 6, 7, 8]
+    assert result.export_error == 0.0
+
+
+def test_export_reproduces_trained_model_and_fine_tune(tmp_path):
+    """The exported file gives the EMA model's energies exactly; init_from starts a new run from it."""
+    from tdn.train.data import build_datamodule
+    from tdn.train.run import _container
+
+    cfg = compose(TINY + ["dtype=float64", "epochs=2"])
+    result = train(cfg, tmp_path / "a")
+    ckpt = torch.load(result.best_checkpoint, weights_only=False)
+    ema_state = {k.removeprefix("ema.module."): v for k, v in ckpt["state_dict"].items() if k.startswith("ema.module.")}
+    exported = tdn.load_model(result.model_path)
+    trained = tdn.load_model(result.model_path)
+    trained.load_state_dict(ema_state)  # the weights the run validated and tested with
+    dm = build_datamodule(_container(cfg, "data"))
+    batch = next(iter(dm.test_dataloader()))
+    e_file = exported(batch, compute_forces=False)["energy"]
+    e_trained = trained(batch, compute_forces=False)["energy"]
+    assert torch.equal(e_file, e_trained)
+    assert exported.config.dtype == "float64"
+
+    tuned = train(compose(TINY + ["dtype=float64", f"init_from={result.model_path}", "model.channels=99"]),
+                  tmp_path / "b")
+    model = tdn.load_model(tuned.model_path)
+    assert model.config.channels == 4  # the architecture comes from the file, not from model.*
+    assert model.config.atomic_energies == exported.config.atomic_energies
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(path, weights_only=False)
+    return ckpt["state_dict"], ckpt["optimizer_states"][0], ckpt["lr_schedulers"]
+
+
+def test_resume_is_exact(tmp_path):
+    """Two half runs (1 epoch, then resume to 2) end with exactly the weights, EMA and optimizer of one 2-epoch run."""
+    common = ["dtype=float64", "data.train_size=12", "training_module.lr_scheduler.name=cosine",
+              "training_module.lr_scheduler.warmup_epochs=0.5", "test=false", "export=false"]
+    full = run(tmp_path, *common, "epochs=2", name="full")
+    half = run(tmp_path, *common, "epochs=1", name="half")
+    resumed = run(tmp_path, *common, "epochs=2", f"ckpt_path={half.last_checkpoint}", name="resumed")
+    w_full, opt_full, sch_full = _state(full.last_checkpoint)
+    w_res, opt_res, sch_res = _state(resumed.last_checkpoint)
+    assert w_full.keys() == w_res.keys() and any(k.startswith("ema.") for k in w_full)
+    for key in w_full:
+        assert torch.equal(w_full[key], w_res[key]), key
+    for k, state in opt_full["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_res["state"][k][name])), (k, name)
+    assert sch_full == sch_res
+    # and the half run really stopped halfway: its weights differ
+    w_half = _state(half.last_checkpoint)[0]
+    assert not all(torch.equal(w_half[k], w_full[k]) for k in w_full)
