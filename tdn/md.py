@@ -19,7 +19,16 @@ import numpy as np
 from ase import Atoms, units
 from ase.io import Trajectory, read, write
 from ase.md.md import MolecularDynamics
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+from ase.md.velocitydistribution import Stationary, ZeroRotation
+
+try:  # ASE >= 3.29; MaxwellBoltzmannDistribution is deprecated there
+    from ase.md.velocitydistribution import thermalize_momenta
+except ImportError:  # pragma: no cover - older ASE
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+    def thermalize_momenta(atoms: Atoms, temperature_K: float, *, rng=None) -> None:
+        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
+
 
 ENSEMBLES = ("nve", "nvt-langevin", "nvt-nose-hoover", "npt-iso", "npt", "npt-langevin")
 NPT_ENSEMBLES = ("npt-iso", "npt", "npt-langevin")
@@ -99,7 +108,7 @@ def build_dynamics(atoms: Atoms, settings: MDSettings) -> MolecularDynamics:
 
 def initialise_velocities(atoms: Atoms, temperature: float, seed: int) -> None:
     """Maxwell–Boltzmann velocities at ``temperature`` K, no centre-of-mass drift (no rotation for molecules)."""
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(seed))
+    thermalize_momenta(atoms, temperature, rng=np.random.default_rng(seed))
     Stationary(atoms)
     if not atoms.pbc.any():
         ZeroRotation(atoms)

@@ -6,28 +6,16 @@ import torch
 
 from .base import MAX_LMAX, WEIGHT_MODES, TensorProduct
 from .cg import CGProduct
+from .cp import CPProduct
+from .gaunt import GauntProduct
 from .grid import GridProduct
 
-BACKENDS: dict[str, type[TensorProduct]] = {"cg": CGProduct, "grid": GridProduct}
-
-
-def _register_optional() -> None:
-    # cp and gaunt live in their own modules; import lazily-tolerant so a partial tree still imports.
-    try:
-        from .cp import CPProduct
-
-        BACKENDS["cp"] = CPProduct
-    except ImportError:
-        pass
-    try:
-        from .gaunt import GauntProduct
-
-        BACKENDS["gaunt"] = GauntProduct
-    except ImportError:
-        pass
-
-
-_register_optional()
+BACKENDS: dict[str, type[TensorProduct]] = {
+    "cg": CGProduct,
+    "cp": CPProduct,
+    "gaunt": GauntProduct,
+    "grid": GridProduct,
+}
 
 
 def build(

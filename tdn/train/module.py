@@ -89,8 +89,9 @@ class PotentialModule(L.LightningModule):
         has = getattr(batch, "has_stress", None)
         return has is not None and bool(has.any())
 
-    def _forward(self, model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor | None]:
-        return model(batch, compute_forces=True, compute_stress=self._wants_stress(batch))
+    def _forward(self, model: torch.nn.Module, batch: Any, training: bool) -> dict[str, torch.Tensor | None]:
+        # training: keep the graph of the forces (and stress) so that their loss can be backpropagated
+        return model(batch, compute_forces=True, compute_stress=self._wants_stress(batch), training=training)
 
     @staticmethod
     def _num_graphs(batch: Any) -> int:
@@ -107,13 +108,14 @@ class PotentialModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ training
     def on_train_epoch_start(self) -> None:
+        self.model.train()  # a model loaded for fine-tuning comes in eval mode; Lightning keeps modules' modes
         seed = (self.seed * 1_000_003 + self.current_epoch) % (2**31 - 1)
         torch.manual_seed(seed)
         np.random.seed(seed)
         random.seed(seed)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        pred = self._forward(self.model, batch)
+        pred = self._forward(self.model, batch, training=True)
         loss, parts = self.loss_fn(pred, batch, self.current_epoch)
         size = self._num_graphs(batch)
         self.log("loss", loss, on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=size)
@@ -131,7 +133,7 @@ class PotentialModule(L.LightningModule):
         padding = getattr(batch, "padding", None)
         if padding is not None and bool(padding.all()):
             return None  # a batch repeated only to give every rank the same number of batches
-        pred = self._forward(self.eval_model, batch)
+        pred = self._forward(self.eval_model, batch, training=False)
         loss, _ = self.loss_fn(pred, batch, self.current_epoch)
         mean_loss.update(loss, self._num_graphs(batch))
         metrics.update(pred, batch)
