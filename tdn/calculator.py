@@ -92,23 +92,33 @@ def check_cell(cell: np.ndarray, pbc: np.ndarray) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ neighbours
+NEIGHBOR_LISTS = ("auto", "torch", "vesin")
+
+
 def neighbor_list(
-    pos: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, cutoff: float
+    pos: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, cutoff: float, method: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pairs within ``cutoff`` as tensors on ``pos.device``: ``edge_index [2, E]`` (sender, receiver) and
     integer-valued ``unit_shifts [E, 3]`` in ``pos.dtype``, with ``vector = pos[j] - pos[i] + unit_shifts @ cell``.
 
-    On a CPU device vesin's cell list (:func:`tdn.data.neighbors.neighbor_list`); on an accelerator the
-    pure-torch list (:func:`tdn.data.neighbors.neighbor_list_torch`) so that positions never leave the device.
+    ``method``: ``"torch"`` the pure-torch list on ``pos.device`` (:func:`tdn.data.neighbors.neighbor_list_torch`:
+    positions never leave an accelerator); ``"vesin"`` vesin's CPU cell list
+    (:func:`tdn.data.neighbors.neighbor_list`) and a copy of the edges to the device; ``"auto"``: vesin on a
+    CPU device, torch elsewhere.
     """
     from .data import neighbors
 
-    if pos.device.type == "cpu":
+    if method == "auto":
+        method = "vesin" if pos.device.type == "cpu" else "torch"
+    if method == "vesin":
         sender, receiver, shifts = neighbors.neighbor_list(
-            pos.detach().double().numpy(), cell.detach().double().view(3, 3).numpy(), pbc.view(3).numpy(), cutoff
+            pos.detach().cpu().double().numpy(),
+            cell.detach().cpu().double().view(3, 3).numpy(),
+            pbc.cpu().view(3).numpy(),
+            cutoff,
         )
-        edge_index = torch.from_numpy(np.stack([sender, receiver]))
-        return edge_index, torch.from_numpy(shifts).to(pos.dtype)
+        edge_index = torch.from_numpy(np.stack([sender, receiver])).to(pos.device)
+        return edge_index, torch.from_numpy(shifts).to(device=pos.device, dtype=pos.dtype)
     sender, receiver, shifts = neighbors.neighbor_list_torch(pos.detach(), cell.view(3, 3), pbc.view(3), cutoff)
     return torch.stack([sender, receiver]), shifts.to(pos.dtype)
 
@@ -144,6 +154,8 @@ class TDNCalculator(Calculator):
         compile: ``torch.compile`` the model's energy function (experimental; falls back with a warning).
         skin: neighbour-list skin in Å; the list is rebuilt once an atom has moved more than ``skin / 2``.
             ``0`` rebuilds at every new geometry.
+        neighbor_list: ``"auto"`` (vesin's cell list on a CPU device, the pure-torch list on an accelerator),
+            ``"torch"`` or ``"vesin"`` (CPU list, edges copied to the device), see :func:`neighbor_list`.
 
     Properties: ``energy``, ``free_energy`` (the same, eV), ``energies`` (per atom, eV), ``forces`` (eV/Å),
     ``stress`` (Voigt, eV/Å^3, ASE sign; fully periodic cells only, otherwise PropertyNotImplementedError).
@@ -158,6 +170,7 @@ class TDNCalculator(Calculator):
         default_dtype: str = "float32",
         compile: bool = False,
         skin: float = 0.5,
+        neighbor_list: str = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -165,6 +178,9 @@ class TDNCalculator(Calculator):
             raise ValueError(f"default_dtype must be one of {tuple(DTYPES)}, got {default_dtype!r}")
         if skin < 0:
             raise ValueError(f"skin must be >= 0, got {skin}")
+        if neighbor_list not in NEIGHBOR_LISTS:
+            raise ValueError(f"neighbor_list must be one of {NEIGHBOR_LISTS}, got {neighbor_list!r}")
+        self.neighbor_list = neighbor_list
         self.device = torch.device(device)
         self.dtype = DTYPES[default_dtype]
         self.skin = float(skin)
@@ -273,7 +289,7 @@ class TDNCalculator(Calculator):
         return bool(max_sq > (0.5 * self.skin) ** 2)
 
     def _build_neighbors(self, pos: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor) -> _Neighbors:
-        edge_index, unit_shifts = neighbor_list(pos, cell, pbc, self.cutoff + self.skin)
+        edge_index, unit_shifts = neighbor_list(pos, cell, pbc, self.cutoff + self.skin, self.neighbor_list)
         self.neighbor_list_builds += 1
         return _Neighbors(pos.clone(), edge_index, unit_shifts, unit_shifts @ cell.view(3, 3))
 
@@ -282,15 +298,17 @@ class TDNCalculator(Calculator):
         if self.skin == 0:
             return nb.edge_index, nb.unit_shifts
         sender, receiver = nb.edge_index
-        vectors = pos[receiver] - pos[sender] + nb.shift_vectors
-        keep = (vectors * vectors).sum(dim=1) < self.cutoff**2
-        return nb.edge_index[:, keep], nb.unit_shifts[keep]
+        vectors = pos.index_select(0, receiver) - pos.index_select(0, sender) + nb.shift_vectors  # [E, 3]
+        keep = ((vectors * vectors).sum(dim=1) < self.cutoff**2).nonzero().squeeze(1)
+        return nb.edge_index.index_select(1, keep), nb.unit_shifts.index_select(0, keep)
 
     def _graph_fresh(self, atoms: Atoms) -> Data:
         """A stand-alone graph with its own neighbour list (batched evaluation)."""
         graph = self._make_system(atoms).graph
         graph.pos = torch.as_tensor(atoms.positions, device=self.device).to(self.dtype)
-        graph.edge_index, graph.unit_shifts = neighbor_list(graph.pos, graph.cell, graph.pbc, self.cutoff)
+        graph.edge_index, graph.unit_shifts = neighbor_list(
+            graph.pos, graph.cell, graph.pbc, self.cutoff, self.neighbor_list
+        )
         del graph.batch, graph.ptr  # Batch.from_data_list makes its own
         return graph
 

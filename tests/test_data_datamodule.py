@@ -42,8 +42,11 @@ def test_sample_splits_by_system_and_caps_batches(tmp_path):
         seen += batch.num_graphs
     assert seen == 50 and len(loader) >= 50 * 13 // 60
     first_epoch = [b for b in loader.batch_sampler]
-    loader.batch_sampler.set_epoch(1)
-    assert [b for b in loader.batch_sampler] != first_epoch  # reshuffled each epoch
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+
+    _set_sampler_epoch(loader, 1)  # what Lightning does at the start of each epoch
+    second_epoch = [b for b in loader.batch_sampler]
+    assert second_epoch != first_epoch and len(second_epoch) == len(first_epoch)  # reshuffled, same count
     assert sum(b.num_graphs for b in dm.val_dataloader()) == 20
 
 
@@ -100,7 +103,7 @@ def test_lightning_injects_distributed_sampler(tmp_path):
         per_rank.append([list(b) for b in new.batch_sampler])
     assert len(per_rank[0]) == len(per_rank[1])
     assert {i for batches in per_rank for b in batches for i in b} == set(range(50))
-    global_batches = len(loader.batch_sampler._global_batches())
+    global_batches = len(loader.batch_sampler._epoch_batches(0))
     if global_batches % 2 == 0:  # otherwise one batch is repeated to even out the ranks
         assert not {tuple(b) for b in per_rank[0]} & {tuple(b) for b in per_rank[1]}
 
@@ -116,3 +119,51 @@ def test_train_size_subset_and_rmd17_style_counts(tmp_path):
     assert len(dm.datasets["train"]) == 40 and len(dm.datasets["val"]) == 10
     assert not set(dm.datasets["train"].indices) & set(dm.datasets["val"].indices)
     assert np.array_equal(dm.datasets["val"].indices, make().datasets["val"].indices)  # fixed seed, same split
+
+
+def test_fairchem_metadata_gives_sizes_without_a_pass(tmp_path, monkeypatch):
+    data = tmp_path / "oc20"
+    shutil.copytree(SAMPLE / "oc20", data)
+    natoms = np.array([len(a) for a in tdn.data.read(data)])
+    np.savez(data / "metadata.npz", natoms=natoms)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("no record should be decoded")
+
+    monkeypatch.setattr(tdn.data.GraphDataset, "atoms_at", fail)
+    monkeypatch.setattr("tdn.data.oc.OCLmdbDataset.groups", fail)  # val is given: no split, no sid pass
+    dm = tdn.data.TDNDataModule(train=str(data), val=str(data), batch_size=None, max_atoms=40)
+    _, sizes, _ = dm.prepared("train")
+    assert np.array_equal(sizes, natoms)
+    assert all(sum(natoms[b]) <= 40 for b in dm.train_dataloader().batch_sampler)
+
+
+def test_lightning_fit_sees_every_structure_each_epoch(tmp_path):
+    import lightning as L
+    import torch
+
+    class Probe(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.epochs: dict[int, list] = {}
+
+        def training_step(self, batch, index):
+            self.epochs.setdefault(self.current_epoch, []).append(batch.natoms.tolist())
+            return ((batch.energy / batch.natoms - self.weight) ** 2).mean()
+
+        def validation_step(self, batch, index):
+            self.validated = getattr(self, "validated", 0) + batch.num_graphs
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    dm = sample_module(tmp_path, stats_file=None, num_workers=1)
+    probe = Probe()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        default_root_dir=str(tmp_path))
+    trainer.fit(probe, datamodule=dm)
+    assert [sum(len(b) for b in probe.epochs[e]) for e in (0, 1)] == [50, 50]
+    assert probe.epochs[0] != probe.epochs[1]  # a new order in the second epoch
+    assert probe.validated == 2 * 20

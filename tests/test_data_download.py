@@ -77,6 +77,7 @@ def oc20_frames():
         slab.set_tags(list(slab.get_tags()[:-1]) + [2])
         slab.set_constraint(FixAtoms(indices=[0, 1, 2, 3]))
         slab.pbc = True
+        slab.info.pop("adsorbate_info", None)
         slab.rattle(0.02 * (k + 1), seed=k)
         slab.calc = EMT()
         slab.calc = SinglePointCalculator(slab, energy=slab.get_potential_energy(), forces=slab.get_forces())

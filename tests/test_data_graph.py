@@ -163,5 +163,14 @@ def test_sampler_shards_by_rank_with_equal_lengths():
     assert list(single) != first  # new epoch, new order ...
     single.set_epoch(2)
     assert list(single) == first  # ... reproducibly
+    epochs = []
+    for epoch in range(12):  # the batch count never changes, and every epoch covers everything
+        single.set_epoch(epoch)
+        batches = list(single)
+        assert len(batches) == len(single) == len(first)
+        assert sorted(i for b in batches for i in b) == list(range(101))
+        assert all(len(b) == 1 or natoms[b].sum() <= 60 for b in batches)
+        epochs.append(batches)
+    assert len({str(b) for b in epochs}) == 12
     ordered = BalancedBatchSampler(SequentialSampler(dataset), None, batch_size=10)
     assert len(ordered) == 11 and list(ordered)[0] == list(range(10))

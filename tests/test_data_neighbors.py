@@ -125,6 +125,6 @@ def test_float32_chunking_and_edge_cases():
 def test_torch_neighbor_list_on_gpu():
     atoms = bulk("Cu", "fcc", a=3.6) * (4, 4, 4)
     atoms.rattle(0.05, seed=4)
-    out = neighbor_list_torch(torch.tensor(atoms.positions, device="cuda"), torch.tensor(atoms.cell.array, device="cuda"),
-                              True, 5.0)
+    positions = torch.tensor(atoms.positions, device="cuda")
+    out = neighbor_list_torch(positions, torch.tensor(atoms.cell.array, device="cuda"), True, 5.0)
     assert out[0].is_cuda and edge_set(out[0].cpu(), out[1].cpu(), out[2].cpu()) == reference(atoms, 5.0)

@@ -25,6 +25,7 @@ HARTREE_PER_BOHR = units.Hartree / units.Bohr
 
 # -- extxyz ---------------------------------------------------------------------------------------
 
+STRESS = 'stress="0.1 0.0 0.0 0.0 0.2 0.0 0.0 0.0 0.3"'
 XYZ = """2
 Properties=species:S:1:pos:R:3:REF_forces:R:3 REF_energy=-1.5 pbc="F F F"
 H 0.0 0.0 0.0 0.1 0.2 0.3
@@ -36,9 +37,9 @@ H 0.0 0.76 0.59 0.0 1.0 0.0
 H 0.0 -0.76 0.59 0.0 0.0 1.0
 
 1
-Lattice="3.0 0.0 0.0 0.0 3.0 0.0 0.0 0.0 3.0" Properties=species:S:1:pos:R:3:forces:R:3 energy=-3.5 stress="0.1 0.0 0.0 0.0 0.2 0.0 0.0 0.0 0.3" pbc="T T T"
+Lattice="3.0 0.0 0.0 0.0 3.0 0.0 0.0 0.0 3.0" Properties=species:S:1:pos:R:3:forces:R:3 energy=-3.5 STRESS pbc="T T T"
 Cu 0.0 0.0 0.0 0.0 0.0 0.0
-"""
+""".replace("STRESS", STRESS)
 
 
 def test_extxyz_label_keys_and_lazy_access(tmp_path):

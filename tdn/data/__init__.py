@@ -18,7 +18,7 @@ from .errors import InvalidRecordError, SkipLog, UnsafePickleError
 from .formats import FORMATS, infer_format, read
 from .graph import GRAPH_FIELDS, GraphDataset, atoms_to_graph, collate
 from .neighbors import neighbor_list, neighbor_list_torch
-from .sampler import BalancedBatchSampler
+from .sampler import BalancedBatchSampler, EpochSampler
 from .splits import split_indices
 from .statistics import compute_statistics, load_statistics, save_statistics
 
@@ -40,6 +40,7 @@ __all__ = [
     "AtomsSubset",
     "BalancedBatchSampler",
     "ConcatAtoms",
+    "EpochSampler",
     "GraphDataset",
     "InvalidRecordError",
     "SkipLog",

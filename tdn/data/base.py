@@ -67,6 +67,10 @@ class AtomsDataset(Sequence):
         """System id per record (OC20 sid, PubChemQCR CID) for leak-free splits; None if the format has none."""
         return None
 
+    def natoms_hint(self) -> np.ndarray | None:
+        """Atoms per record when known without decoding records (e.g. fairchem's metadata.npz), else None."""
+        return None
+
     # -- Sequence -----------------------------------------------------------------------------
     def __len__(self) -> int:
         return self._length()
@@ -136,6 +140,10 @@ class AtomsSubset(Sequence):
         groups = self.dataset.groups()
         return None if groups is None else groups[self.indices]
 
+    def natoms_hint(self) -> np.ndarray | None:
+        hint = self.dataset.natoms_hint()
+        return None if hint is None else hint[self.indices]
+
     @property
     def skipped(self) -> SkipLog:
         return self.dataset.skipped
@@ -183,6 +191,10 @@ class ConcatAtoms(Sequence):
         if any(p is None for p in parts):
             return None
         return np.concatenate(parts)
+
+    def natoms_hint(self) -> np.ndarray | None:
+        parts = [d.natoms_hint() for d in self.datasets]
+        return None if any(p is None for p in parts) else np.concatenate(parts)
 
     @property
     def skipped(self) -> SkipLog:

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.data import DataLoader
 
 from .formats import infer_format, read
 from .graph import GraphDataset, atoms_to_graph, collate
-from .sampler import BalancedBatchSampler
+from .sampler import BalancedBatchSampler, EpochSampler
 from .splits import split_indices
 from .statistics import compute_statistics, load_statistics, save_statistics
 
@@ -162,7 +162,10 @@ class TDNDataModule(L.LightningDataModule):
             sizes["test"] = self.test_size
         if self.train_size is not None:
             sizes["rest"] = None  # whatever is left over stays unused
-        parts = split_indices(len(train_atoms), sizes, groups=train_atoms.groups(), seed=self.seed)
+        if len(sizes) == 1:  # all of it is training data: no split, and no pass to collect system ids
+            parts = {"train": np.arange(len(train_atoms), dtype=np.int64)}
+        else:
+            parts = split_indices(len(train_atoms), sizes, groups=train_atoms.groups(), seed=self.seed)
         self.datasets["train"] = self._graphs(train_atoms, parts["train"])
         if "val" in parts:
             self.datasets["val"] = self._graphs(train_atoms, parts["val"])
@@ -190,6 +193,10 @@ class TDNDataModule(L.LightningDataModule):
 
     def _scan(self, name: str, dataset: GraphDataset) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Valid positions, atoms and (if edge-capped) edges per position; cached in ``cache_dir``."""
+        if not self.skip_invalid and self.max_edges is None:
+            hint = dataset.natoms_hint()  # e.g. fairchem metadata.npz: no pass over the data needed
+            if hint is not None:
+                return np.arange(len(dataset), dtype=np.int64), hint, None
         cache = None
         if self.cache_dir is not None:
             cache = self.cache_dir / f"sizes-{name}-{self._fingerprint(name, self.max_edges is not None)[:16]}.npz"
@@ -240,7 +247,7 @@ class TDNDataModule(L.LightningDataModule):
     def _loader(self, name: str, shuffle: bool, batch_size: int | None) -> DataLoader:
         dataset, natoms, nedges = self.prepared(name)
         sampler = BalancedBatchSampler(
-            SequentialSampler(dataset),
+            EpochSampler(len(dataset)),
             natoms,
             nedges,
             batch_size=batch_size,

@@ -111,6 +111,12 @@ class GraphDataset(torch.utils.data.Dataset):
             return None
         return atoms_to_graph(atoms, self.cutoff, dtype=self.dtype, max_neighbors=self.max_neighbors)
 
+    def natoms_hint(self) -> np.ndarray | None:
+        """Atoms per position when the reader knows them without decoding, else None."""
+        hint_fn = getattr(self.atoms, "natoms_hint", None)
+        hint = hint_fn() if hint_fn is not None else None
+        return None if hint is None else hint[self.indices]
+
     def subset(self, positions) -> GraphDataset:
         """The same graphs restricted to some of this dataset's positions."""
         return GraphDataset(self.atoms, self.cutoff, dtype=self.dtype, max_neighbors=self.max_neighbors,

@@ -233,6 +233,16 @@ class OCLmdbDataset(AtomsDataset):
             info=info,
         )
 
+    def natoms_hint(self) -> np.ndarray | None:
+        """Atoms per frame from fairchem's ``metadata.npz`` (``natoms``) next to the LMDBs, if present."""
+        meta = Path(self.path) / "metadata.npz"
+        if not meta.is_file():
+            return None
+        with np.load(meta) as npz:
+            if "natoms" not in npz or len(npz["natoms"]) != len(self):
+                return None
+            return np.asarray(npz["natoms"], dtype=np.int64)
+
     def groups(self) -> np.ndarray:
         """System id (sid) per frame. Reads every record once (then cached); unreadable records get -1."""
         if self._groups is None:

@@ -221,7 +221,17 @@ def fit_symmetric_cp(
     seeded ``N(0, 1/D)`` draw (or ``init``, padded with seeded columns); float64 throughout, deterministic for a
     given seed and thread count. Stops once the relative error is ``<= tol`` or after ``max_iter`` iterations.
     """
-    target = target.to(torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small dense problems: one thread is fastest, and makes the fit reproducible
+    try:
+        return _fit_symmetric_cp(target.to(torch.float64), nu, rank, seed, tol, max_iter, init)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_symmetric_cp(
+    target: torch.Tensor, nu: int, rank: int, seed: int, tol: float, max_iter: int, init: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     d = round(target.shape[1] ** (1 / nu))
     gen = torch.Generator().manual_seed(seed)
     fresh = torch.randn(d, rank, generator=gen, dtype=torch.float64) / math.sqrt(d)
@@ -251,7 +261,7 @@ def fit_symmetric_cp(
         quad = ((a @ gram) * a).sum()
         loss = (norm2 - 2 * fit + quad + ridge[0, 0] * (a**2).sum()) / norm2
         loss.backward()
-        state["err"] = math.sqrt(max(float(norm2 - 2 * fit + quad), 0.0) / norm2)
+        state["err"] = math.sqrt(max(float(norm2 - 2 * fit.detach() + quad.detach()), 0.0) / norm2)
         return loss
 
     done, best = 0, math.inf

@@ -59,7 +59,11 @@ def check_paths(data: Mapping[str, Any]) -> None:
 
 
 def datamodule_kwargs(data: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in data.items() if k not in TRAIN_KEYS}
+    """The data module's arguments: the group without the training-side keys; reader options set to null are left
+    out (the reader's default), so that one option list can serve files of several formats."""
+    kwargs = {k: v for k, v in data.items() if k not in TRAIN_KEYS}
+    kwargs["reader_options"] = {k: v for k, v in (kwargs.get("reader_options") or {}).items() if v is not None}
+    return kwargs
 
 
 # ---------------------------------------------------------------------------------------------- exact evaluation

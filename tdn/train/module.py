@@ -71,6 +71,8 @@ class PotentialModule(L.LightningModule):
         self.compute_stress = compute_stress
         self.seed = int(seed)
         self.test_results: dict[str, float] = {}
+        self._plateau: tuple[torch.optim.lr_scheduler.ReduceLROnPlateau, str] | None = None
+        self._plateau_state: dict[str, Any] | None = None
         if self.ema is not None:  # the average is identical on every rank: keep DDP from broadcasting it
             names = [n for n, _ in self.named_buffers()] + [n for n, _ in self.named_parameters()]
             self._ddp_params_and_buffers_to_ignore = [n for n in names if n.startswith("ema.")]
@@ -151,7 +153,21 @@ class PotentialModule(L.LightningModule):
         return self._evaluate(batch, self.val_metrics, self.val_loss)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val", self.val_metrics, self.val_loss)
+        values = self._log_metrics("val", self.val_metrics, self.val_loss)
+        if self._plateau is not None and not self.trainer.sanity_checking:
+            self._step_plateau(values)
+
+    def _step_plateau(self, values: dict[str, float]) -> None:
+        """ReduceLROnPlateau is stepped here, not by Lightning: Lightning steps it after the epoch's checkpoint was
+        written (and skips that step when resuming), so a resumed run would lose one step of its state."""
+        scheduler, monitor = self._plateau
+        if monitor.startswith("val/") and monitor[4:] in values:
+            value = values[monitor[4:]]
+        elif monitor in self.trainer.callback_metrics:
+            value = float(self.trainer.callback_metrics[monitor])
+        else:
+            raise KeyError(f"lr_scheduler.monitor={monitor!r} was not logged; logged: {sorted(values)}")
+        scheduler.step(value)
 
     def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         return self._evaluate(batch, self.test_metrics, self.test_loss)
@@ -165,9 +181,22 @@ class PotentialModule(L.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         scheduler = build_scheduler(optimizer, self.scheduler_config, total, total / max_epochs)
+        self._plateau = None
+        if scheduler is not None and isinstance(scheduler["scheduler"], torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self._plateau = (scheduler["scheduler"], scheduler["monitor"])  # stepped in on_validation_epoch_end
+            if self._plateau_state is not None:
+                self._plateau[0].load_state_dict(self._plateau_state)
+            scheduler = None
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._plateau is not None:
+            checkpoint["plateau_scheduler"] = self._plateau[0].state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._plateau_state = checkpoint.get("plateau_scheduler")  # applied when the optimizer is configured
 
     # ------------------------------------------------------------------------------------------------ export
     def export_model(self) -> torch.nn.Module:

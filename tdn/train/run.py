@@ -168,8 +168,9 @@ def train(cfg: DictConfig, output_dir: str | Path) -> RunResult:
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     datamodule = build_datamodule(_container(cfg, "data"), stats_file=output_dir / "statistics.json")
+    stats = datamodule.statistics()  # reads the training split: data errors surface here, naming file and record
     model = build_model(cfg, datamodule)
-    check_elements(datamodule, model.config.elements, datamodule.statistics())
+    check_elements(datamodule, model.config.elements, stats)
     module = build_module(cfg, model)
     trainer, checkpoint = build_trainer(cfg, output_dir)
     result = RunResult(output_dir=output_dir)
