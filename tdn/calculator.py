@@ -2,9 +2,9 @@
 
 The MD step is designed not to be dominated by Python and host-side work:
 
-* the neighbour list is built on the model's device with a skin (``cutoff + skin``) and reused until some
-  atom has moved more than ``skin / 2`` (or the cell, the atomic numbers or pbc changed); between rebuilds
-  a step only selects, on the device, the cached candidate pairs that are inside the cutoff;
+* the neighbour list is built with a skin (``cutoff + skin``), on the model's device (see ``neighbor_list``), and
+  reused until some atom has moved more than ``skin / 2`` (or the cell, the atomic numbers or pbc changed);
+  between rebuilds a step only selects, on the device, the cached candidate pairs inside the cutoff;
 * the tensors that do not change between steps (atomic numbers, batch vector, cell, pbc) are built once
   and cached; a step copies only the positions to the device and the results back;
 * the model's parameters are frozen, so autograd only follows the positions (and the strain for stress).
@@ -93,6 +93,10 @@ def check_cell(cell: np.ndarray, pbc: np.ndarray) -> None:
 
 # ------------------------------------------------------------------------------------------------ neighbours
 NEIGHBOR_LISTS = ("auto", "torch", "vesin")
+# tdn.data.neighbors.neighbor_list_torch is a brute-force O(N^2 x images) search: on an accelerator it beats a CPU
+# cell list plus the copy of the edges up to about this many atoms (measured on a CPU: 4.4 s at 864 atoms, 96 s
+# at 4000, against vesin's 0.04 s and 0.2 s). Above it, "auto" builds the list with vesin on the CPU.
+TORCH_LIST_MAX_ATOMS = 10_000
 
 
 def neighbor_list(
@@ -103,13 +107,14 @@ def neighbor_list(
 
     ``method``: ``"torch"`` the pure-torch list on ``pos.device`` (:func:`tdn.data.neighbors.neighbor_list_torch`:
     positions never leave an accelerator); ``"vesin"`` vesin's CPU cell list
-    (:func:`tdn.data.neighbors.neighbor_list`) and a copy of the edges to the device; ``"auto"``: vesin on a
-    CPU device, torch elsewhere.
+    (:func:`tdn.data.neighbors.neighbor_list`) and a copy of the edges to the device; ``"auto"``: torch on an
+    accelerator for up to ``TORCH_LIST_MAX_ATOMS`` atoms, vesin otherwise. With the skin the list is rebuilt only
+    every few tens of MD steps, so its cost is spread over them.
     """
     from .data import neighbors
 
     if method == "auto":
-        method = "vesin" if pos.device.type == "cpu" else "torch"
+        method = "vesin" if pos.device.type == "cpu" or pos.shape[0] > TORCH_LIST_MAX_ATOMS else "torch"
     if method == "vesin":
         sender, receiver, shifts = neighbors.neighbor_list(
             pos.detach().cpu().double().numpy(),
@@ -149,13 +154,13 @@ class TDNCalculator(Calculator):
     Args:
         model_path: path of an exported model, or a :class:`tdn.models.TDNModel` (used in place: put in eval
             mode, its parameters frozen, moved to ``device`` / ``default_dtype``).
-        device: torch device (``"cpu"``, ``"cuda"``, ``"cuda:1"``); the neighbour list runs there too.
+        device: torch device (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
         default_dtype: ``"float32"`` (fast) or ``"float64"`` (for force/stress tests, phonons, tight relaxations).
         compile: ``torch.compile`` the model's energy function (experimental; falls back with a warning).
         skin: neighbour-list skin in Å; the list is rebuilt once an atom has moved more than ``skin / 2``.
             ``0`` rebuilds at every new geometry.
-        neighbor_list: ``"auto"`` (vesin's cell list on a CPU device, the pure-torch list on an accelerator),
-            ``"torch"`` or ``"vesin"`` (CPU list, edges copied to the device), see :func:`neighbor_list`.
+        neighbor_list: ``"auto"`` (the pure-torch list on an accelerator for up to 10,000 atoms, vesin's CPU cell
+            list otherwise), ``"torch"`` or ``"vesin"`` (edges copied to the device), see :func:`neighbor_list`.
 
     Properties: ``energy``, ``free_energy`` (the same, eV), ``energies`` (per atom, eV), ``forces`` (eV/Å),
     ``stress`` (Voigt, eV/Å^3, ASE sign; fully periodic cells only, otherwise PropertyNotImplementedError).
@@ -260,7 +265,7 @@ class TDNCalculator(Calculator):
         else:
             check_positions(positions)
         graph = system.graph
-        pos = torch.as_tensor(positions, device=self.device).to(self.dtype)
+        pos = torch.from_numpy(np.ascontiguousarray(positions)).to(device=self.device, dtype=self.dtype)
         neighbors = self._neighbors
         if neighbors is None or self._moved_too_far(pos, neighbors.reference):
             neighbors = self._neighbors = self._build_neighbors(pos, graph.cell, graph.pbc)
@@ -272,9 +277,11 @@ class TDNCalculator(Calculator):
     def _make_system(self, atoms: Atoms) -> _System:
         n = len(atoms)
         device = self.device
+        # As tdn.data.atoms_to_graph: a molecule's dummy box is zeroed so that it cannot leak into the model.
+        cell = np.asarray(atoms.cell, dtype=np.float64) if atoms.pbc.any() else np.zeros((3, 3))
         graph = Data(
             atomic_numbers=torch.as_tensor(atoms.numbers, dtype=torch.long, device=device),
-            cell=torch.as_tensor(np.asarray(atoms.cell), device=device).to(self.dtype).view(1, 3, 3),
+            cell=torch.from_numpy(cell).to(device=device, dtype=self.dtype).view(1, 3, 3),
             pbc=torch.as_tensor(atoms.pbc, device=device).view(1, 3),
             batch=torch.zeros(n, dtype=torch.long, device=device),
             ptr=torch.tensor([0, n], device=device),

@@ -194,9 +194,9 @@ def plot_thermo(log_path: str | Path, png_path: str | Path) -> None:
     natoms = int(meta.get("natoms", 1))
     col = {name: values[:, i] for i, name in enumerate(names)}
     t = col["time[ps]"]
-    panels = [("energy per atom rel. to start [meV]", ("Epot[eV]", "Etot[eV]")), ("T [K]", ("T[K]",))]
-    panels += [(name, (name,)) for name in NPT_LOG_COLUMNS if name in col]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.4 * len(panels)), sharex=True, squeeze=False)
+    panels = [("E - E(0) [meV/atom]", ("Epot[eV]", "Etot[eV]")), ("T [K]", ("T[K]",))]
+    panels += [(label, (name,)) for name, label in (("V[A^3]", "V [Å³]"), ("P[GPa]", "P [GPa]")) if name in col]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels) + 0.6), sharex=True, squeeze=False)
     for ax, (label, keys) in zip(axes[:, 0], panels):
         for key in keys:
             y = col[key]
@@ -204,8 +204,12 @@ def plot_thermo(log_path: str | Path, png_path: str | Path) -> None:
                 y = (y - y[0]) / natoms * 1000
             ax.plot(t, y, label=key.split("[")[0])
         ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
         if len(keys) > 1:
             ax.legend(loc="best", fontsize=8)
+    fig.suptitle(
+        f"tdn-md {meta.get('ensemble', '')}, {natoms} atoms, dt = {meta.get('timestep_fs', '?')} fs", fontsize=10
+    )
     axes[-1, 0].set_xlabel("time [ps]")
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
@@ -250,14 +254,14 @@ def run_md(
         dyn.attach(logger, interval=log_interval)
         dyn.attach(traj, interval=traj_interval)
         if bar is not None:
-            dyn.attach(lambda: bar.update(dyn.nsteps - bar.n), interval=max(1, min(log_interval, steps // 100 or 1)))
+            dyn.attach(lambda: bar.update(dyn.nsteps - bar.n), interval=log_interval)
         start = time.perf_counter()
         try:
             dyn.run(steps)
         finally:
             wall = time.perf_counter() - start
             if bar is not None:
-                bar.update(steps - bar.n)
+                bar.update(dyn.nsteps - bar.n)
                 bar.close()
             traj.close()
     png = out / "thermo.png" if plot else None
@@ -271,7 +275,7 @@ def _progress_bar(steps: int, enabled: bool):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=steps, unit="step", desc="tdn-md", dynamic_ncols=True)
+    return tqdm(total=steps, unit="step", desc="tdn-md", dynamic_ncols=True, mininterval=0.5)
 
 
 def build_parser() -> argparse.ArgumentParser:

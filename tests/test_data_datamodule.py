@@ -167,3 +167,21 @@ def test_lightning_fit_sees_every_structure_each_epoch(tmp_path):
     assert [sum(len(b) for b in probe.epochs[e]) for e in (0, 1)] == [50, 50]
     assert probe.epochs[0] != probe.epochs[1]  # a new order in the second epoch
     assert probe.validated == 2 * 20
+
+
+def test_bundled_sample_is_what_make_sample_writes(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_sample", SAMPLE.parents[1] / "scripts" / "make_sample.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--out", str(tmp_path)])
+    for name in ("oc20", "molecules.xyz"):
+        committed, fresh = tdn.data.read(SAMPLE / name), tdn.data.read(tmp_path / name)
+        assert len(committed) == len(fresh) == 80
+        for a, b in zip(committed, fresh):
+            assert np.array_equal(a.numbers, b.numbers) and np.allclose(a.positions, b.positions, atol=1e-6)
+            assert a.get_potential_energy() == pytest.approx(b.get_potential_energy(), abs=1e-6)
+            assert np.allclose(a.calc.results["forces"], b.calc.results["forces"], atol=1e-5)
+            assert np.array_equal(a.get_tags(), b.get_tags()) and a.info.get("sid") == b.info.get("sid")
+    assert max(len(a) for a in tdn.data.read(SAMPLE / "oc20")) <= 40

@@ -32,8 +32,13 @@ TINY = [
 ]
 needs_sample = pytest.mark.skipif(not MOLECULES.is_file(), reason="bundled sample not generated")
 
-FAKE_STATS = {"elements": [1, 8], "avg_num_neighbors": 3.0, "e0": {1: -1.0, 8: -2.0}, "force_rms": 0.5,
-              "mean_interaction_energy_per_atom": 0.1}
+FAKE_STATS = {
+    "elements": [1, 8],
+    "avg_num_neighbors": 3.0,
+    "e0": {1: -1.0, 8: -2.0},
+    "force_rms": 0.5,
+    "mean_interaction_energy_per_atom": 0.1,
+}
 
 
 def options(group: str) -> list[str]:
@@ -93,8 +98,9 @@ def test_unknown_group_option():
 
 
 def test_unknown_group_option_cli():
-    proc = subprocess.run([sys.executable, "-m", "tdn.train.cli", "data=nope"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tdn.train.cli", "data=nope"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode != 0
     assert "Could not find 'data/nope'" in proc.stderr and "sample" in proc.stderr  # the options are listed
 
@@ -111,9 +117,17 @@ def test_missing_data_path(tmp_path):
 @needs_sample
 def test_missing_data_path_cli(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "tdn.train.cli", "data=rmd17", f"data.source.root={tmp_path}/rmd17",
-         f"hydra.run.dir={tmp_path}/run"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "tdn.train.cli",
+            "data=rmd17",
+            f"data.source.root={tmp_path}/rmd17",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert f"configuration error: data.train: no such file or directory: {tmp_path}/rmd17/aspirin/train_01.xyz" in (

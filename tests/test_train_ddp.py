@@ -46,8 +46,16 @@ def test_ddp_two_cpu_processes(tmp_path):
 
     # the same test split, evaluated with the exported model in this single process
     model = tdn.load_model(out / "model.pt")
-    dm = TDNDataModule(train=str(MOLECULES), format="extxyz", train_size=8, val_size=3, test_size=5, batch_size=2,
-                       dtype="float64", seed=0)
+    dm = TDNDataModule(
+        train=str(MOLECULES),
+        format="extxyz",
+        train_size=8,
+        val_size=3,
+        test_size=5,
+        batch_size=2,
+        dtype="float64",
+        seed=0,
+    )
     metrics = MetricSet(["generic"])
     for batch in dm.test_dataloader():
         metrics.update(model(batch, compute_forces=True), batch)

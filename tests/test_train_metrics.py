@@ -108,8 +108,10 @@ def test_metrics_reduce_like_one_process(batch_and_pred):
     for k, part in enumerate(parts):
         one = Batch.from_data_list([graphs[k]])
         sl = slice(0, 2) if k == 0 else slice(2, 3)
-        part.update({"energy": pred["energy"][k : k + 1], "forces": pred["forces"][sl],
-                     "stress": pred["stress"][k : k + 1]}, one)
+        part.update(
+            {"energy": pred["energy"][k : k + 1], "forces": pred["forces"][sl], "stress": pred["stress"][k : k + 1]},
+            one,
+        )
     for name, metric in parts[0].families.items():
         metric.merge_state(parts[1].families[name])
     merged, expected = parts[0].compute(), whole.compute()
@@ -192,8 +194,7 @@ def test_warmup_cosine_and_optimizer_groups():
     assert [round(f(s), 6) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
     assert f(10) == pytest.approx(0.1)
     model = torch.nn.Linear(3, 2)
-    opt = build_optimizer(model.named_parameters(), {"name": "adamw", "lr": 0.1, "weight_decay": 0.5,
-                                                     "amsgrad": True})
+    opt = build_optimizer(model.named_parameters(), {"name": "adamw", "lr": 0.1, "weight_decay": 0.5, "amsgrad": True})
     assert [g["weight_decay"] for g in opt.param_groups] == [0.5, 0.0]  # the bias is not decayed
     assert opt.param_groups[0]["amsgrad"]
     plateau = build_scheduler(opt, {"name": "plateau", "factor": 0.5, "patience": 2}, 100, 10)

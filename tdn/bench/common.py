@@ -116,20 +116,29 @@ def time_call(
 ) -> dict[str, float | int]:
     """Median time of ``fn()`` in milliseconds after ``warmup`` calls.
 
-    CUDA events on a GPU, ``time.perf_counter`` on a CPU. ``max_seconds`` stops repeating early (after at
-    least three timed calls) so that one slow cell cannot hold up a run; the number of timed calls is returned.
+    CUDA events on a GPU, ``time.perf_counter`` on a CPU. On a CPU the median process CPU time is returned too
+    (``cpu_median_ms``): on a machine shared with other jobs it is far less disturbed by their load than the wall
+    clock (it counts this process's threads only, so it equals the work done, not the latency, with several
+    threads). ``max_seconds`` stops repeating early (after at least three timed calls) so that one slow cell cannot
+    hold up a run; the number of timed calls is returned.
     """
     device = torch.device(device)
     for _ in range(warmup):
         fn()
     synchronize(device)
     times: list[float] = []
+    cpu_times: list[float] = []
     start_all = time.perf_counter()
     for _ in range(reps):
+        cpu_start = time.process_time()
         times.append(_time_once(fn, device))
+        cpu_times.append((time.process_time() - cpu_start) * 1e3)
         if max_seconds is not None and len(times) >= 3 and time.perf_counter() - start_all > max_seconds:
             break
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "reps": len(times)}
+    out: dict[str, float | int] = {"median_ms": statistics.median(times), "min_ms": min(times), "reps": len(times)}
+    if device.type != "cuda":
+        out["cpu_median_ms"] = statistics.median(cpu_times)
+    return out
 
 
 def _time_once(fn: Callable[[], Any], device: torch.device) -> float:
@@ -146,23 +155,30 @@ def _time_once(fn: Callable[[], Any], device: torch.device) -> float:
 
 
 def copy_bandwidth(device: torch.device | str, nbytes: int | None = None, reps: int = 10) -> dict[str, float]:
-    """Device copy bandwidth in GB/s from cloning a large float32 tensor (bytes read + bytes written per clone).
+    """Device copy bandwidth in GB/s (bytes read + bytes written) from copying a large float32 tensor.
 
+    Two measurements: ``clone_gb_per_s`` (a fresh output each time, as an op allocating its result does; on a CPU
+    this includes the page faults of new memory) and ``copy_gb_per_s`` (``copy_`` into a preallocated tensor).
+    ``gb_per_s`` is the faster of the two, so that a floor computed from it is a lower bound.
     Default size: 1 GiB on a GPU, 64 MiB on a CPU (beyond the caches).
     """
     device = torch.device(device)
     if nbytes is None:
         nbytes = 2**30 if device.type == "cuda" else 2**26
     numel = nbytes // 4
-    timing = _time_clone(numel, device, reps)
+    clone_ms, copy_ms = _time_copies(numel, device, reps)
     free_memory(device)
     moved = 2 * numel * 4
-    return {"gb_per_s": moved / (timing["median_ms"] * 1e-3) / 1e9, "bytes": float(nbytes), "ms": timing["median_ms"]}
+    clone, copy = moved / (clone_ms * 1e-3) / 1e9, moved / (copy_ms * 1e-3) / 1e9
+    return {"gb_per_s": max(clone, copy), "clone_gb_per_s": clone, "copy_gb_per_s": copy, "bytes": float(nbytes)}
 
 
-def _time_clone(numel: int, device: torch.device, reps: int) -> dict[str, float | int]:
+def _time_copies(numel: int, device: torch.device, reps: int) -> tuple[float, float]:
     src = torch.rand(numel, device=device)
-    return time_call(src.clone, device, warmup=2, reps=reps)
+    dst = torch.empty_like(src)
+    clone = time_call(src.clone, device, warmup=2, reps=reps)["median_ms"]
+    copy = time_call(lambda: dst.copy_(src), device, warmup=2, reps=reps)["median_ms"]
+    return clone, copy
 
 
 # ------------------------------------------------------------------------------------------------ peak memory
@@ -211,7 +227,6 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str) -> tuple[int,
     """``(bytes, method)``: extra memory at the peak of one call of ``fn`` (see the module docstring)."""
     device = torch.device(device)
     if device.type == "cuda":
-        free_memory(device)
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
@@ -255,6 +270,7 @@ def machine_info(device: torch.device | str) -> dict[str, Any]:
     device = torch.device(device)
     info: dict[str, Any] = {
         "cpu": cpu_model(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),

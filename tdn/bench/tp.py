@@ -144,10 +144,10 @@ def build_tdn(kind: str, weights: str, lmax: int, channels: int, paths: str) -> 
     tp = tdn_tp.build(kind, lmax=lmax, channels=channels, paths=paths, weights=weights)
     d_in, d_sh, _ = tp.dims
     info: dict[str, Any] = {}
-    for attr in ("rank", "fit_error"):
+    for attr, cast in (("rank", int), ("fit_error", float), ("factors_source", str)):
         value = getattr(tp, attr, None)
         if value is not None:
-            info[attr] = float(value) if attr == "fit_error" else int(value)
+            info[attr] = cast(value)
     if isinstance(tp, tdn_tp.base.FactorisedProduct):
         info["inner_width"] = int(tp.factors()[0].shape[1])  # R for cp, grid points Q for grid
     return Op(tp, ((channels, d_in), (d_sh,), (channels, tp.num_weights)), tp.num_paths, tp.num_weights, info)
@@ -501,6 +501,8 @@ def time_stage(stage: str, fn: Callable[[], None], cfg: BenchConfig, errors: dic
         return {}
     res: dict[str, Any] = {f"{stage}_ms": timing["median_ms"], f"{stage}_min_ms": timing["min_ms"],
                            f"{stage}_reps": timing["reps"]}
+    if "cpu_median_ms" in timing:
+        res[f"{stage}_cpu_ms"] = timing["cpu_median_ms"]
     if cfg.memory:
         peak, err = common.attempt(lambda: common.peak_memory(fn, cfg.device), cfg.device)
         if err:
@@ -519,7 +521,7 @@ def measure(variant: Variant, cell: Cell, cfg: BenchConfig, bandwidth: float | N
         row["errors"] = {"build": err}
         return row
     row.update({"num_paths": op.num_paths, "weights_per_channel": op.weights_per_channel})
-    row.update({k: v for k, v in op.info.items() if k in ("rank", "fit_error", "inner_width")})
+    row.update({k: v for k, v in op.info.items() if k in ("rank", "fit_error", "factors_source", "inner_width")})
     acc, err = common.attempt(lambda: accuracy(variant, cell.lmax, cfg, op), cfg.device)
     row.update(acc or {})
     errors = {"accuracy": err} if err else {}
@@ -538,12 +540,15 @@ def base_row(variant: Variant, cell: Cell) -> dict[str, Any]:
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> None:
-    """``speedup_{fwd,fwdbwd}``: the e3nn time of the same cell divided by the row's time."""
+    """``speedup_{fwd,fwdbwd}``: the e3nn time of the same cell divided by the row's time (``speedup_cpu_*``: the
+    same with process CPU times, CPU runs only)."""
     for row in rows:
-        ref = find_row(rows, row, source="e3nn")
+        ref = find_row(rows, row, source="e3nn") or {}
         for stage in ("fwd", "fwdbwd"):
-            t, t_ref = row.get(f"{stage}_ms"), (ref or {}).get(f"{stage}_ms")
-            row[f"speedup_{stage}"] = t_ref / t if t and t_ref else None
+            for key, out in ((f"{stage}_ms", f"speedup_{stage}"), (f"{stage}_cpu_ms", f"speedup_cpu_{stage}")):
+                t, t_ref = row.get(key), ref.get(key)
+                if t is not None or out.startswith("speedup_f"):
+                    row[out] = t_ref / t if t and t_ref else None
 
 
 def find_row(rows: list[dict[str, Any]], like: dict[str, Any], **match: Any) -> dict[str, Any] | None:
@@ -751,6 +756,14 @@ def summary_table(rows: list[dict[str, Any]], key: str) -> str:
     return common.markdown_table(["cell"] + names, body)
 
 
+def cpu_time_section(rows: list[dict[str, Any]]) -> list[str]:
+    """CPU runs: speed-ups from process CPU time, which other jobs on a shared machine disturb far less."""
+    if not any(r.get("speedup_cpu_fwdbwd") for r in rows):
+        return []
+    return ["## Speed-up vs e3nn by process CPU time, forward + backward (CPU run; robust to other load)", "",
+            summary_table(rows, "speedup_cpu_fwdbwd"), ""]
+
+
 def targets_section(targets: list[dict[str, Any]]) -> str:
     if not targets:
         return "No target applies to the cells of this run (cp/grid rows missing)."
@@ -763,12 +776,22 @@ def targets_section(targets: list[dict[str, Any]]) -> str:
     return common.markdown_table(["target", "cell", "measured", "status", "note"], body)
 
 
+def load_line(meta: dict[str, Any]) -> list[str]:
+    load = meta["machine"].get("load_average")
+    if not load or "gpu" in meta["machine"]:
+        return []
+    return [f"- load average at start (1/5/15 min): {' / '.join(f'{x:.1f}' for x in load)} "
+            f"on {meta['machine']['cpu_count']} logical CPUs (a shared machine: see the CPU-time table)"]
+
+
 def markdown_report(result: dict[str, Any], notes: Sequence[str] = ()) -> str:
     meta, rows = result["meta"], result["rows"]
     cfg = meta["config"]
     git = meta["git"]
     bandwidth = meta["copy_bandwidth"]
-    bw_text = f"{bandwidth['gb_per_s']:.1f} GB/s" if "gb_per_s" in bandwidth else f"error: {bandwidth.get('error')}"
+    bw_text = (f"{bandwidth['gb_per_s']:.1f} GB/s (clone {bandwidth['clone_gb_per_s']:.1f}, copy_ into a preallocated "
+               f"tensor {bandwidth['copy_gb_per_s']:.1f}; the faster sets the floor)" if "gb_per_s" in bandwidth
+               else f"error: {bandwidth.get('error')}")
     versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)
     memory_method = next((r["memory_method"] for r in rows if r.get("memory_method")), "not measured")
     lines = [
@@ -781,6 +804,7 @@ def markdown_report(result: dict[str, Any], notes: Sequence[str] = ()) -> str:
         f"- backends registered: {', '.join(meta['backends_registered'])}; cuEquivariance: {meta['cueq_status']}",
         f"- timing: {meta['timing']}; warm-up {cfg['warmup']}, reps {cfg['reps']} (max {cfg['max_seconds']} s)",
         f"- peak memory: {memory_method}",
+        *load_line(meta),
         f"- copy bandwidth (clone of {common.fmt_bytes(bandwidth.get('bytes'))}): {bw_text}",
         *[f"- {n}" for n in notes],
         "",
@@ -792,6 +816,7 @@ def markdown_report(result: dict[str, Any], notes: Sequence[str] = ()) -> str:
         "",
         summary_table(rows, "speedup_fwd"),
         "",
+        *cpu_time_section(rows),
         "## Targets (issue A)",
         "",
         targets_section(result.get("targets", [])),
@@ -821,7 +846,8 @@ COLUMN_NOTES = (
     "fix the ratios between paths (CG or Gaunt), and any part outside every 3j block is the non-CG residual.",
     "rank / width: cp's CP rank R and fit error of M; Q: the grid's number of quadrature points (its inner width).",
     "I/O floor: bytes an ideal fused kernel must move (inputs, output, and tables/factors; for fwd+bwd also the "
-    "output gradient, the inputs again and one gradient per input) / the measured copy bandwidth.",
+    "output gradient, the inputs again and one gradient per input) / the measured copy bandwidth. A DRAM floor: "
+    "where the operands fit in the CPU's last-level cache (small E) a time can beat it.",
     "peak mem: extra memory at the peak of one call (method above). Errors (OOM, failures) are recorded per cell.",
 )
 

@@ -90,7 +90,8 @@ class AtomsDataset(Sequence):
         if not 0 <= index < n:
             raise IndexError(f"{self.path}: index {index} out of range for {n} records")
         try:
-            atoms = self._load(index)
+            with decoding():  # whatever fails while turning the bytes into Atoms makes the record corrupt
+                atoms = self._load(index)
             validate_atoms(atoms, self.require)
         except RecordProblem as problem:
             # A refused pickle is a trust decision about the whole file, never a record to skip.

@@ -156,6 +156,23 @@ class TDNModel(nn.Module):
         c.dtype = str(self.dtype).removeprefix("torch.")
         return c
 
+    def compile_energy(self, **options: Any) -> TDNModel:
+        """``torch.compile`` the energy network (:meth:`node_energies`, tensors in and out) in place; returns self.
+
+        Forces and stress still come from ``torch.autograd.grad`` in :meth:`forward`, which runs the compiled
+        backward that AOTAutograd generated with the forward. Options go to ``torch.compile``
+        (default ``dynamic=True``: atom and edge counts change every step).
+
+        Inference only: AOTAutograd's compiled backward cannot itself be differentiated, so a training step with
+        a force or stress loss (``create_graph=True``, i.e. train mode) raises "torch.compile with aot_autograd
+        does not currently support double backward". An energy-only loss does train. The whole forward
+        (with the ``autograd.grad`` call) is not compiled: Dynamo breaks the graph at ``torch.autograd.grad``
+        (and at the unknown-element check, which reads a value back to Python).
+        """
+        options.setdefault("dynamic", True)
+        self.node_energies = torch.compile(self.node_energies, **options)  # instance attribute shadows the method
+        return self
+
     # ----------------------------------------------------------------------------------------------- energy
     def node_energies(
         self,

@@ -73,9 +73,6 @@ class PotentialModule(L.LightningModule):
         self.test_results: dict[str, float] = {}
         self._plateau: tuple[torch.optim.lr_scheduler.ReduceLROnPlateau, str] | None = None
         self._plateau_state: dict[str, Any] | None = None
-        if self.ema is not None:  # the average is identical on every rank: keep DDP from broadcasting it
-            names = [n for n, _ in self.named_buffers()] + [n for n, _ in self.named_parameters()]
-            self._ddp_params_and_buffers_to_ignore = [n for n in names if n.startswith("ema.")]
 
     # ------------------------------------------------------------------------------------------------ helpers
     @property

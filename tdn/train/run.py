@@ -168,6 +168,8 @@ def train(cfg: DictConfig, output_dir: str | Path) -> RunResult:
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     datamodule = build_datamodule(_container(cfg, "data"), stats_file=output_dir / "statistics.json")
+    if not datamodule.has_split("val"):
+        raise ConfigError("training needs a validation split: give data.val=... or data.val_size > 0")
     stats = datamodule.statistics()  # reads the training split: data errors surface here, naming file and record
     model = build_model(cfg, datamodule)
     check_elements(datamodule, model.config.elements, stats)
