@@ -21,23 +21,21 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICK_LIMIT_S = 60.0
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, float]:
-    out = tmp_path_factory.mktemp("bench_tp")
+def test_quick_run(tmp_path: Path) -> None:
+    """One real ``--quick`` run (a single test, so that pytest-xdist does not run it once per worker)."""
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_tp.py"), "--quick", "--device", "cpu",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((out / "tp_cpu_quick.json").read_text()), out, elapsed
+    result = json.loads((tmp_path / "tp_cpu_quick.json").read_text())
+    check_files_and_metadata(result, tmp_path)
+    check_every_registered_backend(result)
+    check_fields_are_sane(result)
+    assert elapsed < QUICK_LIMIT_S, f"--quick took {elapsed:.0f} s (limit {QUICK_LIMIT_S:.0f} s)"
 
 
-def test_quick_run_is_quick(quick_run: tuple[dict, Path, float]) -> None:
-    assert quick_run[2] < QUICK_LIMIT_S, f"--quick took {quick_run[2]:.0f} s (limit {QUICK_LIMIT_S:.0f} s)"
-
-
-def test_quick_run_writes_files_and_metadata(quick_run: tuple[dict, Path, float]) -> None:
-    result, out, _ = quick_run
+def check_files_and_metadata(result: dict, out: Path) -> None:
     assert (out / "tp_cpu_quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "tp_cpu_quick.md").read_text()
     assert "machine: CPU" in markdown and "commit" in markdown and "Targets" in markdown
@@ -48,8 +46,7 @@ def test_quick_run_writes_files_and_metadata(quick_run: tuple[dict, Path, float]
     assert "cuequivariance" in meta["cueq_status"].lower() or meta["cueq_status"] == "measured"
 
 
-def test_quick_run_covers_every_registered_backend(quick_run: tuple[dict, Path, float]) -> None:
-    result = quick_run[0]
+def check_every_registered_backend(result: dict) -> None:
     rows = result["rows"]
     assert {r["kind"] for r in rows if r["source"] == "tdn"} == set(tdn.tp.BACKENDS)
     assert sorted(result["meta"]["backends_registered"]) == sorted(tdn.tp.BACKENDS)
@@ -61,8 +58,8 @@ def test_quick_run_covers_every_registered_backend(quick_run: tuple[dict, Path, 
     assert len(shared_cg) == len(cells), "the exact path-shared column must be there"
 
 
-def test_quick_run_fields_are_sane(quick_run: tuple[dict, Path, float]) -> None:
-    for row in quick_run[0]["rows"]:
+def check_fields_are_sane(result: dict) -> None:
+    for row in result["rows"]:
         name = f"{row['variant']} L={row['lmax']}"
         assert not row.get("errors"), f"{name}: {row.get('errors')}"
         for key in ("fwd_ms", "fwdbwd_ms", "speedup_fwd", "speedup_fwdbwd", "floor_fwd_ms", "floor_fwdbwd_ms"):

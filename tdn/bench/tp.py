@@ -699,7 +699,8 @@ def write_plot(result: dict[str, Any], path: Path) -> Path:
     meta = result["meta"]
     fixed = [f"C={cells[0].channels}"] if len({c.channels for c in cells}) == 1 else []
     fixed += [f"E={cells[0].edges}"] if len({c.edges for c in cells}) == 1 else []
-    title = f"tensor products, {meta['config']['dtype']}, {', '.join(fixed)} — {common.machine_line(meta)}"
+    title = (f"tensor products, {meta['config']['dtype']}, {', '.join(fixed)} — {common.machine_line(meta)}\n"
+             f"{meta['date']}, commit {meta['git']['commit'][:10]}")
     return common.line_plot(path, cell_labels(cells), panels, ylabel="time (ms)", title=title)
 
 
@@ -857,8 +858,9 @@ def write_outputs(result: dict[str, Any], out_dir: Path, name: str, notes: Seque
     notes = list(notes) + [f"accuracy size: E={cfg['accuracy_edges']}, C={cfg['accuracy_channels']} "
                            "(the maps are channel-wise, so errors do not depend on C)"]
     if torch.device(cfg["device"]).type != "cuda":
+        why = "" if torch.cuda.is_available() else " (no GPU was available to this run)"
         notes.append("CPU run: GPU figures (E = 100,000, the (L, C) pairs of ../shared/BENCHMARKS.md) are still to be "
-                     "measured with `--device cuda`.")
+                     f"measured with `--device cuda`{why}; the targets below are GPU targets.")
     paths = {"json": common.write_json(out_dir / f"{name}.json", result),
              "md": common.write_text(out_dir / f"{name}.md", markdown_report(result, notes))}
     plot, err = common.attempt(lambda: write_plot(result, out_dir / f"{name}.png"), "cpu")

@@ -12,13 +12,14 @@ Run ``python -m tdn.nn.product_fit`` to regenerate the shipped CP directions in 
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from ..o3 import check_path_set, dim, sphere_grid, spherical_harmonics
 Multiset = tuple[int, ...]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _w3j(l1: int, l2: int, l3: int) -> torch.Tensor:
     """The Wigner-3j block ``(l1, l2, l3)`` as ``[2l3+1, 2l1+1, 2l2+1]`` (float64, unit Frobenius norm).
 
@@ -72,7 +73,7 @@ def _slot_permutations(degrees: Multiset) -> list[tuple[int, ...]]:
                                                                           zip(p, range(len(degrees))))]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _multiset_basis(degrees: Multiset, L: int) -> torch.Tensor:
     """Orthonormal basis ``[eta, 2L+1, 2l1+1, ..., 2lnu+1]`` of the equivariant maps on ``V_l1 ⊗ ... ⊗ V_lnu``
     that are symmetric under exchanging slots of equal degree (``degrees`` sorted).
@@ -85,15 +86,22 @@ def _multiset_basis(degrees: Multiset, L: int) -> torch.Tensor:
     if not trees:
         return torch.zeros(0, *shape, dtype=torch.float64)
     perms = _slot_permutations(degrees)
-    sym = []
+    kept: list[torch.Tensor] = []
     for tree in trees:
-        sym.append(sum(tree.permute(0, *(1 + i for i in p)) for p in perms) / len(perms))
-    mat = torch.stack(sym).reshape(len(sym), -1)  # [trees, (2L+1) prod(2l+1)]
-    _, s, vh = torch.linalg.svd(mat, full_matrices=False)
-    keep = s > 0.5
-    if bool(((s > 1e-8) & ~keep).any()):  # pragma: no cover - would mean the trees were not orthonormal
-        raise RuntimeError(f"coupling trees of {degrees} -> {L} are not orthonormal: singular values {s.tolist()}")
-    return vh[keep].reshape(-1, *shape)
+        v = (sum(tree.permute(0, *(1 + i for i in p)) for p in perms) / len(perms)).reshape(-1)
+        for _ in range(2):  # Gram–Schmidt, twice for orthogonality to round-off
+            for b in kept:
+                v = v - (b @ v) * b
+        norm = float(v.norm())
+        _RESIDUALS.append(norm)
+        if norm > 1e-6:
+            kept.append(v / norm)
+    if not kept:
+        return torch.zeros(0, *shape, dtype=torch.float64)
+    return torch.stack(kept).reshape(-1, *shape)
+
+
+_RESIDUALS: list[float] = []
 
 
 def multisets(nu: int, lmax_in: int, L: int, paths: str) -> list[Multiset]:
@@ -117,7 +125,7 @@ def _arrangements(degrees: Multiset) -> list[tuple[int, ...]]:
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def _coupling_basis(nu: int, lmax_in: int, L: int, paths: str) -> torch.Tensor:
     d = dim(lmax_in)
     parts = []
@@ -184,7 +192,7 @@ def _ridge(gram: torch.Tensor) -> torch.Tensor:
     return 1e-12 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _symmetric_index(nu: int, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sorted index tuples ``i1 <= ... <= inu`` ``[M, nu]``, their flat index in ``D^nu`` ``[M]`` and
     ``sqrt(multiplicity)`` ``[M]``: a symmetric tensor's Frobenius norm is that of its ``M`` weighted entries."""
@@ -318,33 +326,232 @@ def monomial_directions(target: torch.Tensor, nu: int, seed: int = 0) -> torch.T
 
 
 def compress_symmetric_cp(
-    target: torch.Tensor, nu: int, tol: float = 1e-4, seed: int = 0, max_iter: int = 1500, max_fits: int = 12,
+    target: torch.Tensor, nu: int, tol: float = 1e-4, seed: int = 0, trials: int = 4, max_iter: int = 1000,
     verbose: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The symmetric CP of ``target`` with (about) the smallest rank whose relative error is ``<= tol``.
+    """A symmetric CP of ``target`` with a small rank whose relative error is ``<= tol``.
 
-    Starts from the exact :func:`monomial_directions` (rank ``R_s``) and bisects the rank between the lower bound
-    ``K`` (the rows are linearly independent) and the smallest rank found so far: a trial rank ``R`` starts from
-    the ``R`` columns of the best solution with the largest contribution ``|a_r| |b_r|^nu`` and is refitted by
-    :func:`fit_symmetric_cp`. The search is a heuristic (the problem is non-convex); it never returns an error
-    above ``tol``. Returns ``(B [D, R], a [K, R], error)``.
+    Starts from the exact :func:`monomial_directions` (rank ``R_s``, error ~1e-13) and walks the rank down in steps
+    of ~3%: a trial rank ``R`` keeps the ``R`` columns of the best solution with the largest contribution
+    ``|a_r| |b_r|^nu`` and is refitted by :func:`fit_symmetric_cp`; the walk stops at the first failure or after
+    ``trials`` fits. The problem is non-convex, so this is the smallest rank *found*, never one above ``tol``.
+    (Measured: random starts need more terms than ``R_s`` for the same error, and the walk removes at most a
+    few percent of it.) Returns ``(B [D, R], a [K, R], error)``.
     """
     with _one_thread():
         best = monomial_directions(target, nu, seed)
         a, err = cp_coefficients(target, best, nu)
-        lo, hi = target.shape[0], best.shape[1]
-        fits = 0
-        while lo < hi and fits < max_fits:
-            rank = (lo + hi) // 2
+        for _ in range(trials):
+            rank = best.shape[1] - max(1, round(0.03 * best.shape[1]))
+            if rank < target.shape[0]:  # the K rows are linearly independent: no fewer terms can work
+                break
             order = (a.norm(dim=0) * best.norm(dim=0) ** nu).argsort(descending=True)
             trial, trial_a, trial_err = _fit_symmetric_cp(
                 target, nu, rank, seed, 0.9 * tol, max_iter, best[:, order[:rank]], 0.98
             )
-            fits += 1
             if verbose:
                 print(f"  nu={nu} rank {rank}: error {trial_err:.2e}", flush=True)
-            if trial_err <= tol:
-                hi, best, a, err = rank, trial, trial_a, trial_err
-            else:
-                lo = rank + 1
+            if trial_err > tol:
+                break
+            best, a, err = trial, trial_a, trial_err
         return best, a, err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cached symmetric CP factors: memory, shipped package data, user cache directory
+# ---------------------------------------------------------------------------------------------------------------
+
+FORMAT_VERSION = 1
+SHIPPED_DIR = Path(__file__).with_name("product_factors")
+
+
+@dataclass(frozen=True)
+class CPFactors:
+    """Symmetric CP of the stacked ``U^nu`` (rows ``(L, eta, M)``): ``U^nu ≈ coefficients @ Phi(directions)^T``."""
+
+    directions: torch.Tensor  # [D, R] float64, columns b_r
+    coefficients: torch.Tensor  # [K, R] float64, a[(L, eta, M), r]
+    error: float  # relative Frobenius error of the stacked U^nu
+    source: str  # "shipped", "cache", "fit"
+
+    @property
+    def rank(self) -> int:
+        return self.directions.shape[1]
+
+
+def cache_dir() -> Path:
+    """``$TDN_CACHE_DIR`` or ``~/.cache/tdn``; CP fits go to its ``product_cp/`` subfolder."""
+    return Path(os.environ.get("TDN_CACHE_DIR") or Path.home() / ".cache" / "tdn")
+
+
+def factor_filename(nu: int, lmax_in: int, lmax_out: int, paths: str, tol: float, rank: int | None,
+                    seed: int) -> str:
+    target = f"rank{rank}" if rank is not None else f"tol{tol:.0e}"
+    return f"cp_{paths}_in{lmax_in}_out{lmax_out}_nu{nu}_{target}_seed{seed}.npz"
+
+
+_CP_CACHE: dict[tuple, CPFactors] = {}
+
+
+def symmetric_cp(
+    nu: int, lmax_in: int, lmax_out: int, paths: str = "o3", tol: float = 1e-4, rank: int | None = None,
+    seed: int = 0, trials: int = 4,
+) -> CPFactors:
+    """The symmetric CP of the stacked ``U^nu`` for ``L = 0..lmax_out``: cached in memory, then looked up in the
+    shipped ``product_factors/`` and in :func:`cache_dir`, else fitted (:func:`compress_symmetric_cp` for a
+    tolerance, :func:`fit_symmetric_cp` for a fixed ``rank``) and saved to the cache directory.
+
+    Files store only the directions ``B``; the coefficients are re-solved on load (one least-squares problem), so
+    a file stays valid for any orthonormal basis of the same span and is rejected (and refitted) if its error no
+    longer meets the tolerance.
+    """
+    key = (nu, lmax_in, lmax_out, paths, float(tol), rank, seed)
+    if key in _CP_CACHE:
+        return _CP_CACHE[key]
+    if nu < 2:
+        raise ValueError(f"the symmetric CP is fitted for nu >= 2, got nu={nu}")
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    target, _ = stacked_basis(nu, lmax_in, lmax_out, paths)
+    name = factor_filename(nu, lmax_in, lmax_out, paths, tol, rank, seed)
+    found = None
+    for source, folder in (("shipped", SHIPPED_DIR), ("cache", cache_dir() / "product_cp")):
+        found = _load(folder / name, target, nu, tol, rank, source)
+        if found is not None:
+            break
+    if found is None:
+        with _one_thread():
+            if rank is None:
+                b, a, err = compress_symmetric_cp(target, nu, tol=tol, seed=seed, trials=trials)
+            else:
+                start = monomial_directions(target, nu, seed)
+                if rank < start.shape[1]:
+                    a0, _ = cp_coefficients(target, start, nu)
+                    order = (a0.norm(dim=0) * start.norm(dim=0) ** nu).argsort(descending=True)
+                    start = start[:, order[:rank]]
+                b, a, err = _fit_symmetric_cp(target, nu, rank, seed, 0.0, 3000, start, 0.999)
+        found = CPFactors(b, a, err, "fit")
+        _save(cache_dir() / "product_cp" / name, found, nu, lmax_in, lmax_out, paths, tol, rank, seed)
+    _CP_CACHE[key] = found
+    return found
+
+
+def _load(path: Path, target: torch.Tensor, nu: int, tol: float, rank: int | None, source: str) -> CPFactors | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as data:
+            if int(data["format_version"]) != FORMAT_VERSION:
+                return None
+            directions = torch.from_numpy(np.array(data["directions"], dtype=np.float64))
+            stored_error = float(data["error"])
+    except (OSError, KeyError, ValueError):  # unreadable or foreign file: refit
+        return None
+    if directions.dim() != 2 or directions.shape[0] ** nu != target.shape[1]:
+        return None
+    if rank is not None and directions.shape[1] != rank:
+        return None
+    with _one_thread():
+        coefficients, error = cp_coefficients(target, directions, nu)
+    limit = (1.01 * stored_error + 1e-12) if rank is not None else max(tol, 1.01 * stored_error + 1e-12)
+    if error > limit:
+        return None
+    return CPFactors(directions, coefficients, error, source)
+
+
+def _save(path: Path, factors: CPFactors, nu: int, lmax_in: int, lmax_out: int, paths: str, tol: float,
+          rank: int | None, seed: int) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(
+            tmp, format_version=FORMAT_VERSION, directions=factors.directions.numpy(), error=factors.error,
+            nu=nu, lmax_in=lmax_in, lmax_out=lmax_out, paths=paths, tol=tol, rank=-1 if rank is None else rank,
+            seed=seed,
+        )
+        os.replace(tmp, path)  # atomic: concurrent processes never read a half-written file
+    except OSError as exc:  # a read-only home is not an error, only slower next time
+        warnings.warn(f"could not cache the CP factors in {path}: {exc}", stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output variance for unit-variance Gaussian inputs (weight normalisation)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _isserlis(nu: int) -> list[tuple[int, int]]:
+    """``(k, count)``: the pairings of two copies of ``nu`` slots with ``k`` pairs across the copies number
+    ``C(nu, k)^2 k! ((nu - k - 1)!!)^2``; the other ``(nu - k) / 2`` pairs of each copy are internal."""
+
+    def double_factorial(n: int) -> int:
+        return math.prod(range(n, 0, -2)) if n > 0 else 1
+
+    return [(k, math.comb(nu, k) ** 2 * math.factorial(k) * double_factorial(nu - k - 1) ** 2)
+            for k in range(nu % 2, nu + 1, 2)]
+
+
+def gaussian_second_moment(rows: torch.Tensor, nu: int) -> torch.Tensor:
+    """``E[(T_k(A, ..., A))^2]`` for symmetric rows ``T_k`` ``[K, D^nu]`` and ``A ~ N(0, I_D)`` -> ``[K]``.
+
+    Isserlis' theorem: ``sum_k count(k) ||tr^{(nu-k)/2} T||^2``, where ``tr`` contracts two slots with the
+    identity (internal pairs) and ``k`` slots are paired across the two copies.
+    """
+    d = round(rows.shape[1] ** (1 / nu)) if nu > 0 else 1
+    out = torch.zeros(rows.shape[0], dtype=torch.float64)
+    traced = rows.to(torch.float64)
+    for k, count in sorted(_isserlis(nu), reverse=True):  # k = nu, nu - 2, ...: one more trace each step
+        out += count * (traced**2).sum(1)
+        if k >= 2:
+            traced = traced.reshape(rows.shape[0], -1, d, d).diagonal(dim1=2, dim2=3).sum(-1)
+    return out
+
+
+@cache
+def power_second_moment(nu: int, lmax_in: int, lmax_out: int) -> torch.Tensor:
+    """``E[((f^nu)_{LM})^2]`` ``[(lmax_out+1)^2]`` for the sphere function ``f = A . Y`` with ``A ~ N(0, I_D)``.
+
+    ``f`` is a Gaussian field with variance ``D`` and covariance ``kappa(r, s) = Y(r) . Y(s)``, so
+    ``E[f(r)^nu f(s)^nu] = sum_k count(k) kappa^k D^(nu-k)`` (same pairings as :func:`gaussian_second_moment`),
+    integrated against ``Y_LM(r) Y_LM(s)`` with a quadrature exact for the band limit ``nu lmax_in + lmax_out``.
+    """
+    points, weights = sphere_grid(nu * lmax_in + lmax_out)
+    y_in = spherical_harmonics(lmax_in, points)  # [Q, D]
+    project = weights[:, None] * spherical_harmonics(lmax_out, points)  # [Q, D_out]
+    kappa = y_in @ y_in.T  # [Q, Q]
+    d = dim(lmax_in)
+    kernel = sum(count * kappa**k * float(d) ** (nu - k) for k, count in _isserlis(nu))
+    return torch.einsum("qm,qp,pm->m", project, kernel, project)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Regenerating the shipped factors
+# ---------------------------------------------------------------------------------------------------------------
+
+SHIPPED_COMBOS = [
+    (nu, lmax_in, lmax_out, paths)
+    for paths in ("o3", "so3")
+    for lmax_in in (1, 2, 3)
+    for lmax_out in (0, 1)
+    for nu in range(2, (4 if lmax_in <= 2 else 3) + 1)
+]
+
+
+def ship(out_dir: Path = SHIPPED_DIR, tol: float = 1e-4, seed: int = 0, trials: int = 8) -> None:
+    """Fit every combination of :data:`SHIPPED_COMBOS` (MACE-medium: ``lmax_in=3, lmax_out<=1, nu<=3``; the
+    defaults and test sizes) and write the directions to ``out_dir``."""
+    import time
+
+    for nu, lmax_in, lmax_out, paths in SHIPPED_COMBOS:
+        name = factor_filename(nu, lmax_in, lmax_out, paths, tol, None, seed)
+        target, _ = stacked_basis(nu, lmax_in, lmax_out, paths)
+        if _load(out_dir / name, target, nu, tol, None, "shipped") is not None:
+            continue
+        start = time.perf_counter()
+        b, a, err = compress_symmetric_cp(target, nu, tol=tol, seed=seed, trials=trials)
+        _save(out_dir / name, CPFactors(b, a, err, "fit"), nu, lmax_in, lmax_out, paths, tol, None, seed)
+        print(f"{name}: K={target.shape[0]} rank={b.shape[1]} error={err:.2e} ({time.perf_counter() - start:.0f} s)",
+              flush=True)
+
+
+if __name__ == "__main__":
+    ship()

@@ -1,0 +1,275 @@
+"""The product basis (MACE's symmetric contraction) for every backend, in float64."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from tdn.nn import product_fit
+from tdn.nn.product import ProductBasis
+from tdn.nn.product_fit import coupling_basis, symmetric_cp
+from tdn.o3 import degree_slice, dim, equivariance_error, gaunt_tensor, path_blocks, random_rotation, wigner_D
+
+
+@pytest.fixture(autouse=True)
+def float64(tmp_path, monkeypatch):
+    """float64 throughout; CP fits not shipped with the package are cached in a temporary directory."""
+    monkeypatch.setenv("TDN_CACHE_DIR", str(tmp_path / "cache"))
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(old)
+
+
+def rotate(u: torch.Tensor, d_in: torch.Tensor, d_out: torch.Tensor) -> torch.Tensor:
+    """``U(D^T ., ..., D^T .)`` mapped back by ``D_L``: equals ``u`` for an equivariant ``u [eta, 2L+1, D, ...]``."""
+    nu = u.dim() - 2
+    out = torch.einsum("mn,en...->em...", d_out.T, u)
+    for slot in range(nu):
+        out = torch.movedim(torch.tensordot(out, d_in, dims=([2 + slot], [0])), -1, 2 + slot)
+    return out
+
+
+def apply_basis(u: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Brute force ``U_eta(a, ..., a)``: ``u [eta, 2L+1, D, ..., D]``, ``a [N, C, D]`` -> ``[N, C, eta, 2L+1]``."""
+    x = u.unsqueeze(0).unsqueeze(0).expand(*a.shape[:2], *u.shape)
+    for _ in range(u.dim() - 2):
+        x = torch.einsum("ncem...d,ncd->ncem...", x, a)
+    return x
+
+
+def brute_force(module: ProductBasis, a: torch.Tensor, element_index: torch.Tensor) -> torch.Tensor:
+    """The product basis written out term by term from the ``U`` tensors (the definition)."""
+    weight = (module.weight * module.weight_scale)[element_index]  # [N, C, P]
+    out = a.new_zeros(a.shape[0], a.shape[1], dim(module.lmax_out))
+    for p, (nu, L, eta) in enumerate(module.weight_keys):
+        if nu == 1:
+            term = a[:, :, degree_slice(L)]
+        else:
+            term = apply_basis(coupling_basis(nu, module.lmax_in, L, module.paths)[eta : eta + 1], a)[:, :, 0]
+        out[:, :, degree_slice(L)] += weight[:, :, p : p + 1] * term
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- the U basis
+
+
+@pytest.mark.parametrize("paths", ["o3", "so3"])
+@pytest.mark.parametrize("nu,lmax_in", [(1, 2), (2, 2), (3, 2), (4, 1)])
+def test_basis_orthonormal_symmetric_equivariant(nu, lmax_in, paths):
+    rotation = random_rotation()
+    d_in = wigner_D(lmax_in, -rotation if paths == "o3" else rotation)  # inversion too for natural parity
+    for L in range(3):
+        u = coupling_basis(nu, lmax_in, L, paths)  # [eta, 2L+1, D, ..., D]
+        flat = u.reshape(u.shape[0], -1)
+        assert torch.allclose(flat @ flat.T, torch.eye(u.shape[0]), atol=1e-12)
+        for perm in itertools.permutations(range(nu)):
+            assert torch.allclose(u.permute(0, 1, *(2 + p for p in perm)), u, atol=1e-13)
+        d_out = wigner_D(L, -rotation if paths == "o3" else rotation)[degree_slice(L), degree_slice(L)]
+        assert torch.allclose(rotate(u, d_in, d_out), u, atol=1e-12)
+
+
+def test_basis_sizes():
+    # lmax_in = 3 -> lmax_out = 1 (MACE-medium): eta per (nu, L)
+    sizes = {(nu, L): coupling_basis(nu, 3, L, "o3").shape[0] for nu in (1, 2, 3) for L in (0, 1)}
+    assert sizes == {(1, 0): 1, (1, 1): 1, (2, 0): 4, (2, 1): 3, (3, 0): 8, (3, 1): 12}
+    assert [coupling_basis(3, 3, L, "so3").shape[0] for L in (0, 1)] == [8, 16]
+
+
+@pytest.mark.parametrize("paths", ["o3", "so3"])
+def test_nu2_basis_spans_the_symmetrised_cg_paths(paths):
+    """Brute force for nu = 2: every CG coupling A ⊗ A -> L (tdn.o3 path blocks), symmetrised, lies in the span of
+    U^{2,L}, and together they span it."""
+    lmax_in, lmax_out = 3, 2
+    d = dim(lmax_in)
+    for L in range(lmax_out + 1):
+        u = coupling_basis(2, lmax_in, L, paths).reshape(-1, (2 * L + 1) * d * d)
+        couplings = []
+        for (l1, l2, l3), block in path_blocks(lmax_in, lmax_in, lmax_out, paths):
+            if l3 != L:
+                continue
+            t = torch.zeros(2 * L + 1, d, d)
+            t[:, degree_slice(l1), degree_slice(l2)] = block
+            couplings.append((t + t.transpose(1, 2)).reshape(-1))
+        c = torch.stack(couplings)
+        residual = c - (c @ u.T) @ u
+        assert residual.abs().max() < 1e-12
+        assert torch.linalg.matrix_rank(c, atol=1e-10) == u.shape[0]
+
+
+# ----------------------------------------------------------------------------------------------- cg
+
+
+@pytest.mark.parametrize("paths", ["o3", "so3"])
+@pytest.mark.parametrize("correlation,lmax_in,lmax_out", [(1, 2, 2), (2, 2, 1), (3, 2, 1), (3, 3, 1), (4, 1, 1)])
+def test_cg_equivariant(correlation, lmax_in, lmax_out, paths):
+    module = ProductBasis("cg", lmax_in, lmax_out, 3, correlation, 2, paths=paths)
+    a, z = torch.randn(5, 3, dim(lmax_in)), torch.tensor([0, 1, 1, 0, 1])
+    rotation = random_rotation()
+    assert equivariance_error(lambda x: module(x, z), [a], [lmax_in], lmax_out, rotation) < 1e-12
+    if paths == "o3":
+        assert equivariance_error(lambda x: module(x, z), [a], [lmax_in], lmax_out, -rotation) < 1e-12
+
+
+@pytest.mark.parametrize("correlation,lmax_in,lmax_out,paths", [(3, 2, 1, "o3"), (4, 1, 1, "so3"), (2, 3, 2, "o3")])
+def test_cg_matches_brute_force(correlation, lmax_in, lmax_out, paths):
+    module = ProductBasis("cg", lmax_in, lmax_out, 2, correlation, 3, paths=paths)
+    a, z = torch.randn(6, 2, dim(lmax_in)), torch.tensor([2, 0, 1, 2, 2, 0])
+    torch.testing.assert_close(module(a, z), brute_force(module, a, z), rtol=1e-11, atol=1e-11)
+
+
+def test_unit_variance_at_init():
+    a, z = torch.randn(400, 64, dim(2)), torch.randint(0, 2, (400,))
+    for kind in ("cg", "grid"):
+        out = ProductBasis(kind, 2, 1, 64, 3, 2)(a, z)
+        for L in range(2):
+            assert 0.7 < out[:, :, degree_slice(L)].var().item() < 1.4, (kind, L)
+
+
+# ----------------------------------------------------------------------------------------------- cp
+
+
+@pytest.mark.parametrize("correlation,lmax_in,lmax_out,paths", [(3, 2, 1, "o3"), (4, 1, 1, "o3"), (3, 1, 1, "so3")])
+def test_cp_matches_cg_with_same_weights(correlation, lmax_in, lmax_out, paths):
+    cg = ProductBasis("cg", lmax_in, lmax_out, 4, correlation, 2, paths=paths)
+    cp = ProductBasis("cp", lmax_in, lmax_out, 4, correlation, 2, paths=paths)
+    assert cp.weight_keys == cg.weight_keys
+    torch.testing.assert_close(cp.weight_scale, cg.weight_scale)
+    cp.weight.data.copy_(cg.weight.data)
+    assert set(cp.fit_errors) == set(range(2, correlation + 1))
+    assert all(0 <= err <= 1e-4 for err in cp.fit_errors.values())
+    a, z = torch.randn(50, 4, dim(lmax_in)), torch.randint(0, 2, (50,))
+    expected = cg(a, z)
+    # U^nu is approximated to relative error <= 1e-4, so the output to about that times its scale
+    assert (cp(a, z) - expected).abs().max() < 2e-3 * expected.abs().max()
+    assert equivariance_error(lambda x: cp(x, z), [a], [lmax_in], lmax_out) < 2e-3
+
+
+def test_cp_rank_option_and_disk_cache(tmp_path):
+    factors = symmetric_cp(2, 1, 1, "o3", rank=6)
+    assert factors.rank == 6 and factors.source == "fit"
+    assert (tmp_path / "cache" / "product_cp").is_dir()
+    module = ProductBasis("cp", 1, 1, 2, 2, 1, rank={2: 6})
+    assert module.ranks == {2: 6} and module.fit_errors[2] == pytest.approx(factors.error)
+    product_fit._CP_CACHE.clear()
+    assert symmetric_cp(2, 1, 1, "o3", rank=6).source == "cache"
+
+
+def test_cp_shipped_factors_for_mace_medium():
+    for nu in (2, 3):
+        factors = symmetric_cp(nu, 3, 1, "o3")
+        assert factors.source == "shipped"
+        assert factors.error <= 1e-4
+
+
+# ----------------------------------------------------------------------------------------------- gaunt / grid
+
+
+def test_gaunt_equals_grid():
+    grid = ProductBasis("grid", 2, 2, 3, 4, 2)
+    gaunt = ProductBasis("gaunt", 2, 2, 3, 4, 2)
+    gaunt.load_state_dict(grid.state_dict())
+    a, z = torch.randn(7, 3, dim(2)), torch.randint(0, 2, (7,))
+    torch.testing.assert_close(gaunt(a, z), grid(a, z), rtol=0, atol=0)
+
+
+def test_grid_matches_gaunt_tensor_powers():
+    """(f^2)_k = G[k] : A A and (f^3)_k = G[k] : (f^2) A with the Gaunt tensors of tdn.o3 (band limit kept)."""
+    lmax_in, lmax_out = 2, 2
+    module = ProductBasis("grid", lmax_in, lmax_out, 3, 3, 2)
+    a, z = torch.randn(5, 3, dim(lmax_in)), torch.tensor([0, 1, 1, 0, 0])
+    square = torch.einsum("kij,nci,ncj->nck", gaunt_tensor(lmax_in, lmax_in, 2 * lmax_in), a, a)  # f^2, all degrees
+    powers = {
+        2: torch.einsum("kij,nci,ncj->nck", gaunt_tensor(lmax_in, lmax_in, lmax_out), a, a),
+        3: torch.einsum("kij,nci,ncj->nck", gaunt_tensor(2 * lmax_in, lmax_in, lmax_out), square, a),
+    }
+    weight = (module.weight * module.weight_scale)[z]  # [N, C, P]
+    expected = torch.zeros(5, 3, dim(lmax_out))
+    for p, (nu, L, _) in enumerate(module.weight_keys):
+        term = a[:, :, degree_slice(L)] if nu == 1 else powers[nu][:, :, degree_slice(L)]
+        expected[:, :, degree_slice(L)] += weight[:, :, p : p + 1] * term
+    torch.testing.assert_close(module(a, z), expected, rtol=1e-12, atol=1e-12)
+    assert equivariance_error(lambda x: module(x, z), [a], [lmax_in], lmax_out, -random_rotation()) < 1e-12
+
+
+# ----------------------------------------------------------------------------------------------- all backends
+
+
+@pytest.mark.parametrize("kind", ["cg", "cp", "grid"])
+def test_element_dependence(kind):
+    module = ProductBasis(kind, 1, 1, 2, 3, 2)
+    a = torch.randn(1, 2, dim(1)).expand(2, 2, dim(1))  # the same features on two nodes
+    z = torch.tensor([0, 1])
+    out = module(a, z)
+    assert (out[0] - out[1]).abs().max() > 1e-3  # different elements, different outputs
+    before = module(a[:1], z[:1])
+    with torch.no_grad():
+        module.weight[1] += 1.0  # element 1's weights do not reach element 0's node
+    torch.testing.assert_close(module(a, z)[0], before[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["cg", "cp", "grid"])
+def test_gradcheck(kind):
+    module = ProductBasis(kind, 1, 1, 2, 3, 2)
+    a = torch.randn(3, 2, dim(1), requires_grad=True)
+    z = torch.tensor([1, 0, 1])
+    weight = module.weight.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, w: functional_call(module, {"weight": w}, (x, z)), (a, weight))
+    assert torch.autograd.gradgradcheck(lambda x: module(x, z), (a,))
+
+
+def test_empty_batch_and_missing_elements():
+    for kind in ("cg", "cp", "grid"):
+        module = ProductBasis(kind, 1, 1, 2, 2, 5)
+        assert module(torch.zeros(0, 2, 4), torch.zeros(0, dtype=torch.long)).shape == (0, 2, 4)
+        assert module(torch.randn(3, 2, 4), torch.full((3,), 4)).shape == (3, 2, 4)
+
+
+# ----------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,match",
+    [
+        (("xx", 2, 1, 4, 3, 2), {}, "kind must be one of"),
+        (("cg", 2, 1, 4, 0, 2), {}, "correlation must be an integer in 1..4"),
+        (("cg", 2, 1, 4, 5, 2), {}, "correlation must be an integer in 1..4"),
+        (("cg", -1, 0, 4, 2, 2), {}, "lmax_in must be an integer"),
+        (("grid", 99, 1, 4, 2, 2), {}, "lmax_in must be an integer"),
+        (("cg", 1, 2, 4, 2, 2), {}, "lmax_out must be an integer in 0..1"),
+        (("cg", 3, 1, 4, 4, 2), {}, "lmax_in <= 2 at correlation 4"),
+        (("cg", 2, 1, 4, 2, 0), {}, "num_elements must be"),
+        (("cg", 2, 1, 0, 2, 2), {}, "channels must be"),
+        (("cg", 2, 1, 4, 2, 2), {"paths": "o2"}, "paths must be one of"),
+        (("gaunt", 2, 1, 4, 2, 2), {"paths": "so3"}, "supports paths='o3' only.*l1 \\+ l2 \\+ l3 even"),
+        (("grid", 2, 1, 4, 2, 2), {"paths": "so3"}, "supports paths='o3' only"),
+        (("cg", 2, 1, 4, 2, 2), {"rank": 3}, "unknown options"),
+        (("cp", 2, 1, 4, 2, 2), {"tol": 0}, "tol must be"),
+    ],
+)
+def test_constructor_errors(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ProductBasis(*args, **kwargs)
+
+
+def test_forward_errors():
+    module = ProductBasis("cg", 1, 1, 2, 2, 3)
+    a = torch.randn(4, 2, 4)
+    with pytest.raises(ValueError, match=r"element index 7 \(at row 2\) is out of range.*num_elements=3"):
+        module(a, torch.tensor([0, 1, 7, 2]))
+    with pytest.raises(ValueError, match=r"element index -1 \(at row 0\)"):
+        module(a, torch.tensor([-1, 1, 0, 2]))
+    with pytest.raises(ValueError, match=r"A must have shape \[N, 2, 4\]"):
+        module(torch.randn(4, 2, 9), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"A must have shape"):
+        module(torch.randn(4, 8), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"element_index must have shape \[4\]"):
+        module(a, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="long tensor"):
+        module(a, torch.zeros(4))
+    with pytest.raises(TypeError, match="dtype"):
+        module(a.float(), torch.zeros(4, dtype=torch.long))
