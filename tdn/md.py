@@ -131,8 +131,10 @@ class ThermoLogger:
     def __call__(self) -> None:
         step = self.dyn.nsteps
         now = time.perf_counter()
-        rate = (step - self._last_step) / (now - self._last_time) if self._last_step is not None else float("nan")
+        rate = float("nan")
         if self._last_step is None or step > self._last_step:
+            if self._last_step is not None:
+                rate = (step - self._last_step) / (now - self._last_time)
             self._last_step, self._last_time = step, now
         epot = self.atoms.get_potential_energy()
         ekin = self.atoms.get_kinetic_energy()

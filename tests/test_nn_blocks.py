@@ -70,8 +70,8 @@ def test_radial_mlp_vanishes_at_and_beyond_the_cutoff():
 
 
 def test_scaled_silu_has_unit_second_moment():
-    z = torch.randn(2_000_000, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    assert ScaledSiLU()(z).square().mean().item() == pytest.approx(1.0, abs=5e-3)
+    z = torch.randn(400_000, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert ScaledSiLU()(z).square().mean().item() == pytest.approx(1.0, abs=1e-2)
 
 
 # ---------------------------------------------------------------------------------------------- linear
@@ -141,7 +141,9 @@ def test_interaction_is_equivariant(kind, lmax_node):
     assert out.shape == (num_nodes, 4, dim(2))
     assert out.abs().max() > 1e-3
     rotation = random_rotation()
-    assert torch.allclose(apply(pos @ rotation.T, rotate(h, lmax_node, rotation)), rotate(out, 2, rotation), atol=1e-10)
+    error = (apply(pos @ rotation.T, rotate(h, lmax_node, rotation)) - rotate(out, 2, rotation)).abs().max()
+    tolerance = 2e-3 if kind == "cp" else 1e-10  # cp: CP factors of M with relative error <= 1e-4
+    assert error <= tolerance * out.abs().max()
     # node 3 only receives from node 2
     h2 = h.clone()
     h2[0] += 1.0
