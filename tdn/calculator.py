@@ -194,6 +194,8 @@ class TDNCalculator(Calculator):
         self.elements = list(self.model.config.elements)
         if compile:
             _compile_energy(self.model)
+        # Caches that check themselves (atomic numbers, pbc and cell compared, displacement measured), so they
+        # survive ASE's reset() on every new geometry (older ASE versions call it from get_property).
         self._system: _System | None = None
         self._neighbors: _Neighbors | None = None
         self.neighbor_list_builds = 0  # how often the list was (re)built: for tests and diagnostics
@@ -216,11 +218,6 @@ class TDNCalculator(Calculator):
         out = self.model(graph, compute_forces=True, compute_stress=want_stress)
         self.results = _to_numpy(out, 0, 0, len(atoms), with_stress=want_stress)
 
-    def reset(self) -> None:
-        super().reset()
-        self._system = None
-        self._neighbors = None
-
     # ---------------------------------------------------------------------------------------------- batches
     def calculate_batch(
         self,
@@ -236,6 +233,7 @@ class TDNCalculator(Calculator):
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        structures = list(structures)
         for k, atoms in enumerate(structures):
             try:
                 validate_atoms(atoms, self.elements)

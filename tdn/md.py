@@ -280,6 +280,12 @@ def _progress_bar(steps: int, enabled: bool):
     return tqdm(total=steps, unit="step", desc="tdn-md", dynamic_ncols=True, mininterval=0.5)
 
 
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tdn-md",
@@ -307,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--init-temperature",
         type=float,
         default=None,
-        help="Maxwell-Boltzmann velocities at this temperature in K (default: --temperature); a negative "
-        "value keeps the velocities stored in the structure file",
+        help="Maxwell-Boltzmann velocities at this temperature in K; None: --temperature; a negative value "
+        "keeps the velocities stored in the structure file",
     )
     g.add_argument("--friction", type=float, default=0.01, help="Langevin friction in 1/fs")
     g.add_argument("--tdamp", type=float, default=100.0, help="Nosé–Hoover / MTK thermostat time in fs")
@@ -316,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pdamp", type=float, default=1000.0, help="barostat time in fs")
     g.add_argument("--seed", type=int, default=0, help="seed for initial velocities and Langevin noise")
     c = p.add_argument_group("calculator")
-    c.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
+    c.add_argument("--device", default=_default_device(), help="torch device: cpu, cuda, cuda:1")
     c.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="model precision")
     c.add_argument("--skin", type=float, default=0.5, help="neighbour-list skin in Å (rebuilt after skin/2 moves)")
     c.add_argument("--compile", action="store_true", help="torch.compile the model (experimental)")

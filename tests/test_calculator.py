@@ -226,6 +226,23 @@ def test_pair_entering_the_cutoff_during_reuse_is_seen(model_file):
     assert np.abs(forces - fresh.get_forces()).max() < 1e-12
 
 
+@pytest.mark.parametrize("make", [triclinic, lambda: molecule("CH3CH2OH")], ids=["triclinic", "molecule"])
+def test_device_list_matches_the_cpu_list(model_file, make):
+    """The pure-torch list (what runs on a GPU) and vesin's give the same results, skin reuse included."""
+    atoms = make()
+    results = []
+    for method in ("torch", "vesin"):
+        calc = calculator(model_file, neighbor_list=method)
+        atoms.calc = calc
+        forces = [atoms.get_forces()]
+        atoms.positions[0] += 0.1
+        forces.append(atoms.get_forces())
+        atoms.positions[0] -= 0.1
+        assert calc.neighbor_list_builds == 1
+        results.append(np.concatenate(forces))
+    assert np.abs(results[0] - results[1]).max() < 1e-10
+
+
 def test_cell_or_species_change_rebuilds(model_file):
     atoms = cu_al()
     calc = calculator(model_file)
@@ -338,5 +355,7 @@ def test_constructor_arguments_are_checked(model_file, tmp_path):
         TDNCalculator(model_file, default_dtype="float16")
     with pytest.raises(ValueError, match="skin"):
         TDNCalculator(model_file, skin=-1.0)
+    with pytest.raises(ValueError, match="neighbor_list"):
+        TDNCalculator(model_file, neighbor_list="ase")
     with pytest.raises(FileNotFoundError):
         TDNCalculator(tmp_path / "missing.pt")

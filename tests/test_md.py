@@ -17,6 +17,8 @@ from tdn.models import build_model
 pytest.importorskip("tdn.nn.product", reason="tdn.nn.product (the product basis, issue B) is not written yet")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# LangevinBAOAB says which barostat mass it derived from P_tau: information, not a problem.
+pytestmark = pytest.mark.filterwarnings("ignore:Using heuristic P_mass:UserWarning")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -16,13 +16,16 @@ from tdn.o3 import degree_slice, dim, equivariance_error, gaunt_tensor, path_blo
 
 @pytest.fixture(autouse=True)
 def float64(tmp_path, monkeypatch):
-    """float64 throughout; CP fits not shipped with the package are cached in a temporary directory."""
+    """float64 throughout; CP fits not shipped with the package are cached in a temporary directory. One thread:
+    the tensors here are tiny, and on a shared CPU thread synchronisation costs more than the arithmetic."""
     monkeypatch.setenv("TDN_CACHE_DIR", str(tmp_path / "cache"))
-    old = torch.get_default_dtype()
+    old, threads = torch.get_default_dtype(), torch.get_num_threads()
     torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     yield
     torch.set_default_dtype(old)
+    torch.set_num_threads(threads)
 
 
 def rotate(u: torch.Tensor, d_in: torch.Tensor, d_out: torch.Tensor) -> torch.Tensor:

@@ -155,6 +155,8 @@ def test_bad_run_options(tmp_path):
 
 @needs_sample
 def test_bad_training_options(tmp_path):
+    with pytest.raises(ConfigError, match="neighbour lists use cutoff 5.0 Å but the model was built for 4.0 Å"):
+        train(compose(TINY + ["model.cutoff=4.0"]), tmp_path)
     with pytest.raises(ConfigError, match="loss.kind must be one of"):
         train(compose(TINY + ["training_module.loss.kind=l1"]), tmp_path)
     with pytest.raises(ConfigError, match="unknown metric family"):

@@ -239,6 +239,8 @@ def bench_mace(cfg: MDBenchConfig, workdir: Path) -> tuple[list[dict[str, Any]],
 
 def run(cfg: MDBenchConfig, out_dir: str | Path) -> dict[str, Any]:
     meta = common.run_metadata(cfg.device, packages=("ase", "torch-geometric", "e3nn"))
+    if hasattr(os, "getloadavg"):
+        meta["load_average_1min"] = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="tdn_bench_md_") as tmp:
         rows = bench_tdn(cfg, Path(tmp))
         mace_rows, notes = bench_mace(cfg, Path(tmp))
@@ -295,6 +297,7 @@ def markdown_report(result: dict[str, Any]) -> str:
     impls = _impls(rows)
     table = _lookup(rows)
     gpu = torch.device(cfg["device"]).type == "cuda"
+    neighbors = next((r["neighbors_per_atom"] for r in rows if r.get("neighbors_per_atom")), None)
     git = meta["git"]
     lines = [
         "# MD step: ms per energy+forces call (Cu fcc)",
@@ -305,9 +308,12 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"- model: tdn preset {cfg['preset']}; the reference MACE at the same widths: "
         + ", ".join(f"{k}={v}" for k, v in result["model"]["mace"].items()),
         f"- step: every atom displaced by ~{STEP_NOISE} Å, then get_forces(); median of up to {cfg['reps']} "
-        f"after {cfg['warmup']} warm-up calls; tdn neighbour-list skin {cfg['skin']} Å",
+        f"after {cfg['warmup']} warm-up calls; tdn neighbour-list skin {cfg['skin']} Å"
+        + (f"; {neighbors:.0f} neighbours per atom within the cutoff" if neighbors else ""),
         "",
     ]
+    if meta.get("load_average_1min") is not None:
+        lines.insert(3, f"- 1-min load average at the start: {meta['load_average_1min']} (compare within one run)")
     header = ["atoms", "dtype"] + [f"{i} ms" for i in impls] + ["best MACE / best tdn"]
     if gpu:
         header += [f"{i} GB" for i in impls]
@@ -351,13 +357,16 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         panels[f"{dtype}: ms per energy+forces call"] = {
             impl: [table.get((impl, n, dtype), {}).get("step_ms") for n in cfg["sizes"]] for impl in impls
         }
-    if torch.device(cfg["device"]).type == "cuda":
+    gpu = torch.device(cfg["device"]).type == "cuda"
+    if gpu:
         for dtype in cfg["dtypes"]:
             panels[f"{dtype}: peak GPU memory [GB]"] = {
                 impl: [table.get((impl, n, dtype), {}).get("peak_mem_gb") for n in cfg["sizes"]] for impl in impls
             }
     title = f"MD step, Cu fcc — {common.machine_line(result['meta'])}, {result['meta']['date']}"
-    return common.line_plot(path, [str(n) for n in cfg["sizes"]], panels, ylabel="ms (memory panels: GB)", title=title)
+    return common.line_plot(
+        path, [str(n) for n in cfg["sizes"]], panels, ylabel="ms (memory panels: GB)" if gpu else "ms", title=title
+    )
 
 
 def _print_row(row: dict[str, Any]) -> None:

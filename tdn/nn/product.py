@@ -198,19 +198,35 @@ class _Contraction(nn.Module):
     moments: dict[tuple[int, int], float]
 
 
-def _element_groups(element_index: torch.Tensor, num_elements: int) -> tuple[torch.Tensor, list[int]]:
-    """Rows sorted by element (``order [N]``) and the number of rows of each element (one host sync)."""
-    order = torch.argsort(element_index, stable=True)
-    counts = torch.bincount(element_index, minlength=num_elements).tolist()
-    return order, counts
+class _ElementGroups:
+    """The rows of a batch grouped by element, so that each element's weights are applied to a contiguous block.
 
+    ``order`` sorts the rows by element (stable) and ``counts`` holds the rows per element: one host sync per call.
+    """
 
-def _per_element(fn, A: torch.Tensor, element_index: torch.Tensor, num_elements: int, d_out: int) -> torch.Tensor:
-    """Apply ``fn(A_z [n_z, C, D], z) -> [n_z, C, d_out]`` to the rows of each element and scatter back."""
-    order, counts = _element_groups(element_index, num_elements)
-    parts = [fn(chunk, z) for z, chunk in enumerate(A.index_select(0, order).split(counts)) if chunk.shape[0] > 0]
-    out_sorted = torch.cat(parts) if parts else A.new_zeros(0, A.shape[1], d_out)
-    return out_sorted.new_zeros(out_sorted.shape).index_copy(0, order, out_sorted)
+    def __init__(self, element_index: torch.Tensor, num_elements: int) -> None:
+        self.order = torch.argsort(element_index, stable=True)  # [N]
+        self.counts = torch.bincount(element_index, minlength=num_elements).tolist()
+
+    def channel_major(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [N, C, F]`` -> rows sorted by element, channels first: ``[C, N, F]`` (a view after one gather)."""
+        return x.index_select(0, self.order).transpose(0, 1)
+
+    def chunks(self) -> list[tuple[int, int, int]]:
+        """``(element, start, stop)`` of every element present, in sorted-row coordinates."""
+        out, start = [], 0
+        for z, count in enumerate(self.counts):
+            if count:
+                out.append((z, start, start + count))
+            start += count
+        return out
+
+    def restore(self, parts: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+        """Per-element outputs ``[C, n_z, F]`` (in :meth:`chunks` order) -> ``[N, C, F]`` in the original row order."""
+        if not parts:
+            return empty
+        out_sorted = torch.cat(parts, dim=1).transpose(0, 1)  # [N, C, F]
+        return out_sorted.new_zeros(out_sorted.shape).index_copy(0, self.order, out_sorted)
 
 
 class CGContraction(_Contraction):
@@ -251,26 +267,27 @@ class CGContraction(_Contraction):
             self.register_buffer(f"basis_{nu}", basis.reshape(basis.shape[0], -1).to(dtype))  # [P_nu, D_out D^nu]
 
     def forward(self, A: torch.Tensor, element_index: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        num_elements = w.shape[0]
-        d_out = dim(self.lmax_out)
-        return _per_element(lambda a, z: self._horner(a, w[z]), A, element_index, num_elements, d_out)
+        groups = _ElementGroups(element_index, w.shape[0])
+        at = groups.channel_major(A)  # [C, N, D], rows sorted by element
+        parts = [self._horner(at[:, start:stop], w[z]) for z, start, stop in groups.chunks()]  # [C, n_z, D_out]
+        return groups.restore(parts, A.new_zeros(0, A.shape[1], dim(self.lmax_out)))
 
     def folded(self, w: torch.Tensor, nu: int) -> torch.Tensor:
         """``w [C, P']`` -> ``T^nu [C, D_out * D^nu]``: the element's weights folded into the basis."""
         start, stop = self.slices[nu]
         return w[:, start:stop] @ getattr(self, f"basis_{nu}")
 
-    def _horner(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        n, c, d = a.shape
+    def _horner(self, at: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """One element's rows ``at [C, n, D]`` and weights ``w [C, P']`` -> ``[C, n, D_out]``."""
+        c, n, d = at.shape
         d_out = dim(self.lmax_out)
-        at = a.transpose(0, 1)  # [C, n, D]
         top = self.folded(w, self.correlation).view(c, -1, d)  # [C, D_out D^(nu-1), D]
         x = torch.bmm(at, top.transpose(1, 2))  # [C, n, D_out D^(nu-1)]: one slot contracted
         for slots in range(self.correlation - 1, 0, -1):  # x has `slots` uncontracted slots
             if slots >= 2:
                 x = x + self.folded(w, slots).unsqueeze(1)  # + T^slots  [C, 1, D_out D^slots]
             x = torch.einsum("cnfd,cnd->cnf", x.view(c, n, -1, d), at)  # [C, n, D_out D^(slots-1)]
-        return x.view(c, n, d_out).transpose(0, 1)  # [n, C, D_out]
+        return x.view(c, n, d_out)
 
 
 class CPContraction(_Contraction):
@@ -326,25 +343,26 @@ class CPContraction(_Contraction):
         for nu, expanded in zip(range(2, correlation + 1), coefficients):
             self.register_buffer(f"coefficients_{nu}", expanded.to(dtype))  # [P_nu, R_nu, D_out]
 
-    def folded(self, w: torch.Tensor) -> torch.Tensor:
-        """``w [C, P']`` -> ``a_w [C, R, D_out]``: the element's weights folded into the CP coefficients."""
+    def folded(self, w: torch.Tensor) -> list[torch.Tensor]:
+        """``w [C, P']`` -> ``a_w`` per order, ``[C, R_nu, D_out]``: the element's weights folded into the CP
+        coefficients."""
         parts, start = [], 0
         for nu in range(2, self.correlation + 1):
             coefficients = getattr(self, f"coefficients_{nu}")  # [P_nu, R_nu, D_out]
             stop = start + coefficients.shape[0]
             parts.append(torch.einsum("cp,prm->crm", w[:, start:stop], coefficients))
             start = stop
-        return torch.cat(parts, dim=1)
+        return parts
 
     def forward(self, A: torch.Tensor, element_index: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        p = A @ self.directions  # [N, C, R]
-        q = torch.cat([part**nu for nu, part in zip(self.ranks, p.split(list(self.ranks.values()), dim=2))], dim=2)
-        num_elements = w.shape[0]
-
-        def project(qz: torch.Tensor, z: int) -> torch.Tensor:
-            return torch.bmm(qz.transpose(0, 1), self.folded(w[z])).transpose(0, 1)  # [n, C, D_out]
-
-        return _per_element(project, q, element_index, num_elements, dim(self.lmax_out))
+        groups = _ElementGroups(element_index, w.shape[0])
+        p = groups.channel_major(A) @ self.directions  # [C, N, R], rows sorted by element
+        powers = [part**nu for nu, part in zip(self.ranks, p.split(list(self.ranks.values()), dim=2))]  # [C, N, R_nu]
+        parts = []
+        for z, start, stop in groups.chunks():
+            folded = self.folded(w[z])
+            parts.append(sum(torch.bmm(q[:, start:stop], a) for q, a in zip(powers, folded)))  # [C, n_z, D_out]
+        return groups.restore(parts, A.new_zeros(0, A.shape[1], dim(self.lmax_out)))
 
 
 class SpherePowerContraction(_Contraction):

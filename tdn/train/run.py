@@ -93,6 +93,9 @@ def build_model(cfg: DictConfig, datamodule: TrainingDataModule) -> torch.nn.Mod
                 raise exc.__cause__ from None
             raise ConfigError(f"model: {exc}") from exc
     values = {k: v for k, v in values.items() if v is not None}
+    if values.get("scale") is not None and not float(values["scale"]) > 0:
+        logger.warning("model.scale = %s (no force signal in the training data?): using 1.0", values["scale"])
+        values["scale"] = 1.0
     energies = values.get("atomic_energies")
     if isinstance(energies, dict):  # {Z: E0} from the statistics; elements absent from training get 0
         energies = {int(z): float(e) for z, e in energies.items()}
@@ -172,6 +175,11 @@ def train(cfg: DictConfig, output_dir: str | Path) -> RunResult:
         raise ConfigError("training needs a validation split: give data.val=... or data.val_size > 0")
     stats = datamodule.statistics()  # reads the training split: data errors surface here, naming file and record
     model = build_model(cfg, datamodule)
+    if abs(float(datamodule.cutoff) - float(model.config.cutoff)) > 1e-9:
+        raise ConfigError(
+            f"the neighbour lists use cutoff {datamodule.cutoff} Å but the model was built for {model.config.cutoff} Å"
+            f" (with init_from, set cutoff={model.config.cutoff})"
+        )
     check_elements(datamodule, model.config.elements, stats)
     module = build_module(cfg, model)
     trainer, checkpoint = build_trainer(cfg, output_dir)
