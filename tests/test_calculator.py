@@ -45,7 +45,8 @@ def single_threaded_openblas():
     on a busy machine (measured: 56 s instead of 4 s for the relaxation below). Best effort, Linux only."""
     restore = []
     try:
-        libraries = {line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line}
+        with open("/proc/self/maps") as maps:
+            libraries = {line.split()[-1] for line in maps if "openblas" in line}
     except OSError:
         libraries = set()
     for path in libraries:
