@@ -91,3 +91,5 @@ def test_build_model_layers_and_priorities():
     assert degrees == [(0, 2, 2), (1, 2, 2), (1, 2, 2)]
     assert [b.tp.num_weights for b in model.interactions] == [3, 7, 7]  # "path" weights: number of paths
     assert json.loads(json.dumps(c.to_dict())) == c.to_dict()
+    with pytest.raises(ValueError, match="unknown options"):
+        build_model(preset="tiny", tp="cg", elements=[1], product_options={"colour": 1})

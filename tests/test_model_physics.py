@@ -384,6 +384,9 @@ def test_molecule_without_cell_or_shifts():
     bare = Data(pos=graph.pos, atomic_numbers=graph.atomic_numbers, edge_index=graph.edge_index)
     a, b = model(bare), run(model, [graph])
     assert torch.allclose(a["energy"], b["energy"]) and torch.allclose(a["forces"], b["forces"])
+    two = model(Batch.from_data_list([bare, bare]), compute_stress=True)
+    assert two["energy"].shape == (2,) and torch.allclose(two["energy"], b["energy"].expand(2))
+    assert two["stress"].shape == (2, 3, 3) and two["stress"].abs().max() == 0
 
 
 def test_float32_input_to_float64_model_and_back():

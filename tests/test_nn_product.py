@@ -15,7 +15,7 @@ from tdn.o3 import degree_slice, dim, equivariance_error, gaunt_tensor, path_blo
 
 
 @pytest.fixture(autouse=True)
-def float64(tmp_path, monkeypatch):
+def float64_one_thread(tmp_path, monkeypatch):
     """float64 throughout; CP fits not shipped with the package are cached in a temporary directory. One thread:
     the tensors here are tiny, and on a shared CPU thread synchronisation costs more than the arithmetic."""
     monkeypatch.setenv("TDN_CACHE_DIR", str(tmp_path / "cache"))
@@ -153,6 +153,7 @@ def test_cp_matches_cg_with_same_weights(correlation, lmax_in, lmax_out, paths):
 
 
 def test_cp_rank_option_and_disk_cache(tmp_path):
+    product_fit._CP_CACHE.clear()
     factors = symmetric_cp(2, 1, 1, "o3", rank=6)
     assert factors.rank == 6 and factors.source == "fit"
     assert (tmp_path / "cache" / "product_cp").is_dir()

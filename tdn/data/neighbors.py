@@ -6,8 +6,8 @@ directions; an atom is its own neighbour only through a non-zero shift (small pe
 Edges are sorted by (sender, receiver, shift) so results are reproducible.
 
 ``neighbor_list`` runs on the CPU with vesin (numpy in, numpy out). ``neighbor_list_torch`` is a
-pure-torch version for tensors on any device (a GPU during MD): a brute-force search over all
-pairs and the periodic images that can reach the cutoff, processed in chunks to bound memory.
+pure-torch version for tensors on any device (a GPU during MD): a vectorised, linear-scaling cell
+list (see its docstring); ``_brute_force`` is the O(N^2) reference it is tested against.
 """
 
 from __future__ import annotations
@@ -94,46 +94,40 @@ def neighbor_list(positions, cell, pbc, cutoff: float, max_neighbors: int | None
 # ----------------------------------------------------------------------------------------------
 # torch
 
+_KEY_BITS = 21  # bits per axis of a bin key: three fields in a non-negative int64
+_KEY_MAX = (1 << _KEY_BITS) - 1
+_WIDTH_MARGIN = 1e-6  # bins are a little wider than cutoff / bins_per_cutoff, against rounding
 
-def _complete_cell(cell: torch.Tensor, pbc: list[bool]) -> torch.Tensor:
-    """Replace the vectors of non-periodic directions by unit vectors so the cell is invertible.
 
-    Nothing is ever shifted along those directions; they only make fractional coordinates defined.
+def _complete_cell(cell: np.ndarray, pbc: list[bool]) -> np.ndarray:
+    """The cell with the vectors of non-periodic directions replaced by orthonormal vectors.
+
+    They are orthogonal to the periodic vectors (and to each other), so the fractional coordinate
+    along such a direction is a Cartesian length in Å; nothing is ever shifted along them. A cell
+    without periodic directions becomes the identity (a molecule: fractional = Cartesian).
     """
     periodic = [k for k in range(3) if pbc[k]]
-    if len(periodic) == 3:
-        return cell
-    full = cell.clone()
-    if len(periodic) == 2:
-        normal = torch.linalg.cross(cell[periodic[0]], cell[periodic[1]])
-        full[[k for k in range(3) if not pbc[k]][0]] = normal / normal.norm()
-        return full
-    a = cell[periodic[0]]
-    eye = torch.eye(3, dtype=cell.dtype, device=cell.device)
-    e = eye[int(torch.argmin((eye @ a).abs()))]  # the axis least aligned with a
-    b = torch.linalg.cross(a, e)
-    b = b / b.norm()
-    c = torch.linalg.cross(a, b)
-    c = c / c.norm()
     others = [k for k in range(3) if not pbc[k]]
+    full = np.array(cell, dtype=np.float64).reshape(3, 3)
+    if len(periodic) == 3:
+        return full
+    if not periodic:
+        return np.eye(3)
+    if len(periodic) == 2:
+        normal = np.cross(full[periodic[0]], full[periodic[1]])
+        norm = np.linalg.norm(normal)
+        if norm < 1e-12 * np.prod(np.linalg.norm(full[periodic], axis=1)):
+            raise ValueError(f"the two periodic cell vectors are parallel: {full[periodic].tolist()}")
+        full[others[0]] = normal / norm
+        return full
+    a = full[periodic[0]]
+    e = np.eye(3)[int(np.argmin(np.abs(a)))]  # the axis least aligned with a
+    b = np.cross(a, e)
+    b /= np.linalg.norm(b)
+    c = np.cross(a, b)
+    c /= np.linalg.norm(c)
     full[others[0]], full[others[1]] = b, c
     return full
-
-
-def _image_shifts(inv_cell: torch.Tensor, pbc: list[bool], cutoff: float) -> torch.Tensor:
-    """Integer shifts that can bring an image within ``cutoff``, for wrapped positions.
-
-    For wrapped fractional coordinates the difference along k lies in (-1, 1), and a vector of
-    length <= cutoff has |fractional component k| <= cutoff * |b_k| (b_k: reciprocal vector, a
-    column of the inverse cell), so |S_k| <= ceil(cutoff * |b_k|).
-    """
-    recip = inv_cell.norm(dim=0)
-    ranges = []
-    for k in range(3):
-        n = math.ceil(cutoff * float(recip[k])) if pbc[k] else 0
-        ranges.append(range(-n, n + 1))
-    shifts = list(itertools.product(*ranges))
-    return torch.tensor(shifts, dtype=inv_cell.dtype, device=inv_cell.device)
 
 
 def _stable_argsort(keys: list[torch.Tensor]) -> torch.Tensor:
@@ -142,6 +136,165 @@ def _stable_argsort(keys: list[torch.Tensor]) -> torch.Tensor:
     for key in reversed(keys):
         order = order[torch.sort(key[order], stable=True).indices]
     return order
+
+
+def _bin_key(columns: list[torch.Tensor]) -> torch.Tensor:
+    """One int64 per bin from three non-negative bin coordinates of at most ``_KEY_BITS`` bits."""
+    return (columns[0] << (2 * _KEY_BITS)) | (columns[1] << _KEY_BITS) | columns[2]
+
+
+def _cell_list(
+    pos: torch.Tensor,
+    cell: torch.Tensor,
+    cell_host: np.ndarray,
+    pbc: list[bool],
+    cutoff: float,
+    max_pairs_per_chunk: int,
+    bins_per_cutoff: int = 1,
+):
+    """Pairs within ``cutoff`` by a cell list; sender-major, unsorted within a sender.
+
+    Returns sender, receiver, unit_shifts (float, integer-valued) and squared distances, with the
+    edges of each sender in increasing order of (bin offset, receiver) (see neighbor_list_torch).
+    """
+    device, dtype = pos.device, pos.dtype
+    n = pos.shape[0]
+    p = int(bins_per_cutoff)
+    full = _complete_cell(cell_host, pbc)
+    inv_host = np.linalg.inv(full)
+    heights = 1.0 / np.linalg.norm(inv_host, axis=0)  # perpendicular widths of the (completed) cell
+    inv = torch.tensor(inv_host, dtype=dtype, device=device)
+
+    # Wrap the periodic fractional coordinates into [0, 1); remember by how many cells (``wrap``).
+    frac = pos @ inv
+    periodic = torch.tensor(pbc, device=device)
+    wrap = torch.where(periodic, torch.floor(frac), torch.zeros_like(frac))
+    frac = frac - wrap
+    wrapped = pos - wrap @ cell
+
+    # Bins at least ``width`` wide (Å, perpendicular to the faces) along each axis: ``counts[k]`` of them
+    # across a periodic axis, an unbounded grid from the lowest atom along a non-periodic one (clamped
+    # at the key range: merging the farthest bins costs only candidates). ``reach[k]`` bin offsets
+    # either side cover the cutoff; along a periodic axis it exceeds the number of bins when the cell
+    # is thinner than the cutoff, and the offsets that wrap around are the periodic images.
+    width = cutoff * (1.0 + _WIDTH_MARGIN) / p
+    counts, reach, columns = [], [], []
+    for k in range(3):
+        if pbc[k]:
+            count = int(min(max(heights[k] // width, 1), _KEY_MAX - 2 * p))
+            reach.append(math.ceil(cutoff * (1.0 + 1e-9) * count / heights[k]))
+            column = torch.floor(frac[:, k] * count).clamp_(0, count - 1)
+        else:
+            count = 0
+            reach.append(p)
+            column = torch.floor((frac[:, k] - frac[:, k].min()) / width).clamp_(0, _KEY_MAX - 2 * p)
+        counts.append(count)
+        columns.append(column.long() + p)  # + p: the offsets of a non-periodic axis stay >= 0
+    bins = torch.stack(columns, dim=1)  # [N, 3]
+    offsets = torch.tensor(list(itertools.product(*(range(-r, r + 1) for r in reach))), device=device)  # [M, 3]
+    m = offsets.shape[0]
+    center = m // 2  # the zero offset
+
+    sorted_keys, atom_order = torch.sort(_bin_key([bins[:, k] for k in range(3)]), stable=True)
+
+    def neighbor_bins(b: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Bin coordinate along k of atom bins ``b`` [C] moved by every offset [C, M], and the cell shift."""
+        moved = b[:, None] + offsets[None, :, k]
+        if not pbc[k]:
+            return moved, None
+        shift = torch.div(moved - p, counts[k], rounding_mode="floor")
+        return moved - shift * counts[k], shift
+
+    keys = _bin_key([neighbor_bins(bins[:, k], k)[0] for k in range(3)])  # [N, M]
+    first = torch.searchsorted(sorted_keys, keys)
+    size = torch.searchsorted(sorted_keys, keys, right=True) - first  # atoms in each neighbouring bin
+    per_atom = size.sum(dim=1).cumsum(0)
+
+    # Chunks of consecutive atoms with about ``max_pairs_per_chunk`` candidates each (one host sync).
+    total = int(per_atom[-1])
+    chunks = -(-total // max(1, int(max_pairs_per_chunk)))
+    if chunks > 1:
+        targets = torch.arange(1, chunks, device=device) * total // chunks
+        bounds = torch.searchsorted(per_atom, targets, right=True).clamp_(1, n)  # atoms up to ~each target
+        bounds = torch.unique(torch.cat([bounds, bounds.new_full((1,), n)]))
+        sizes = per_atom[bounds - 1] - torch.cat([per_atom.new_zeros(1), per_atom[bounds[:-1] - 1]])
+        ends, sizes = torch.stack([bounds, sizes]).tolist()
+    else:
+        ends, sizes = [n], [total]
+
+    senders, receivers, images, dist2 = [], [], [], []
+    start = 0
+    for stop, pairs in zip(ends, sizes):
+        c = stop - start
+        # Cell shift of every (atom, offset) and the wrapped position it is compared from.
+        image = torch.zeros((c, m, 3), dtype=dtype, device=device)
+        for k in range(3):
+            if pbc[k]:
+                image[:, :, k] = neighbor_bins(bins[start:stop, k], k)[1]
+        base = (wrapped[start:stop, None, :] - image @ cell).reshape(-1, 3)  # [C*M, 3]
+        # Expand each (atom, offset) into the atoms of that bin.
+        sz = size[start:stop].reshape(-1)
+        segment = torch.repeat_interleave(torch.arange(c * m, device=device), sz, output_size=pairs)
+        into = first[start:stop].reshape(-1) - (torch.cumsum(sz, 0) - sz)
+        receiver = atom_order[into[segment] + torch.arange(pairs, device=device)]
+        vec = wrapped[receiver] - base[segment]
+        d2 = (vec * vec).sum(dim=1)
+        sender = torch.div(segment, m, rounding_mode="floor")
+        keep = d2 < cutoff * cutoff
+        keep &= (receiver != sender + start) | (segment - sender * m != center)  # no zero-shift self edge
+        sel = keep.nonzero().squeeze(1)
+        senders.append(sender[sel] + start)
+        receivers.append(receiver[sel])
+        images.append(image.reshape(-1, 3)[segment[sel]])
+        dist2.append(d2[sel])
+        start = stop
+    sender = torch.cat(senders)
+    receiver = torch.cat(receivers)
+    # Undo the wrapping: wrapped = pos - wrap @ cell, so S = S' + wrap_i - wrap_j for the original positions.
+    unit_shifts = torch.cat(images) + wrap[sender] - wrap[receiver]
+    return sender, receiver, unit_shifts, torch.cat(dist2)
+
+
+def _brute_force(pos: torch.Tensor, cell: torch.Tensor, pbc: list[bool], cutoff: float, max_pairs_per_chunk: int):
+    """Reference O(N^2 x images) search (all pairs and every image that can reach the cutoff).
+
+    Same return values as :func:`_cell_list`, sender-major; for tests and tiny systems.
+    """
+    device, dtype = pos.device, pos.dtype
+    n = pos.shape[0]
+    full = _complete_cell(cell.detach().double().cpu().numpy(), pbc)
+    inv_host = np.linalg.inv(full)
+    inv = torch.tensor(inv_host, dtype=dtype, device=device)
+    periodic = torch.tensor(pbc, device=device)
+    frac = pos @ inv
+    wrap = torch.where(periodic, torch.floor(frac), torch.zeros_like(frac))
+    wrapped = pos - wrap @ cell
+    # Wrapped fractional differences along k lie in (-1, 1) and a vector no longer than the cutoff
+    # has |fractional component k| <= cutoff * |reciprocal vector k|, so |S_k| <= ceil(that).
+    recip = np.linalg.norm(inv_host, axis=0)
+    ranges = [range(-(r := math.ceil(cutoff * recip[k])), r + 1) if pbc[k] else range(1) for k in range(3)]
+    shifts = torch.tensor(list(itertools.product(*ranges)), dtype=dtype, device=device)
+    shift_vectors = shifts @ cell
+    zero_shift = (shifts == 0).all(dim=1)
+    m = shifts.shape[0]
+    chunk = max(1, max_pairs_per_chunk // max(1, n * m))
+    all_j = torch.arange(n, device=device)
+    senders, receivers, images, dist2 = [], [], [], []
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        vec = wrapped[None, :, None, :] - wrapped[start:stop, None, None, :] + shift_vectors[None, None, :, :]
+        d2 = (vec * vec).sum(dim=-1)  # [chunk, N, M]
+        close = d2 < cutoff * cutoff
+        close &= ~((torch.arange(start, stop, device=device)[:, None] == all_j[None, :])[:, :, None] & zero_shift)
+        ii, jj, mm = close.nonzero(as_tuple=True)
+        senders.append(ii + start)
+        receivers.append(jj)
+        images.append(mm)
+        dist2.append(d2[ii, jj, mm])
+    sender = torch.cat(senders)
+    receiver = torch.cat(receivers)
+    unit_shifts = shifts[torch.cat(images)] + wrap[sender] - wrap[receiver]
+    return sender, receiver, unit_shifts, torch.cat(dist2)
 
 
 @torch.no_grad()
@@ -155,65 +308,55 @@ def neighbor_list_torch(
 ):
     """All pairs closer than ``cutoff`` for tensors on any device (same result as :func:`neighbor_list`).
 
+    A cell list, linear in the number of atoms and vectorised (no Python loop over atoms or bins):
+
+    1. fractional coordinates in the cell, with the vectors of non-periodic directions replaced by
+       orthonormal ones (so a molecule, even with a zero cell, is binned in Cartesian space from its
+       lowest atom: a bounding box); periodic coordinates are wrapped into [0, 1);
+    2. bins at least ``cutoff`` wide perpendicular to their faces (in skewed cells too); along a
+       periodic axis thinner than the cutoff, one bin and as many bin offsets either side as the
+       cutoff needs: offsets that wrap around the cell are the periodic images, so an atom meets its
+       own images and a pair meets all of its images, each exactly once;
+    3. atoms sorted by an int64 bin key; for every atom and every bin offset (a loop-free [N, M]
+       search, M = 27 for a cell at least twice the cutoff wide), ``searchsorted`` gives the run of
+       atoms in that bin; runs are expanded into candidate pairs (``repeat_interleave``), at most
+       ``max_pairs_per_chunk`` at a time, and filtered by distance;
+    4. one stable sort by (sender, receiver): within a pair, images come out in increasing shift.
+
+    Host synchronisation: the 3x3 cell (bin counts and offsets depend on it), the number of candidate
+    pairs (chunk sizes) and, per chunk, the number of edges kept.
+
     Args:
         positions: [N,3] Å tensor (its device and dtype are used throughout).
-        cell: [3,3] or [1,3,3] Å.
+        cell: [3,3] or [1,3,3] Å (ignored along non-periodic directions; may be zero for a molecule).
         pbc: bool, [3] or [1,3] bools.
         cutoff: Å.
         max_neighbors: as in :func:`neighbor_list`.
-        max_pairs_per_chunk: bound on (senders in a chunk) x N x images held in memory at once.
+        max_pairs_per_chunk: bound on the candidate pairs held in memory at once (chunks hold whole
+            atoms, so one atom of a tiny cell with a large cutoff may exceed it).
 
     Returns:
-        sender [E] long, receiver [E] long, unit_shifts [E,3] in ``positions.dtype`` (integer-valued).
+        sender [E] long, receiver [E] long, unit_shifts [E,3] in ``positions.dtype`` (integer-valued),
+        sorted by (sender, receiver, shift).
     """
-    pos = positions.reshape(-1, 3)
+    pos = positions.detach().reshape(-1, 3)
     device, dtype = pos.device, pos.dtype
     n = pos.shape[0]
     cell = torch.as_tensor(cell, dtype=dtype, device=device).reshape(3, 3)
     pbc_list = _as_pbc(torch.as_tensor(pbc).cpu().numpy() if torch.is_tensor(pbc) else pbc).tolist()
-    if n == 0:
+    cutoff = float(cutoff)
+    cell_host = cell.detach().double().cpu().numpy()
+    if any(pbc_list):
+        _check_cell(cell_host, np.array(pbc_list))
+    if n == 0 or cutoff <= 0:
         empty = torch.zeros(0, dtype=torch.long, device=device)
         return empty, empty.clone(), torch.zeros((0, 3), dtype=dtype, device=device)
 
-    mask_pbc = torch.tensor(pbc_list, dtype=dtype, device=device)
-    if any(pbc_list):
-        _check_cell(cell.detach().double().cpu().numpy(), np.array(pbc_list))
-        full = _complete_cell(cell, pbc_list)
-        inv = torch.linalg.inv(full)
-        offset = torch.floor(pos @ inv) * mask_pbc  # wrap periodic coordinates into [0, 1)
-        wrapped = pos - offset @ full
-        shifts = _image_shifts(inv, pbc_list, float(cutoff))
-    else:
-        offset = torch.zeros_like(pos)
-        wrapped = pos
-        shifts = torch.zeros((1, 3), dtype=dtype, device=device)
-    shift_vectors = shifts @ cell
-    zero_shift = (shifts == 0).all(dim=1)
-    m = shifts.shape[0]
-    chunk = max(1, max_pairs_per_chunk // max(1, n * m))
-    cutoff2 = float(cutoff) ** 2
-    all_j = torch.arange(n, device=device)
-
-    senders, receivers, images, dist2 = [], [], [], []
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        vec = wrapped[None, :, None, :] - wrapped[start:stop, None, None, :] + shift_vectors[None, None, :, :]
-        d2 = (vec * vec).sum(dim=-1)  # [chunk, N, M]
-        close = d2 < cutoff2
-        is_self = (torch.arange(start, stop, device=device)[:, None] == all_j[None, :])[:, :, None] & zero_shift
-        close &= ~is_self
-        ii, jj, mm = close.nonzero(as_tuple=True)
-        senders.append(ii + start)
-        receivers.append(jj)
-        images.append(mm)
-        dist2.append(d2[ii, jj, mm])
-    sender = torch.cat(senders)
-    receiver = torch.cat(receivers)
-    d2 = torch.cat(dist2)
-    # Undo the wrapping: pos_w = pos - o @ cell, so S = S' + o_i - o_j for the original positions.
-    unit_shifts = shifts[torch.cat(images)] + offset[sender] - offset[receiver]
-
-    order = _stable_argsort([sender, receiver, unit_shifts[:, 0], unit_shifts[:, 1], unit_shifts[:, 2]])
+    sender, receiver, unit_shifts, d2 = _cell_list(pos, cell, cell_host, pbc_list, cutoff, max_pairs_per_chunk)
+    # Each sender's edges come in increasing bin offset, and for one (sender, receiver) pair a larger
+    # offset along an axis is a larger cell shift along it: a stable sort by (sender, receiver) leaves
+    # the images of a pair in lexicographic shift order.
+    order = torch.sort(sender * n + receiver, stable=True).indices
     sender, receiver, unit_shifts, d2 = sender[order], receiver[order], unit_shifts[order], d2[order]
     if max_neighbors is not None:
         order = _stable_argsort([receiver, d2])  # ties keep the (sender, shift) order

@@ -49,6 +49,7 @@ class ModelConfig:
     tp: str = "cp"  # tensor-product backend of the convolution and the product basis: cg | cp | gaunt | grid
     tp_weights: str | None = None  # shared | degree | path; None: DEFAULT_TP_WEIGHTS[tp]
     tp_options: dict[str, Any] = field(default_factory=dict)  # extra keywords for tdn.tp.build (e.g. rank, tol)
+    product_options: dict[str, Any] = field(default_factory=dict)  # extra keywords for ProductBasis (cp: tol, rank)
     paths: str = "o3"  # o3 (natural parity; gaunt/grid need it) | so3
     lmax: int = 2  # spherical harmonics and messages
     lmax_hidden: int = 1  # node features between layers

@@ -103,7 +103,16 @@ class TDNModel(nn.Module):
                 ElementLinear(l_in, l_out, c.channels, c.channels, self.num_elements) if has_residual else nn.Identity()
             )
             self.products.append(
-                ProductBlock(c.tp, c.lmax, l_out, c.channels, c.correlation, self.num_elements, paths=c.paths)
+                ProductBlock(
+                    c.tp,
+                    c.lmax,
+                    l_out,
+                    c.channels,
+                    c.correlation,
+                    self.num_elements,
+                    paths=c.paths,
+                    **c.product_options,
+                )
             )
             self.readouts.append(MLPReadout(c.channels, c.readout_mlp) if t == last else LinearReadout(c.channels))
         self._has_residual = [t > 0 or c.residual_first for t in range(c.num_layers)]
@@ -223,7 +232,10 @@ class TDNModel(nn.Module):
         if batch_index is None:
             batch_index = torch.zeros(num_atoms, dtype=torch.long, device=pos.device)
         cell = getattr(batch, "cell", None)
-        cell = pos.new_zeros(1, 3, 3) if cell is None else cell.to(dtype).view(-1, 3, 3)  # [B, 3, 3]
+        if cell is None:  # molecules given without a cell
+            num_graphs = getattr(batch, "num_graphs", None) or (int(batch_index.max()) + 1 if num_atoms else 1)
+            cell = pos.new_zeros(num_graphs, 3, 3)
+        cell = cell.to(dtype).view(-1, 3, 3)  # [B, 3, 3]
         num_graphs = cell.shape[0]
         unit_shifts = getattr(batch, "unit_shifts", None)
         if unit_shifts is None:
@@ -264,6 +276,9 @@ class TDNModel(nn.Module):
                     )
                 )
 
+        if grads and not create_graph:  # the graph is freed: hand back plain tensors
+            energy, node_energy = energy.detach(), node_energy.detach()
+            grads = [g.detach() if g is not None else None for g in grads]
         out: dict[str, torch.Tensor | None] = {
             "energy": energy,
             "node_energy": node_energy,

@@ -6,6 +6,8 @@ chosen backend, with element-dependent weights), mixed by a linear map, and adde
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -14,7 +16,7 @@ from .linear import EquivariantLinear
 
 class ProductBlock(nn.Module):
     """``A [N, C, (lmax_in+1)^2]``, ``element_index [N]``, residual ``[N, C, (lmax_out+1)^2]`` or None
-    -> new node features ``[N, C, (lmax_out+1)^2]``."""
+    -> new node features ``[N, C, (lmax_out+1)^2]``. ``options`` go to ProductBasis (e.g. ``tol`` for "cp")."""
 
     def __init__(
         self,
@@ -25,11 +27,12 @@ class ProductBlock(nn.Module):
         correlation: int,
         num_elements: int,
         paths: str = "o3",
+        **options: Any,
     ) -> None:
         super().__init__()
         from .product import ProductBasis  # written alongside; imported late so tdn.nn imports without it
 
-        self.basis = ProductBasis(kind, lmax_in, lmax_out, channels, correlation, num_elements, paths=paths)
+        self.basis = ProductBasis(kind, lmax_in, lmax_out, channels, correlation, num_elements, paths=paths, **options)
         self.linear = EquivariantLinear(lmax_out, lmax_out, channels, channels)
 
     def forward(

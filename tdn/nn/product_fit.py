@@ -2,9 +2,12 @@
 
 * :func:`coupling_basis` — the generalised Clebsch–Gordan basis ``U^{nu,L}``: an orthonormal basis of the
   symmetric, equivariant ``nu``-linear maps from the stacked layout (degrees ``0..lmax_in``) to degree ``L``.
-* :func:`fit_symmetric_cp` / :func:`symmetric_cp` — a symmetric CP decomposition of the stacked ``U^nu``
-  (rows ``(L, eta, M)``) with shared directions: ``U^nu ≈ a (b_r^{⊗nu})_r``.
-* :func:`output_variance` / :func:`power_variance` — the exact output variance of each basis for
+* :func:`symmetric_cp` — a symmetric CP decomposition of the stacked ``U^nu`` (rows ``(L, eta, M)``) with shared
+  directions, ``U^nu ≈ a (b_r^{⊗nu})_r``: an exact decomposition built from the support of ``U``
+  (:func:`monomial_directions`), compressed towards the smallest rank within a tolerance
+  (:func:`compress_symmetric_cp`, refits by variable projection + L-BFGS, :func:`fit_symmetric_cp`), cached in
+  memory, shipped for common sizes and cached on disk.
+* :func:`gaussian_second_moment` / :func:`power_second_moment` — the exact output second moments of the bases for
   unit-variance Gaussian inputs, used to scale the weights (Isserlis' theorem).
 
 Run ``python -m tdn.nn.product_fit`` to regenerate the shipped CP directions in ``product_factors/``.
@@ -144,9 +147,6 @@ def _coupling_basis(nu: int, lmax_in: int, L: int, paths: str) -> torch.Tensor:
     if not parts:
         return torch.zeros(0, 2 * L + 1, *([d] * nu), dtype=torch.float64)
     return torch.cat(parts)
-
-
-MAX_DENSE = 16**3 * 4  # largest dense U row (components x inputs) built: nu = 3 at lmax_in = 3 (x4 margin)
 
 
 def coupling_basis(nu: int, lmax_in: int, L: int, paths: str = "o3") -> torch.Tensor:

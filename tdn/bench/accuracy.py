@@ -1,0 +1,538 @@
+"""Accuracy of the tensor-product backends on real DFT data at one equal, documented training budget.
+
+One table per dataset family (``rmd17``, ``3bpa``, ``acac``, ``oxides``). Every backend (cg, cp, gaunt, grid, and
+optionally ``cg-shared``: the exact path-shared map that cp approximates) is trained through the same Hydra config
+users run (:func:`tdn.train.compose` + :func:`tdn.train.train`, i.e. what ``tdn-train`` does) with the overrides
+
+    experiment=accuracy_cpu  <dataset overrides>  tp=<backend>  epochs=<budget>  seed=0
+
+so that architecture, data, optimiser, seed and number of optimiser steps are identical; only the tensor product
+(and, through its weight mode, the width of the radial MLP's last layer) differs. The model is the one the run
+exports (EMA weights of the best validation checkpoint); the test split of the run is evaluated by the trainer, extra
+test files (AcAc at 600 K) by :func:`evaluate` on the exported model.
+
+The data come from ``../shared/data`` next to the repository (``--data-root``); they are never copied.
+Results are written to ``OUT/accuracy_<table>.{json,md,png}`` after every run, and a rerun reuses the runs already
+in the JSON with the same budget (``--no-resume`` retrains everything).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import common
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data"
+BACKENDS = ("cg", "cp", "gaunt", "grid")
+VARIANTS = {  # variant name -> tp overrides
+    "cg": ["tp=cg"],
+    "cp": ["tp=cp"],
+    "gaunt": ["tp=gaunt"],
+    "grid": ["tp=grid"],
+    "cg-shared": ["tp=cg", "tp.weights=shared"],  # the exact map cp approximates (same path-weight sharing)
+}
+TABLES = ("rmd17", "3bpa", "acac", "oxides")
+RMD17_MOLECULES = ("aspirin", "azobenzene", "benzene", "ethanol", "malonaldehyde", "naphthalene", "salicylic",
+                   "toluene")
+DEFAULT_MOLECULES = ("aspirin", "ethanol", "malonaldehyde", "toluene")
+# MACE paper (Batatia et al. 2022), rMD17 with 950 / 50 structures of train_01: energy MAE meV, force MAE meV/Å
+# (../shared/data/README.md)
+MACE_PAPER = {
+    "aspirin": (2.2, 6.6), "azobenzene": (1.2, 2.6), "benzene": (0.4, 0.3), "ethanol": (0.4, 2.1),
+    "malonaldehyde": (0.8, 5.0), "naphthalene": (0.5, 1.3), "salicylic": (0.9, 3.8), "toluene": (0.5, 1.5),
+}
+TARGET_RATIO = 1.10  # cp force MAE within 10 % of cg's on every rMD17 molecule
+
+
+# ------------------------------------------------------------------------------------------------- the budget
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every run of a table gets. ``steps``: optimiser steps (epochs = ceil(steps / batches per epoch))."""
+
+    name: str
+    steps: int
+    batch_size: int
+    overrides: tuple[str, ...] = ()
+    max_train: int | None = None  # cap on training structures (None: the protocol's)
+    test_limit: int | None = None  # cap on test structures evaluated (None: all)
+    threads: int = 1
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+BUDGETS = {
+    # a small MACE-like model (conf/experiment/accuracy_cpu.yaml) for ~200 optimiser steps of 10 structures:
+    # minutes per run on a shared 2-core CPU. NOT the MACE-paper recipe (that is experiment=rmd17_aspirin on a GPU).
+    "cpu": Budget("cpu", steps=190, batch_size=10),
+    # smoke test: a tiny model, a few steps on a few structures
+    "quick": Budget(
+        "quick", steps=2, batch_size=4, max_train=8, test_limit=8,
+        overrides=("model.channels=4", "model.lmax=1", "model.lmax_hidden=1", "model.num_bessel=4",
+                   "model.radial_mlp=[8]", "model.readout_mlp=4", "data.val_size=4", "data.eval_batch_size=4"),
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------------------- datasets
+
+
+@dataclass
+class Dataset:
+    """One training set of a table: its overrides, the test split's label, extra test files, references."""
+
+    table: str
+    name: str
+    overrides: list[str]
+    train_frames: int  # structures in the training split (for the epoch count)
+    test_label: str
+    extra_tests: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> {path, format, options}
+    reference: dict[str, tuple[float, float]] = field(default_factory=dict)  # test label -> (E MAE, F MAE)
+    protocol: str = ""
+
+
+def datasets(table: str, data_root: Path, molecules: Sequence[str] = DEFAULT_MOLECULES,
+             budget: Budget | None = None) -> list[Dataset]:
+    root = Path(data_root)
+    cap = budget.max_train if budget is not None else None
+
+    def frames(n: int) -> tuple[int, list[str]]:
+        if cap is not None and cap < n:
+            return cap, [f"data.train_size={cap}"]
+        return n, [f"data.train_size={n}"]
+
+    if table == "rmd17":
+        out = []
+        for mol in molecules:
+            if mol not in RMD17_MOLECULES:
+                raise ValueError(f"unknown rMD17 molecule {mol!r}; choose from {RMD17_MOLECULES}")
+            n, size = frames(950)
+            out.append(Dataset(
+                "rmd17", mol,
+                ["data=rmd17", f"data.source.root={root / 'rmd17'}", f"data.source.molecule={mol}", *size,
+                 "data.val_size=50"],
+                n, "test_01", reference={"test_01": MACE_PAPER[mol]},
+                protocol="train_01: 950 train / 50 val (seeded split); test_01 (1000)",
+            ))
+        return out
+    if table == "3bpa":
+        n, size = frames(350)
+        return [Dataset(
+            "3bpa", "3BPA",
+            ["data=extxyz", f"data.train={root / '3bpa' / 'train_300K.xyz'}", *size, "data.val_size=50",
+             "data.test_size=100"],
+            n, "300K (held out of train_300K)",
+            protocol="train_300K (500): 350 train / 50 val / 100 test, seeded split; the published 3BPA test sets "
+                     "(300/600/1200 K, dihedral scans) are not in ../shared/data",
+        )]
+    if table == "acac":
+        n, size = frames(450)
+        acac = root / "acac"
+        return [Dataset(
+            "acac", "AcAc",
+            ["data=extxyz", f"data.train={acac / 'train_300K.xyz'}", f"data.test={acac / 'test_MD_300K.xyz'}",
+             *size, "data.val_size=50"],
+            n, "test_MD_300K",
+            extra_tests={"test_MD_600K": {"path": str(acac / "test_MD_600K.xyz"), "format": "extxyz", "options": {}}},
+            protocol="train_300K (500): 450 train / 50 val; test_MD_300K (650) and test_MD_600K (650)",
+        )]
+    if table == "oxides":
+        n, size = frames(205)
+        return [Dataset(
+            "oxides", "BO2 oxides",
+            ["data=extxyz", f"data.train={root / 'oxides' / 'oxides.db'}", "data.format=asedb", *size,
+             "data.val_size=30", "data.test_size=60"],
+            n, "held out (60)",
+            protocol="oxides.db (295, periodic PBE EOS scans): 205 train / 30 val / 60 test, seeded split; "
+                     "no stress labels in the file, so no stress is trained or measured",
+        )]
+    raise ValueError(f"table must be one of {TABLES}, got {table!r}")
+
+
+def epochs_for(dataset: Dataset, budget: Budget) -> int:
+    return max(1, math.ceil(budget.steps / math.ceil(dataset.train_frames / budget.batch_size)))
+
+
+def run_overrides(dataset: Dataset, variant: str, budget: Budget) -> list[str]:
+    """The Hydra overrides of one run: ``tdn-train <these>`` reproduces it."""
+    out = ["experiment=accuracy_cpu", *dataset.overrides, *VARIANTS[variant], f"epochs={epochs_for(dataset, budget)}",
+           f"batch_size={budget.batch_size}", *budget.overrides]
+    if budget.test_limit is not None:
+        out.append(f"trainer.limit_test_batches={max(1, math.ceil(budget.test_limit / budget.batch_size))}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate(model: torch.nn.Module, path: str | Path, format: str | None = None, options: dict | None = None,
+             batch_size: int = 50, limit: int | None = None) -> dict[str, float]:
+    """Energy / force errors of ``model`` on a labelled file (meV, meV/Å; energy per structure)."""
+    from ..data import atoms_to_graph, collate, read
+
+    dataset = read(str(path), format=format, **(options or {}))
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    cutoff = float(model.config.cutoff)
+    dtype = next(model.parameters()).dtype
+    e_abs = e_sq = e_pa = f_abs = f_sq = 0.0
+    n_f = 0
+    model.eval()
+    for start in range(0, n, batch_size):
+        graphs = [atoms_to_graph(dataset[i], cutoff, dtype=dtype) for i in range(start, min(n, start + batch_size))]
+        batch = collate(graphs)
+        out = model(batch, compute_forces=True, training=False)
+        de = (out["energy"].detach().to(torch.float64) - batch.energy.to(torch.float64))
+        df = (out["forces"].detach().to(torch.float64) - batch.forces.to(torch.float64))
+        e_abs += float(de.abs().sum())
+        e_sq += float((de**2).sum())
+        e_pa += float((de.abs() / batch.natoms.to(torch.float64)).sum())
+        f_abs += float(df.abs().sum())
+        f_sq += float((df**2).sum())
+        n_f += df.numel()
+    return {"energy_mae_meV": 1e3 * e_abs / n, "energy_rmse_meV": 1e3 * math.sqrt(e_sq / n),
+            "energy_per_atom_mae_meV": 1e3 * e_pa / n, "forces_mae_meV_A": 1e3 * f_abs / n_f,
+            "forces_rmse_meV_A": 1e3 * math.sqrt(f_sq / n_f), "structures": n}
+
+
+def read_curve(metrics_csv: Path) -> dict[str, Any]:
+    """Epochs done and the validation curve (with Lightning's logged step), from the run's CSV log."""
+    if not metrics_csv.is_file():
+        return {}
+    epochs, curve = 0, []
+    with metrics_csv.open() as handle:
+        for row in csv.DictReader(handle):
+            if row.get("train/loss") and row.get("epoch"):  # training rows (the test row has the next epoch number)
+                epochs = max(epochs, int(float(row["epoch"])) + 1)
+            if row.get("val/forces_mae_meV_A"):
+                epochs = max(epochs, int(float(row["epoch"])) + 1)
+                curve.append({"epoch": int(float(row["epoch"])), "step": int(float(row["step"])),
+                              "val_forces_mae_meV_A": float(row["val/forces_mae_meV_A"]),
+                              "val_energy_mae_meV": float(row.get("val/energy_mae_meV") or "nan")})
+    return {"epochs": epochs, "val_curve": curve}
+
+
+def train_one(dataset: Dataset, variant: str, budget: Budget, work_dir: Path) -> dict[str, Any]:
+    """One training run through the Hydra config, then its evaluation; a row of the table."""
+    import tdn
+    from ..train import compose, train
+
+    overrides = run_overrides(dataset, variant, budget)
+    out_dir = work_dir / dataset.table / f"{dataset.name}_{variant}".replace(" ", "_")
+    row: dict[str, Any] = {"table": dataset.table, "dataset": dataset.name, "backend": variant,
+                           "overrides": overrides, "budget": budget.name, "budget_key": budget.key(),
+                           "train_frames": dataset.train_frames, "protocol": dataset.protocol,
+                           "run_dir": str(out_dir)}
+    cfg = compose(overrides)
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = train(cfg, out_dir)
+    row["train_wall_s"] = time.perf_counter() - wall  # statistics, fit, test of the run's split, export
+    row["train_cpu_s"] = time.process_time() - cpu
+    row.update(read_curve(out_dir / "metrics.csv"))
+    row["steps"] = row.get("epochs", 0) * math.ceil(dataset.train_frames / budget.batch_size)  # optimiser steps done
+    model = tdn.load_model(result.model_path)
+    row["params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    row["tp"] = {"kind": model.config.tp, "weights": model.config.tp_weights, "paths": model.config.paths}
+    cp_rank = [m.rank for m in model.modules() if getattr(m, "kind", "") == "cp" and hasattr(m, "rank")]
+    if cp_rank:
+        row["tp"]["cp_ranks"] = sorted(set(cp_rank))
+        row["tp"]["cp_fit_error_max"] = max(m.fit_error for m in model.modules() if getattr(m, "kind", "") == "cp"
+                                            and hasattr(m, "fit_error"))
+    tests = {dataset.test_label: _trainer_metrics(result.test_metrics)}
+    start = time.perf_counter()
+    for label, spec in dataset.extra_tests.items():
+        tests[label] = evaluate(model, spec["path"], spec.get("format"), spec.get("options"),
+                                limit=budget.test_limit)
+    row["extra_eval_s"] = time.perf_counter() - start
+    row["tests"] = tests
+    return row
+
+
+def _trainer_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    keys = ("energy_mae_meV", "energy_rmse_meV", "energy_per_atom_mae_meV", "forces_mae_meV_A", "forces_rmse_meV_A")
+    return {k: float(metrics[k]) for k in keys if k in metrics}
+
+
+# ------------------------------------------------------------------------------------------------- the table
+
+
+def run_table(table: str, variants: Sequence[str], budget: Budget, data_root: Path, out_dir: Path, work_dir: Path,
+              molecules: Sequence[str] = DEFAULT_MOLECULES, name: str | None = None, resume: bool = True,
+              log: Callable[[str], None] = print, command: str | None = None) -> dict[str, Any]:
+    name = name or f"accuracy_{table}" + ("_quick" if budget.name == "quick" else "")
+    json_path = Path(out_dir) / f"{name}.json"
+    previous = []
+    if resume and json_path.is_file():
+        previous = json.loads(json_path.read_text()).get("rows", [])
+    specs = datasets(table, data_root, molecules, budget)
+    missing = [str(p) for d in specs for p in _data_paths(d) if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"data not found: {missing} (give --data-root; default {DEFAULT_DATA_ROOT})")
+    torch.set_num_threads(budget.threads)
+    result: dict[str, Any] = {
+        "meta": common.run_metadata("cpu", packages=("lightning", "e3nn", "hydra-core")),
+        "table": table, "budget": asdict(budget), "variants": list(variants), "rows": [],
+        "command": command or f"python scripts/bench_accuracy.py {table}",
+        "datasets": [{"name": d.name, "protocol": d.protocol, "epochs": epochs_for(d, budget),
+                      "train_frames": d.train_frames} for d in specs],
+    }
+    for dataset in specs:
+        for variant in variants:
+            old = next((r for r in previous if r["dataset"] == dataset.name and r["backend"] == variant
+                        and r.get("budget_key") == budget.key()), None)
+            if old is not None:
+                log(f"{dataset.name} {variant}: reused from {json_path.name}")
+                result["rows"].append(old)
+                continue
+            log(f"{dataset.name} {variant}: training ({epochs_for(dataset, budget)} epochs of {dataset.train_frames} "
+                f"structures, batch {budget.batch_size})")
+            try:
+                row = train_one(dataset, variant, budget, Path(work_dir))
+            except Exception as error:  # noqa: BLE001 - one failing run must not lose the others
+                row = {"table": table, "dataset": dataset.name, "backend": variant, "budget": budget.name,
+                       "budget_key": budget.key(), "error": common.describe_error(error, 500)}
+            result["rows"].append(row)
+            log("  " + progress_line(row))
+            result["meta"]["date"] = common.run_metadata("cpu")["date"]
+            write_outputs(result, out_dir, name)
+    result["targets"] = evaluate_targets(result)
+    write_outputs(result, out_dir, name)
+    return result
+
+
+def _data_paths(dataset: Dataset) -> list[str]:
+    out = []
+    for o in dataset.overrides:
+        key, _, value = o.partition("=")
+        if key in ("data.train", "data.test", "data.source.root"):
+            out.append(value)
+    return out + [spec["path"] for spec in dataset.extra_tests.values()]
+
+
+def progress_line(row: dict[str, Any]) -> str:
+    if "error" in row:
+        return f"{row['dataset']} {row['backend']}: FAILED {row['error']}"
+    tests = "; ".join(f"{label}: E {t.get('energy_mae_meV', math.nan):.1f} meV, F {t.get('forces_mae_meV_A', math.nan):.1f}"
+                      f" meV/Å" for label, t in row["tests"].items())
+    return (f"{row['dataset']} {row['backend']}: {tests}  ({row.get('epochs')} epochs, {row.get('steps')} steps, "
+            f"{row['train_wall_s']:.0f} s wall, {row['params']} params)")
+
+
+def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """cp force MAE within 10 % of cg's on every rMD17 molecule (at this equal budget)."""
+    if result["table"] != "rmd17":
+        return []
+    out = []
+    for d in result["datasets"]:
+        rows = {r["backend"]: r for r in result["rows"] if r["dataset"] == d["name"] and "error" not in r}
+        if "cg" not in rows or "cp" not in rows:
+            continue
+        cg = rows["cg"]["tests"]["test_01"]["forces_mae_meV_A"]
+        cp = rows["cp"]["tests"]["test_01"]["forces_mae_meV_A"]
+        out.append({"molecule": d["name"], "cg": cg, "cp": cp, "ratio": cp / cg, "pass": cp <= TARGET_RATIO * cg})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- outputs
+
+
+def _f(value: Any, digits: int = 1) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) and math.isfinite(value) else "—"
+
+
+def results_table(result: dict[str, Any]) -> str:
+    header = ["dataset", "test", "backend (weights)", "E MAE meV", "F MAE meV/Å", "E RMSE meV", "F RMSE meV/Å",
+              "MACE paper E / F MAE", "params", "epochs / steps", "train wall s", "train CPU s"]
+    body = []
+    for r in result["rows"]:
+        if "error" in r:
+            body.append([r["dataset"], "—", r["backend"], f"failed: {r['error'][:120]}", *[""] * 8])
+            continue
+        weights = r.get("tp", {}).get("weights", "")
+        rank = r.get("tp", {}).get("cp_ranks")
+        label = f"{r['backend']} ({weights}{', R=' + '/'.join(map(str, rank)) if rank else ''})"
+        for test, t in r["tests"].items():
+            ref = MACE_PAPER.get(r["dataset"]) if r["table"] == "rmd17" else None
+            body.append([
+                r["dataset"], test, label, _f(t.get("energy_mae_meV")), _f(t.get("forces_mae_meV_A")),
+                _f(t.get("energy_rmse_meV")), _f(t.get("forces_rmse_meV_A")),
+                f"{ref[0]} / {ref[1]}" if ref else "—", r["params"], f"{r.get('epochs')} / {r.get('steps')}",
+                f"{r['train_wall_s']:.0f}", f"{r['train_cpu_s']:.0f}",
+            ])
+    return common.markdown_table(header, body)
+
+
+def targets_section(result: dict[str, Any]) -> list[str]:
+    targets = result.get("targets") or evaluate_targets(result)
+    if not targets:
+        return []
+    body = [[t["molecule"], _f(t["cg"]), _f(t["cp"]), f"{t['ratio']:.2f}", "PASS" if t["pass"] else "FAIL"]
+            for t in targets]
+    verdict = "met" if all(t["pass"] for t in targets) else "NOT met"
+    return [
+        "## Target: cp force MAE within 10% of cg at equal budget",
+        "",
+        f"On the molecules run here the target is **{verdict}** at this budget "
+        f"({sum(t['pass'] for t in targets)}/{len(targets)} molecules).",
+        "",
+        common.markdown_table(["molecule", "cg F MAE", "cp F MAE", "cp / cg", f"≤ {TARGET_RATIO:.2f}"], body),
+        "",
+    ]
+
+
+def budget_lines(result: dict[str, Any]) -> list[str]:
+    b = result["budget"]
+    lines = [
+        f"- budget `{b['name']}`: {b['steps']} optimiser steps of {b['batch_size']} structures for every backend "
+        f"(epochs per dataset below), `conf/experiment/accuracy_cpu.yaml` (small MACE-like model: 16 channels, "
+        "hidden l ≤ 1, spherical harmonics l ≤ 2, correlation 2, 2 layers, radial MLP 32×32, float32, Adam(AMSGrad) "
+        "lr 0.01, EMA 0.99, loss energy-per-atom 1 + forces 10 (MSE)); "
+        f"torch threads {b['threads']}; device CPU",
+    ]
+    if b.get("overrides"):
+        lines.append(f"- extra overrides: `{' '.join(b['overrides'])}`")
+    if b.get("max_train"):
+        lines.append(f"- at most {b['max_train']} training structures; at most {b.get('test_limit')} test structures")
+    for d in result["datasets"]:
+        lines.append(f"- {d['name']}: {d['protocol']}; {d['train_frames']} training structures, {d['epochs']} epochs")
+    lines.append("- this is **not** the MACE-paper recipe (256 channels, l ≤ 3, correlation 3, ~2000 epochs on a GPU): "
+                 "absolute errors are far above the published ones; the table compares backends at one small budget")
+    return lines
+
+
+def markdown_report(result: dict[str, Any], name: str, command: str) -> str:
+    meta = result["meta"]
+    git = meta["git"]
+    lines = [
+        f"# Accuracy on real DFT data: {result['table']}",
+        "",
+        f"- machine: {common.machine_line(meta)} (shared with other jobs: wall times are noisy, CPU times less so)",
+        f"- date: {meta['date']}; commit {git['commit'][:12]}{' (dirty tree)' if git.get('dirty') else ''}; "
+        f"torch {meta['versions']['torch']}, lightning {meta['versions'].get('lightning')}",
+        f"- command: `{command}`",
+        *budget_lines(result),
+        "- one run = `tdn-train " + " ".join(_shown(o) for o in result["rows"][0].get("overrides", [])) + "` (per row: "
+        "its dataset and `tp=`); errors on the exported model (EMA weights of the best validation epoch)"
+        if result["rows"] and "overrides" in result["rows"][0] else "",
+        "",
+        f"![accuracy]({name}.png)",
+        "",
+        results_table(result),
+        "",
+        *targets_section(result),
+    ]
+    return "\n".join(lines)
+
+
+def _shown(override: str) -> str:
+    """Overrides with the data root shortened for the report."""
+    return override.replace(str(DEFAULT_DATA_ROOT), "../shared/data")
+
+
+def write_plot(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "error" not in r]
+    groups = []  # (dataset, test)
+    for r in rows:
+        for test in r["tests"]:
+            if (r["dataset"], test) not in groups:
+                groups.append((r["dataset"], test))
+    variants = [v for v in result["variants"] if any(r["backend"] == v for r in rows)]
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(groups) + 4), 4.5), squeeze=False)
+    width = 0.8 / max(1, len(variants))
+    for ax, key, unit in ((axes[0][0], "forces_mae_meV_A", "force MAE (meV/Å)"),
+                          (axes[0][1], "energy_mae_meV", "energy MAE (meV)")):
+        for k, v in enumerate(variants):
+            ys = []
+            for ds, test in groups:
+                r = next((r for r in rows if r["dataset"] == ds and r["backend"] == v), None)
+                ys.append(r["tests"].get(test, {}).get(key, math.nan) if r else math.nan)
+            ax.bar([g + (k - (len(variants) - 1) / 2) * width for g in range(len(groups))], ys, width, label=v)
+        if result["table"] == "rmd17":
+            idx = 1 if key.startswith("forces") else 0
+            for g, (ds, _) in enumerate(groups):
+                if ds in MACE_PAPER:
+                    ax.plot([g - 0.4, g + 0.4], [MACE_PAPER[ds][idx]] * 2, "k--", lw=1,
+                            label="MACE paper (GPU recipe)" if g == 0 else None)
+        ax.set_xticks(range(len(groups)), [f"{ds}\n{test}" for ds, test in groups], fontsize=8)
+        ax.set_ylabel(unit)
+        ax.set_yscale("log")
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{result['table']}: test errors at budget '{result['budget']['name']}' "
+                 f"({result['budget']['steps']} steps)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(result: dict[str, Any], out_dir: Path, name: str, command: str | None = None) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    command = command or result.get("command") or f"python scripts/bench_accuracy.py {result['table']}"
+    result["command"] = command
+    paths = {"json": common.write_json(out_dir / f"{name}.json", result)}
+    if result["rows"]:
+        paths["png"] = write_plot(result, out_dir / f"{name}.png")
+    paths["md"] = common.write_text(out_dir / f"{name}.md", markdown_report(result, name, command))
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("table", choices=TABLES, help="which table to (re)compute")
+    parser.add_argument("--backends", nargs="+", choices=sorted(VARIANTS), default=list(BACKENDS),
+                        help="variants to train (cg-shared: the exact path-shared map cp approximates)")
+    parser.add_argument("--molecules", nargs="+", choices=RMD17_MOLECULES, default=list(DEFAULT_MOLECULES),
+                        help="rMD17 molecules (table rmd17)")
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
+    parser.add_argument("--quick", action="store_true", help="the 'quick' budget (a smoke test: seconds per run)")
+    parser.add_argument("--steps", type=int, default=None, help="override the budget's optimiser steps")
+    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "benchmarks")
+    parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / "outputs" / "bench_accuracy",
+                        help="run directories (checkpoints, logs, exported models)")
+    parser.add_argument("--name", default=None, help="output name (default accuracy_<table>[_quick])")
+    parser.add_argument("--no-resume", dest="resume", action="store_false",
+                        help="retrain runs already in the output JSON")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    import sys
+
+    args = parse_args(argv)
+    budget = BUDGETS["quick" if args.quick else args.budget]
+    if args.steps is not None:
+        budget = Budget(**{**asdict(budget), "steps": args.steps})
+    command = "python scripts/bench_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    name = args.name or f"accuracy_{args.table}" + ("_quick" if budget.name == "quick" else "")
+    result = run_table(args.table, args.backends, budget, args.data_root, args.out, args.work_dir, args.molecules,
+                       name, args.resume, log=lambda line: print(line, flush=True), command=command)
+    written = write_outputs(result, args.out, name, command)
+    print("wrote " + ", ".join(str(p) for p in written.values()), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
