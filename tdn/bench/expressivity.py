@@ -357,14 +357,15 @@ def _sci(value: Any) -> str:
 def _weights_cell(row: dict[str, Any]) -> str:
     parts = []
     for mode, p in row["weights_per_channel"].items():
-        parts.append(f"{'**' if mode == row['model_weights'] else ''}{mode} {p}{'**' if mode == row['model_weights'] else ''}")
+        bold = "**" if mode == row["model_weights"] else ""
+        parts.append(f"{bold}{mode} {p}{bold}")
     return ", ".join(parts)
 
 
 def backend_table(rows: list[dict[str, Any]]) -> str:
-    header = ["backend", "paths", "L", "equiv. f32", "equiv. f64", "parity f64", "vs CG M", "vs CG M (best scale/degree)",
-              "vs Gaunt G", "paths held (odd) / in set", "non-CG residual", "weights/channel (model default bold)",
-              "rank"]
+    header = ["backend", "paths", "L", "equiv. f32", "equiv. f64", "parity f64", "vs CG M",
+              "vs CG M (best scale/degree)", "vs Gaunt G", "paths held (odd) / in set", "non-CG residual",
+              "weights/channel (model default bold)", "rank"]
     body = []
     for r in rows:
         if "equiv_f64" not in r:
@@ -398,7 +399,8 @@ def cannot_table(rows: list[dict[str, Any]], lmaxes: Sequence[int]) -> str:
             if kind == "cg":
                 cells.append("0 / 0")
             elif kind == "cp":
-                cells.append(f"{_sci(o3.get('fit_error') if o3 else None)} / {_sci(so3.get('fit_error') if so3 else None)}")
+                errors = [r.get("fit_error") if r else None for r in (o3, so3)]
+                cells.append(f"{_sci(errors[0])} / {_sci(errors[1])}")
             else:
                 deg = o3.get("dist_M_degree") if o3 else None
                 odd = so3.get("odd_fraction") if so3 else None
@@ -449,8 +451,9 @@ def write_plot(result: dict[str, Any], path: Path) -> Path:
                 ax.plot([r["rank"] / L**2 for r in fits], envelope, "-", color=color, label=f"L={L}")
             for s in shipped:
                 if s["paths"] == paths and s["lmax"] == L and s["kind"] in ("tol", "paper"):
-                    ax.plot(s["rank"] / L**2, max(s["rel_error"], 1e-16), "*" if s["kind"] == "tol" else "s",
-                            color=color, ms=11 if s["kind"] == "tol" else 7, mfc="none" if s["kind"] == "paper" else color)
+                    tol = s["kind"] == "tol"
+                    ax.plot(s["rank"] / L**2, max(s["rel_error"], 1e-16), "*" if tol else "s", color=color,
+                            ms=11 if tol else 7, mfc=color if tol else "none")
         ax.axvline(7, color="k", ls="--", lw=1, label="7L² (TDN paper)")
         ax.axhline(1e-4, color="gray", ls=":", lw=1, label="tol 1e-4")
         ax.plot([], [], "k*", ms=10, label="shipped tol-1e-4 rank")
@@ -503,10 +506,11 @@ def markdown_report(result: dict[str, Any], name: str) -> str:
         f"- command: `python scripts/bench_expressivity.py{' --quick' if result.get('quick') else ''}` "
         f"({result.get('backend_seconds', 0):.0f} s backends, {result.get('curve_seconds', 0):.0f} s CP fits)",
         "",
-        "Every backend is probed with `weights=\"shared\"` (one weight per channel, all weights 1): its bilinear map `T`",
-        "is compared with the exact CG path tensor `M` of the same path set and with the Gaunt tensor `G`",
-        "(relative Frobenius distances). \"best scale/degree\": the distance left after the best global scale (what one",
-        "weight per channel absorbs) and after the best scale per output degree (what `weights=\"degree\"` reaches).",
+        "Every backend is probed with `weights=\"shared\"` (one weight per channel, all weights 1): its bilinear",
+        "map `T` is compared with the exact CG path tensor `M` of the same path set and with the Gaunt tensor `G`",
+        "(relative Frobenius distances). \"best scale/degree\": the distance left after the best global scale (what",
+        "one weight per channel absorbs) and after the best scale per output degree (what `weights=\"degree\"`",
+        "reaches).",
         "Equivariance: `max|tp(Dx, Dy, w) − D tp(x, y, w)| / max|tp(x, y, w)|`, max over "
         f"{result['config']['rotations']} seeded random rotations; parity: the same with the improper `−R` (o3 only).",
         "\"paths held\": Wigner-3j blocks holding > 1e-3 of ‖T‖; \"non-CG residual\": the part of `T` in no CG block.",
@@ -517,9 +521,9 @@ def markdown_report(result: dict[str, Any], name: str) -> str:
         "",
         "## What each backend cannot represent",
         "",
-        "Numbers per L: cg — none; cp — relative error of its factors for o3 / so3 (the shipped tol-1e-4 fit; at L where",
-        "that is not shipped, the 7L² fit); gaunt/grid — distance of the Gaunt map from the o3 CG map after the best",
-        "per-degree scales (the fixed relative path weights) / the share of ‖M_so3‖ in odd paths, which no Gaunt",
+        "Numbers per L: cg — none; cp — relative error of its factors for o3 / so3 (the shipped tol-1e-4 fit; at L",
+        "where that is not shipped, the 7L² fit); gaunt/grid — distance of the Gaunt map from the o3 CG map after the",
+        "best per-degree scales (the fixed relative path weights) / the share of ‖M_so3‖ in odd paths, which no Gaunt",
         "product can produce. Per-path weights (MACE's uvu product) exist only for cg.",
         "",
         cannot_table(result["rows"], lmaxes),
@@ -531,8 +535,8 @@ def markdown_report(result: dict[str, Any], name: str) -> str:
             "",
             f"![rank vs error]({name}.png)",
             "",
-            "ALS fits at a handful of ranks per L (seeded; warm-started from the shipped factors truncated or padded to the",
-            f"rank; at most {sweep_budget(result['config']['sweeps'])} sweeps",
+            "ALS fits at a handful of ranks per L (seeded; warm-started from the shipped factors truncated or padded",
+            f"to the rank; at most {sweep_budget(result['config']['sweeps'])} sweeps",
             "— upper bounds of the best rank-R error). Shipped: the rank found by `scripts/fit_cp.py` for tol 1e-4 and",
             "its 7L² fit (9000 sweeps budget). Fits are cached in `expressivity_cp_fits.json`.",
             "",

@@ -150,12 +150,12 @@ def _cell_list(
     pbc: list[bool],
     cutoff: float,
     max_pairs_per_chunk: int,
-    bins_per_cutoff: int = 1,
+    bins_per_cutoff: int = 2,
 ):
-    """Pairs within ``cutoff`` by a cell list; sender-major, unsorted within a sender.
+    """Pairs within ``cutoff`` by a cell list (the algorithm is described in neighbor_list_torch).
 
-    Returns sender, receiver, unit_shifts (float, integer-valued) and squared distances, with the
-    edges of each sender in increasing order of (bin offset, receiver) (see neighbor_list_torch).
+    Returns sender, receiver, unit_shifts (float, integer-valued) and squared distances, sorted by
+    (sender, receiver, shift).
     """
     device, dtype = pos.device, pos.dtype
     n = pos.shape[0]
@@ -172,11 +172,12 @@ def _cell_list(
     frac = frac - wrap
     wrapped = pos - wrap @ cell
 
-    # Bins at least ``width`` wide (Å, perpendicular to the faces) along each axis: ``counts[k]`` of them
-    # across a periodic axis, an unbounded grid from the lowest atom along a non-periodic one (clamped
-    # at the key range: merging the farthest bins costs only candidates). ``reach[k]`` bin offsets
-    # either side cover the cutoff; along a periodic axis it exceeds the number of bins when the cell
-    # is thinner than the cutoff, and the offsets that wrap around are the periodic images.
+    # Bins at least ``width`` wide (Å, perpendicular to their faces) along each axis: ``counts[k]``
+    # of them across a periodic axis; along a non-periodic one an unbounded grid from the lowest atom
+    # (clamped to the key range: merging the farthest bins costs candidates, never pairs). ``reach[k]``
+    # bin offsets either side cover the cutoff; along a periodic axis thinner than the cutoff it
+    # exceeds the number of bins, and the offsets that wrap around the cell more than once are the
+    # further periodic images. Bin coordinates are stored + p so that moved ones stay >= 0.
     width = cutoff * (1.0 + _WIDTH_MARGIN) / p
     counts, reach, columns = [], [], []
     for k in range(3):
@@ -189,28 +190,36 @@ def _cell_list(
             reach.append(p)
             column = torch.floor((frac[:, k] - frac[:, k].min()) / width).clamp_(0, _KEY_MAX - 2 * p)
         counts.append(count)
-        columns.append(column.long() + p)  # + p: the offsets of a non-periodic axis stay >= 0
-    bins = torch.stack(columns, dim=1)  # [N, 3]
-    offsets = torch.tensor(list(itertools.product(*(range(-r, r + 1) for r in reach))), device=device)  # [M, 3]
+        columns.append(column.long() + p)
+    # Atoms sorted by bin (ties by index); from here on atoms are numbered in that order.
+    sorted_keys, atom_order = torch.sort(_bin_key(columns), stable=True)
+    bins = torch.stack(columns, dim=1).index_select(0, atom_order)  # [N, 3]
+    wrapped = wrapped.index_select(0, atom_order)
+    coords = [wrapped[:, k].contiguous() for k in range(3)]
+
+    # Half of the bin offsets, lexicographically >= 0: each unordered pair of atoms (and image) is
+    # found once, from the atom whose offset to the other is positive, or, in the same bin, from the
+    # first of the two; the other direction is its mirror (j, i, -S).
+    offsets = torch.tensor(list(itertools.product(*(range(-r, r + 1) for r in reach))), device=device)
+    offsets = offsets[offsets.shape[0] // 2 :]  # [M, 3], offsets[0] = (0, 0, 0)
     m = offsets.shape[0]
-    center = m // 2  # the zero offset
 
-    sorted_keys, atom_order = torch.sort(_bin_key([bins[:, k] for k in range(3)]), stable=True)
-
-    def neighbor_bins(b: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Bin coordinate along k of atom bins ``b`` [C] moved by every offset [C, M], and the cell shift."""
-        moved = b[:, None] + offsets[None, :, k]
+    def moved_bins(b: torch.Tensor, d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Bin coordinate along k of bins ``b`` moved by offsets ``d`` (broadcast), and the cell shift."""
+        moved = b + d
         if not pbc[k]:
             return moved, None
         shift = torch.div(moved - p, counts[k], rounding_mode="floor")
         return moved - shift * counts[k], shift
 
-    keys = _bin_key([neighbor_bins(bins[:, k], k)[0] for k in range(3)])  # [N, M]
+    keys = _bin_key([moved_bins(bins[:, k, None], offsets[None, :, k], k)[0] for k in range(3)])  # [N, M]
     first = torch.searchsorted(sorted_keys, keys)
-    size = torch.searchsorted(sorted_keys, keys, right=True) - first  # atoms in each neighbouring bin
+    last = torch.searchsorted(sorted_keys, keys, right=True)
+    first[:, 0] = torch.arange(1, n + 1, device=device)  # own bin: only the atoms after this one
+    size = (last - first).clamp_(min=0)
     per_atom = size.sum(dim=1).cumsum(0)
 
-    # Chunks of consecutive atoms with about ``max_pairs_per_chunk`` candidates each (one host sync).
+    # Chunks of consecutive atoms with about ``max_pairs_per_chunk`` candidates each.
     total = int(per_atom[-1])
     chunks = -(-total // max(1, int(max_pairs_per_chunk)))
     if chunks > 1:
@@ -222,37 +231,73 @@ def _cell_list(
     else:
         ends, sizes = [n], [total]
 
-    senders, receivers, images, dist2 = [], [], [], []
+    senders, receivers, segments, dist2 = [], [], [], []
     start = 0
+    cutoff2 = cutoff * cutoff
     for stop, pairs in zip(ends, sizes):
         c = stop - start
-        # Cell shift of every (atom, offset) and the wrapped position it is compared from.
+        # Cell shift S' of every (atom, offset) and the point its neighbours are measured from.
         image = torch.zeros((c, m, 3), dtype=dtype, device=device)
         for k in range(3):
             if pbc[k]:
-                image[:, :, k] = neighbor_bins(bins[start:stop, k], k)[1]
-        base = (wrapped[start:stop, None, :] - image @ cell).reshape(-1, 3)  # [C*M, 3]
-        # Expand each (atom, offset) into the atoms of that bin.
+                image[:, :, k] = moved_bins(bins[start:stop, k, None], offsets[None, :, k], k)[1]
+        base = (wrapped[start:stop, None, :] - image @ cell).reshape(-1, 3)
+        # Expand each (atom, offset) into the run of atoms of that bin.
         sz = size[start:stop].reshape(-1)
         segment = torch.repeat_interleave(torch.arange(c * m, device=device), sz, output_size=pairs)
         into = first[start:stop].reshape(-1) - (torch.cumsum(sz, 0) - sz)
-        receiver = atom_order[into[segment] + torch.arange(pairs, device=device)]
-        vec = wrapped[receiver] - base[segment]
-        d2 = (vec * vec).sum(dim=1)
-        sender = torch.div(segment, m, rounding_mode="floor")
-        keep = d2 < cutoff * cutoff
-        keep &= (receiver != sender + start) | (segment - sender * m != center)  # no zero-shift self edge
-        sel = keep.nonzero().squeeze(1)
-        senders.append(sender[sel] + start)
-        receivers.append(receiver[sel])
-        images.append(image.reshape(-1, 3)[segment[sel]])
-        dist2.append(d2[sel])
+        receiver = into.index_select(0, segment).add_(torch.arange(pairs, device=device))
+        d2 = None
+        for k in range(3):
+            diff = coords[k].index_select(0, receiver).sub_(base[:, k].contiguous().index_select(0, segment))
+            d2 = diff.mul_(diff) if d2 is None else d2.addcmul_(diff, diff)
+        sel = (d2 < cutoff2).nonzero().squeeze(1)
+        segment = segment.index_select(0, sel)
+        senders.append(torch.div(segment, m, rounding_mode="floor").add_(start))
+        receivers.append(receiver.index_select(0, sel))
+        segments.append(segment.remainder_(m))  # the offset
+        dist2.append(d2.index_select(0, sel))
         start = stop
     sender = torch.cat(senders)
     receiver = torch.cat(receivers)
-    # Undo the wrapping: wrapped = pos - wrap @ cell, so S = S' + wrap_i - wrap_j for the original positions.
-    unit_shifts = torch.cat(images) + wrap[sender] - wrap[receiver]
-    return sender, receiver, unit_shifts, torch.cat(dist2)
+    offset = torch.cat(segments)
+    d2 = torch.cat(dist2)
+
+    # A code for S' of each edge, increasing with S' lexicographically (|S'_k| <= reach + 1).
+    code = torch.zeros_like(sender)
+    radix = [1, 1, 1]  # digits of the code, per axis (1: always 0)
+    weight = 1
+    for k in reversed(range(3)):
+        if pbc[k]:
+            shift = moved_bins(bins[:, k].index_select(0, sender), offsets[:, k].index_select(0, offset), k)[1]
+            radix[k] = 2 * reach[k] + 3
+            code += (shift + reach[k] + 1) * weight
+            weight *= radix[k]
+    # Both directions (the code of -S' is weight - 1 - code: each digit x becomes radix - 1 - x), back in
+    # the original numbering, sorted by (sender, receiver, shift): the shift differs from S' by
+    # wrap[sender] - wrap[receiver], the same for all images of a pair.
+    sender, receiver = atom_order.index_select(0, sender), atom_order.index_select(0, receiver)
+    sender, receiver = torch.cat([sender, receiver]), torch.cat([receiver, sender])
+    code = torch.cat([code, (weight - 1) - code])
+    d2 = torch.cat([d2, d2])
+    if n * n * weight < 1 << 62:
+        key, order = torch.sort((sender * n + receiver) * weight + code)
+        code = key.remainder(weight)
+        pair = key.div_(weight, rounding_mode="floor")
+        sender, receiver = pair.div(n, rounding_mode="floor"), pair.remainder_(n)
+    else:
+        order = _stable_argsort([sender, receiver, code])
+        sender, receiver, code = sender.index_select(0, order), receiver.index_select(0, order), code.index_select(0, order)
+    columns = []
+    for k in range(3):
+        column = wrap[:, k].contiguous()
+        column = column.index_select(0, sender) - column.index_select(0, receiver)
+        if radix[k] > 1:
+            weight //= radix[k]
+            digit = torch.div(code, weight, rounding_mode="floor").remainder_(radix[k])
+            column += digit.to(dtype) - (reach[k] + 1)
+        columns.append(column)
+    return sender, receiver, torch.stack(columns, dim=1), d2.index_select(0, order)
 
 
 def _brute_force(pos: torch.Tensor, cell: torch.Tensor, pbc: list[bool], cutoff: float, max_pairs_per_chunk: int):
@@ -353,11 +398,6 @@ def neighbor_list_torch(
         return empty, empty.clone(), torch.zeros((0, 3), dtype=dtype, device=device)
 
     sender, receiver, unit_shifts, d2 = _cell_list(pos, cell, cell_host, pbc_list, cutoff, max_pairs_per_chunk)
-    # Each sender's edges come in increasing bin offset, and for one (sender, receiver) pair a larger
-    # offset along an axis is a larger cell shift along it: a stable sort by (sender, receiver) leaves
-    # the images of a pair in lexicographic shift order.
-    order = torch.sort(sender * n + receiver, stable=True).indices
-    sender, receiver, unit_shifts, d2 = sender[order], receiver[order], unit_shifts[order], d2[order]
     if max_neighbors is not None:
         order = _stable_argsort([receiver, d2])  # ties keep the (sender, shift) order
         recv_sorted = receiver[order]
