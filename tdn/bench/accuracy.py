@@ -548,6 +548,44 @@ def write_outputs(result: dict[str, Any], out_dir: Path, name: str, command: str
     return paths
 
 
+def update_doc_section(doc: Path | None, name: str, text: str) -> bool:
+    """Replace the block between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` of ``doc`` (docs/accuracy.md)
+    with ``text``; nothing happens when the file or the markers are absent. Returns whether it was replaced."""
+    if doc is None or not Path(doc).is_file():
+        return False
+    content = Path(doc).read_text()
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    if begin not in content or end not in content:
+        return False
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    Path(doc).write_text(f"{head}{begin}\n{text.strip()}\n{end}{tail}")
+    return True
+
+
+def default_doc(out_dir: Path) -> Path | None:
+    """docs/accuracy.md when the outputs go to docs/benchmarks (the published tables), else None."""
+    if Path(out_dir).resolve() == (REPO_ROOT / "docs" / "benchmarks").resolve():
+        return REPO_ROOT / "docs" / "accuracy.md"
+    return None
+
+
+def doc_block(result: dict[str, Any], name: str) -> str:
+    """What docs/accuracy.md shows of a table: provenance, the results and the target check."""
+    meta = result["meta"]
+    return "\n".join([
+        f"`{result['command']}` — {meta['date']}, commit {meta['git']['commit'][:12]}"
+        f"{' (dirty tree)' if meta['git'].get('dirty') else ''}, {common.machine_line(meta)}; "
+        f"full report: [benchmarks/{name}.md](benchmarks/{name}.md)",
+        "",
+        f"![{name}](benchmarks/{name}.png)",
+        "",
+        results_table(result),
+        "",
+        *targets_section(result),
+    ])
+
+
 # ------------------------------------------------------------------------------------------------- command line
 
 
@@ -587,6 +625,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                        name, args.resume, log=lambda line: print(line, flush=True), command=command, seed=args.seed)
     written = write_outputs(result, args.out, name, command)
     print("wrote " + ", ".join(str(p) for p in written.values()), flush=True)
+    if update_doc_section(default_doc(args.out), name, doc_block(result, name)):
+        print(f"updated the {name} section of docs/accuracy.md", flush=True)
     return result
 
 

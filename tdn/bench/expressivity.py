@@ -42,6 +42,7 @@ from .. import tp as tdn_tp
 from ..tp import cp as tdn_cp
 from ..tp import cp_fit
 from . import common
+from .accuracy import default_doc, update_doc_section
 from .tp import effective_tensor, path_analysis
 
 BACKENDS = ("cg", "cp", "gaunt", "grid")
@@ -546,6 +547,74 @@ def markdown_report(result: dict[str, Any], name: str) -> str:
     return "\n".join(lines)
 
 
+def _range(values: list[float]) -> str:
+    values = [v for v in values if isinstance(v, float)]
+    if not values:
+        return "—"
+    lo, hi = min(values), max(values)
+    if hi == lo or (lo > 0 and hi / lo < 1.1):
+        return common.fmt_sci(hi)
+    return f"{common.fmt_sci(lo)}–{common.fmt_sci(hi)}"
+
+
+def _paths_cell(rows: list[dict[str, Any]]) -> str:
+    text = "/".join(str(r["paths_active"]) for r in rows)
+    if any(r["paths_active_odd"] for r in rows):
+        text += " (odd " + "/".join(str(r["paths_active_odd"]) for r in rows) + ")"
+    return text
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """One line per backend and path set, ranges over L: the condensed form for docs/accuracy.md."""
+    lmaxes = sorted({r["lmax"] for r in rows})
+    body = []
+    for kind in BACKENDS:
+        for paths in PATH_SETS:
+            sel = [r for r in rows if r["backend"] == kind and r["paths"] == paths]
+            if not sel:
+                continue
+            ok = [r for r in sel if "equiv_f64" in r and not r.get("note")]  # fallback factors: listed below
+            weights = ", ".join(f"{m} {'L+1' if m == 'degree' else ('#paths' if m == 'path' else p)}"
+                                for m, p in sel[0]["weights_per_channel"].items())
+            if not ok:
+                odd = [r["odd_fraction"] for r in sel if "odd_fraction" in r]
+                body.append([kind, paths, "unsupported (ValueError)", "", "", "", "",
+                             f"odd paths = {min(odd):.0%}–{max(odd):.0%} of ‖M_so3‖" if odd else "", weights,
+                             CANNOT[kind]])
+                continue
+            body.append([
+                kind, paths, _range([r["equiv_f32"] for r in ok]), _range([r["equiv_f64"] for r in ok]),
+                _range([r["dist_M"] for r in ok]), _range([r["dist_M_degree"] for r in ok]),
+                _range([r["dist_G"] for r in ok]),
+                _paths_cell(ok),
+                weights + f" (model: {sel[0]['model_weights']})", CANNOT[kind],
+            ])
+    header = ["backend", "paths", "equiv. f32", "equiv. f64", "vs CG M", "vs M, best per-degree scales", "vs Gaunt G",
+              f"paths held, L={lmaxes[0]}..{lmaxes[-1]}", "weights / channel", "cannot represent"]
+    return common.markdown_table(header, body)
+
+
+def doc_block(result: dict[str, Any], name: str) -> str:
+    meta = result["meta"]
+    notes = [r for r in result["rows"] if r.get("note")]
+    lines = [
+        f"`python scripts/bench_expressivity.py` — {meta['date']}, commit {meta['git']['commit'][:12]}"
+        f"{' (dirty tree)' if meta['git'].get('dirty') else ''}, {common.machine_line(meta)}; "
+        f"full per-L table: [benchmarks/{name}.md](benchmarks/{name}.md). Ranges are over L = "
+        f"{min(r['lmax'] for r in result['rows'])}..{max(r['lmax'] for r in result['rows'])}.",
+        "",
+        summary_table(result["rows"]),
+        "",
+    ]
+    if notes:
+        lines += [f"- not in the ranges above: cp {r['paths']} L={r['lmax']}: {r['note']} (rank {r.get('rank')}, fit "
+                  f"error {r.get('fit_error', 0):.1e}, equivariance error {r['equiv_f64']:.1e})" for r in notes]
+        lines.append("")
+    if result.get("cp_curve"):
+        lines += [f"![CP rank vs error](benchmarks/{name}.png)", "", curve_table(result), ""]
+    return "\n".join(lines)
+
+
 def write_outputs(result: dict[str, Any], out_dir: Path, name: str) -> dict[str, Path]:
     out_dir = Path(out_dir)
     paths = {"json": common.write_json(out_dir / f"{name}.json", result)}
@@ -581,6 +650,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  log=lambda line: print(line, flush=True))
     written = write_outputs(result, args.out, name)
     print("wrote " + ", ".join(str(p) for p in written.values()), flush=True)
+    if update_doc_section(default_doc(args.out), name, doc_block(result, name)):
+        print(f"updated the {name} section of docs/accuracy.md", flush=True)
     return result
 
 

@@ -96,7 +96,6 @@ def neighbor_list(positions, cell, pbc, cutoff: float, max_neighbors: int | None
 
 _KEY_BITS = 21  # bits per axis of a bin key: three fields in a non-negative int64
 _KEY_MAX = (1 << _KEY_BITS) - 1
-_WIDTH_MARGIN = 1e-6  # bins are a little wider than cutoff / bins_per_cutoff, against rounding
 
 
 def _complete_cell(cell: np.ndarray, pbc: list[bool]) -> np.ndarray:
@@ -178,30 +177,50 @@ def _cell_list(
     # bin offsets either side cover the cutoff; along a periodic axis thinner than the cutoff it
     # exceeds the number of bins, and the offsets that wrap around the cell more than once are the
     # further periodic images. Bin coordinates are stored + p so that moved ones stay >= 0.
-    width = cutoff * (1.0 + _WIDTH_MARGIN) / p
-    counts, reach, columns = [], [], []
+    margin = 1e-6 if dtype == torch.float64 else 1e-4  # relative, against rounding of the coordinates
+    width = cutoff * (1.0 + margin) / p
+    counts, reach, columns, inside, bin_widths = [], [], [], [], []
     for k in range(3):
         if pbc[k]:
             count = int(min(max(heights[k] // width, 1), _KEY_MAX - 2 * p))
             reach.append(math.ceil(cutoff * (1.0 + 1e-9) * count / heights[k]))
-            column = torch.floor(frac[:, k] * count).clamp_(0, count - 1)
+            scaled = frac[:, k] * count
+            bin_widths.append(heights[k] / count)
+            column = torch.floor(scaled).clamp_(0, count - 1)
         else:
             count = 0
             reach.append(p)
-            column = torch.floor((frac[:, k] - frac[:, k].min()) / width).clamp_(0, _KEY_MAX - 2 * p)
+            scaled = (frac[:, k] - frac[:, k].min()) / width
+            bin_widths.append(width)
+            column = torch.floor(scaled).clamp_(0, _KEY_MAX - 2 * p)
         counts.append(count)
+        inside.append(scaled - column)  # position in the bin, in bin widths (in [0, 1] but for clamping)
         columns.append(column.long() + p)
     # Atoms sorted by bin (ties by index); from here on atoms are numbered in that order.
     sorted_keys, atom_order = torch.sort(_bin_key(columns), stable=True)
     bins = torch.stack(columns, dim=1).index_select(0, atom_order)  # [N, 3]
+    inside = torch.stack(inside, dim=1).index_select(0, atom_order)  # [N, 3]
     wrapped = wrapped.index_select(0, atom_order)
     coords = [wrapped[:, k].contiguous() for k in range(3)]
 
+    # Distances to bins. A vector v with v . n_k = t_k along the unit normals n_k of the bin faces has
+    # |v|^2 = t^T Q t with Q = (N N^T)^-1 (N: rows n_k), so |v|^2 >= lam |t|^2, lam = Q's least
+    # eigenvalue (1 in an orthogonal cell): a bin whose gaps t_k to a point satisfy lam |t|^2 >= cutoff^2
+    # holds no neighbour of it.
+    normals = (inv_host / np.linalg.norm(inv_host, axis=0)).T
+    lam = float(np.linalg.eigvalsh(np.linalg.inv(normals @ normals.T)).min())
+    reach2 = (cutoff * (1.0 + margin)) ** 2 / lam
+    bin_widths = np.array(bin_widths)
+
     # Half of the bin offsets, lexicographically >= 0: each unordered pair of atoms (and image) is
     # found once, from the atom whose offset to the other is positive, or, in the same bin, from the
-    # first of the two; the other direction is its mirror (j, i, -S).
-    offsets = torch.tensor(list(itertools.product(*(range(-r, r + 1) for r in reach))), device=device)
-    offsets = offsets[offsets.shape[0] // 2 :]  # [M, 3], offsets[0] = (0, 0, 0)
+    # first of the two; the other direction is its mirror (j, i, -S). Offsets whose bins are out of
+    # reach from anywhere in a bin are dropped.
+    offsets = np.array(list(itertools.product(*(range(-r, r + 1) for r in reach))))
+    offsets = offsets[offsets.shape[0] // 2 :]  # offsets[0] = (0, 0, 0)
+    offsets = offsets[((np.maximum(np.abs(offsets) - 1, 0) * bin_widths) ** 2).sum(axis=1) < reach2]
+    gap_widths = torch.tensor(bin_widths, dtype=dtype, device=device)
+    offsets = torch.tensor(offsets, device=device)  # [M, 3]
     m = offsets.shape[0]
 
     def moved_bins(b: torch.Tensor, d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -217,6 +236,12 @@ def _cell_list(
     last = torch.searchsorted(sorted_keys, keys, right=True)
     first[:, 0] = torch.arange(1, n + 1, device=device)  # own bin: only the atoms after this one
     size = (last - first).clamp_(min=0)
+    # Per atom, the bins out of its reach: gaps along each axis, from its place in its bin.
+    d = offsets.to(dtype)[None, :, :]
+    u = inside[:, None, :]
+    gap = torch.maximum(torch.maximum(d - u, u - d - 1), torch.zeros((), dtype=dtype, device=device))
+    gap2 = (gap * gap_widths).square_().sum(dim=2)
+    size.masked_fill_(gap2 >= reach2, 0)
     per_atom = size.sum(dim=1).cumsum(0)
 
     # Chunks of consecutive atoms with about ``max_pairs_per_chunk`` candidates each.
@@ -287,7 +312,7 @@ def _cell_list(
         sender, receiver = pair.div(n, rounding_mode="floor"), pair.remainder_(n)
     else:
         order = _stable_argsort([sender, receiver, code])
-        sender, receiver, code = sender.index_select(0, order), receiver.index_select(0, order), code.index_select(0, order)
+        sender, receiver, code = (x.index_select(0, order) for x in (sender, receiver, code))
     columns = []
     for k in range(3):
         column = wrap[:, k].contiguous()
