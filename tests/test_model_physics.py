@@ -158,15 +158,7 @@ def test_inversion(kind):
     assert_close(out_i["stress"], out["stress"], kind)
 
 
-CP_NU1 = pytest.mark.xfail(
-    raises=ValueError, reason="ProductBasis('cp', correlation=1): torch.cat of an empty list in CPContraction"
-)
-
-
-@pytest.mark.parametrize(
-    ("kind", "correlation"),
-    [(k, nu) if (k, nu) != ("cp", 1) else pytest.param(k, nu, marks=CP_NU1) for k in BACKENDS for nu in (1, 3, 4)],
-)
+@pytest.mark.parametrize(("kind", "correlation"), [(k, nu) for k in BACKENDS for nu in (1, 3, 4)])
 def test_every_correlation_order(kind, correlation):
     model = tiny_model(kind, correlation=correlation)
     graph = make_graph(slab())

@@ -149,7 +149,7 @@ def _cell_list(
     pbc: list[bool],
     cutoff: float,
     max_pairs_per_chunk: int,
-    bins_per_cutoff: int = 2,
+    bins_per_cutoff: int = 1,
 ):
     """Pairs within ``cutoff`` by a cell list (the algorithm is described in neighbor_list_torch).
 

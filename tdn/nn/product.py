@@ -339,7 +339,9 @@ class CPContraction(_Contraction):
                 row, key = row + size, key + eta
             directions.append(factors.directions)
             coefficients.append(expanded)
-        self.register_buffer("directions", torch.cat(directions, dim=1).to(dtype))  # [D, R]
+        # correlation 1 has no contraction: an empty [D, 0] keeps the module well formed
+        directions = torch.cat(directions, dim=1) if directions else torch.zeros(dim(lmax_in), 0, dtype=torch.float64)
+        self.register_buffer("directions", directions.to(dtype))  # [D, R]
         for nu, expanded in zip(range(2, correlation + 1), coefficients):
             self.register_buffer(f"coefficients_{nu}", expanded.to(dtype))  # [P_nu, R_nu, D_out]
 

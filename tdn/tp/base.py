@@ -52,9 +52,7 @@ class TensorProduct(nn.Module):
         if weights not in WEIGHT_MODES:
             raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
         if weights not in self.supported_weights:
-            raise ValueError(
-                f"the {self.kind!r} backend supports weights in {self.supported_weights}, got {weights!r}"
-            )
+            raise ValueError(f"the {self.kind!r} backend supports weights in {self.supported_weights}, got {weights!r}")
         self.channels, self.paths, self.weights = channels, paths, weights
         self.path_list = path_list(lmax_in, lmax_sh, lmax_out, paths)
         if not self.path_list:
@@ -64,6 +62,19 @@ class TensorProduct(nn.Module):
         self.num_paths = len(self.path_list)
         self.num_weights = {"shared": 1, "degree": lmax_out + 1, "path": self.num_paths}[weights]
         self.register_buffer("_degree_index", degree_of_component(lmax_out), persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        # Tables are computed in float64. Casting float64 -> float32 -> float64 would keep float32 round-off,
+        # so every cast re-derives the floating buffers from the float64 originals captured at the first cast.
+        if "_tables" not in self.__dict__:
+            self._tables = {
+                n: b.detach().clone() for n, b in self._buffers.items() if b is not None and b.is_floating_point()
+            }
+        super()._apply(fn, recurse)
+        for name, table in self._tables.items():
+            buffer = self._buffers[name]
+            self._buffers[name] = table.to(device=buffer.device, dtype=buffer.dtype)
+        return self
 
     @property
     def dims(self) -> tuple[int, int, int]:
