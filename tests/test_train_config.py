@@ -50,7 +50,7 @@ def test_config_tree():
     assert options("model") == ["mace", "mace_medium"]
     assert options("data") == ["extxyz", "oc20_s2ef", "oc22_s2ef", "pubchemqcr", "pubchemqcr_s", "rmd17", "sample"]
     assert options("trainer") == ["cpu", "ddp", "gpu"]
-    assert options("experiment") == ["oc20_s2ef_2m", "pubchemqcr_s", "rmd17_aspirin"]
+    assert {"oc20_s2ef_2m", "pubchemqcr_s", "rmd17_aspirin"} <= set(options("experiment"))
     cfg = compose([])
     choices = {"model": "mace", "tp": "cp", "data": "sample", "trainer": "cpu"}
     assert cfg.model.tp == "cp" and cfg.trainer.accelerator == "cpu" and cfg.trainer.max_epochs == cfg.epochs

@@ -96,6 +96,7 @@ def neighbor_list(positions, cell, pbc, cutoff: float, max_neighbors: int | None
 
 _KEY_BITS = 21  # bits per axis of a bin key: three fields in a non-negative int64
 _KEY_MAX = (1 << _KEY_BITS) - 1
+_PACKED_LIMIT = 1 << 62  # sort keys (sender, receiver, shift code) below this fit an int64
 
 
 def _complete_cell(cell: np.ndarray, pbc: list[bool]) -> np.ndarray:
@@ -149,12 +150,13 @@ def _cell_list(
     pbc: list[bool],
     cutoff: float,
     max_pairs_per_chunk: int,
+    with_d2: bool = False,
     bins_per_cutoff: int = 1,
 ):
     """Pairs within ``cutoff`` by a cell list (the algorithm is described in neighbor_list_torch).
 
-    Returns sender, receiver, unit_shifts (float, integer-valued) and squared distances, sorted by
-    (sender, receiver, shift).
+    Returns sender, receiver, unit_shifts (float, integer-valued) and, with ``with_d2``, the squared
+    distances (else None), sorted by (sender, receiver, shift).
     """
     device, dtype = pos.device, pos.dtype
     n = pos.shape[0]
@@ -244,8 +246,21 @@ def _cell_list(
     size.masked_fill_(gap2 >= reach2, 0)
     per_atom = size.sum(dim=1).cumsum(0)
 
+    # The shift of an edge i -> j is S = S' + wrap[i] - wrap[j], with S' the shift of the bin offset
+    # (|S'_k| <= reach + 1) and |wrap[i] - wrap[j]| at most the spread of ``wrap``. It is coded as one
+    # integer increasing with S lexicographically: digit S_k + bound_k in base 2 bound_k + 1 per axis.
+    # Host sync: the number of candidate pairs and the spreads.
+    spread = (wrap.amax(dim=0) - wrap.amin(dim=0)).long()
+    total, *spread = torch.cat([per_atom[-1:], spread]).tolist()
+    bound = [reach[k] + 1 + spread[k] if pbc[k] else 0 for k in range(3)]
+    radix = [2 * b + 1 for b in bound]
+    digit = [radix[1] * radix[2], radix[2], 1]
+    weight = radix[0] * radix[1] * radix[2]
+    bound_t, digit_t = torch.tensor(bound, device=device), torch.tensor(digit, device=device)
+    wrap_code = (wrap.long() * digit_t).sum(dim=1).index_select(0, atom_order)
+    packed = n * n * weight < _PACKED_LIMIT  # (sender, receiver, code) as one int64
+
     # Chunks of consecutive atoms with about ``max_pairs_per_chunk`` candidates each.
-    total = int(per_atom[-1])
     chunks = -(-total // max(1, int(max_pairs_per_chunk)))
     if chunks > 1:
         targets = torch.arange(1, chunks, device=device) * total // chunks
@@ -256,18 +271,20 @@ def _cell_list(
     else:
         ends, sizes = [n], [total]
 
-    senders, receivers, segments, dist2 = [], [], [], []
+    keys, parts, dist2 = [], [], []
     start = 0
     cutoff2 = cutoff * cutoff
     for stop, pairs in zip(ends, sizes):
         c = stop - start
-        # Cell shift S' of every (atom, offset) and the point its neighbours are measured from.
-        image = torch.zeros((c, m, 3), dtype=dtype, device=device)
+        # Per (atom, offset): the cell shift S', the point the bin's atoms are measured from, and the
+        # code of S' + wrap[atom].
+        image = torch.zeros((c, m, 3), dtype=torch.long, device=device)
         for k in range(3):
             if pbc[k]:
                 image[:, :, k] = moved_bins(bins[start:stop, k, None], offsets[None, :, k], k)[1]
-        base = (wrapped[start:stop, None, :] - image @ cell).reshape(-1, 3)
-        # Expand each (atom, offset) into the run of atoms of that bin.
+        base = (wrapped[start:stop, None, :] - image.to(dtype) @ cell).reshape(-1, 3)
+        image_code = ((image + bound_t) * digit_t).sum(dim=2).add_(wrap_code[start:stop, None]).reshape(-1)
+        # Expand each (atom, offset) into the run of atoms of that bin; keep those within the cutoff.
         sz = size[start:stop].reshape(-1)
         segment = torch.repeat_interleave(torch.arange(c * m, device=device), sz, output_size=pairs)
         into = first[start:stop].reshape(-1) - (torch.cumsum(sz, 0) - sz)
@@ -278,51 +295,32 @@ def _cell_list(
             d2 = diff.mul_(diff) if d2 is None else d2.addcmul_(diff, diff)
         sel = (d2 < cutoff2).nonzero().squeeze(1)
         segment = segment.index_select(0, sel)
-        senders.append(torch.div(segment, m, rounding_mode="floor").add_(start))
-        receivers.append(receiver.index_select(0, sel))
-        segments.append(segment.remainder_(m))  # the offset
-        dist2.append(d2.index_select(0, sel))
+        receiver = receiver.index_select(0, sel)
+        code = image_code.index_select(0, segment).sub_(wrap_code.index_select(0, receiver))
+        sender = atom_order.index_select(0, torch.div(segment, m, rounding_mode="floor").add_(start))
+        receiver = atom_order.index_select(0, receiver)
+        # Both directions: the mirror of (i, j, S) is (j, i, -S), whose digits are radix - 1 - digit.
+        if packed:
+            keys += [(sender * n + receiver) * weight + code, (receiver * n + sender) * weight + (weight - 1 - code)]
+        else:
+            parts += [(sender, receiver, code), (receiver, sender, weight - 1 - code)]
+        if with_d2:
+            dist2 += [d2.index_select(0, sel)] * 2
         start = stop
-    sender = torch.cat(senders)
-    receiver = torch.cat(receivers)
-    offset = torch.cat(segments)
-    d2 = torch.cat(dist2)
 
-    # A code for S' of each edge, increasing with S' lexicographically (|S'_k| <= reach + 1).
-    code = torch.zeros_like(sender)
-    radix = [1, 1, 1]  # digits of the code, per axis (1: always 0)
-    weight = 1
-    for k in reversed(range(3)):
-        if pbc[k]:
-            shift = moved_bins(bins[:, k].index_select(0, sender), offsets[:, k].index_select(0, offset), k)[1]
-            radix[k] = 2 * reach[k] + 3
-            code += (shift + reach[k] + 1) * weight
-            weight *= radix[k]
-    # Both directions (the code of -S' is weight - 1 - code: each digit x becomes radix - 1 - x), back in
-    # the original numbering, sorted by (sender, receiver, shift): the shift differs from S' by
-    # wrap[sender] - wrap[receiver], the same for all images of a pair.
-    sender, receiver = atom_order.index_select(0, sender), atom_order.index_select(0, receiver)
-    sender, receiver = torch.cat([sender, receiver]), torch.cat([receiver, sender])
-    code = torch.cat([code, (weight - 1) - code])
-    d2 = torch.cat([d2, d2])
-    if n * n * weight < 1 << 62:
-        key, order = torch.sort((sender * n + receiver) * weight + code)
+    # Sort by (sender, receiver, shift), in the original numbering.
+    if packed:
+        key, order = torch.sort(torch.cat(keys))
         code = key.remainder(weight)
         pair = key.div_(weight, rounding_mode="floor")
         sender, receiver = pair.div(n, rounding_mode="floor"), pair.remainder_(n)
     else:
+        sender, receiver, code = (torch.cat(x) for x in zip(*parts))
         order = _stable_argsort([sender, receiver, code])
         sender, receiver, code = (x.index_select(0, order) for x in (sender, receiver, code))
-    columns = []
-    for k in range(3):
-        column = wrap[:, k].contiguous()
-        column = column.index_select(0, sender) - column.index_select(0, receiver)
-        if radix[k] > 1:
-            weight //= radix[k]
-            digit = torch.div(code, weight, rounding_mode="floor").remainder_(radix[k])
-            column += digit.to(dtype) - (reach[k] + 1)
-        columns.append(column)
-    return sender, receiver, torch.stack(columns, dim=1), d2.index_select(0, order)
+    shifts = [torch.div(code, digit[k], rounding_mode="floor").remainder_(radix[k]).sub_(bound[k]) for k in range(3)]
+    d2 = torch.cat(dist2).index_select(0, order) if with_d2 else None
+    return sender, receiver, torch.stack(shifts, dim=1).to(dtype), d2
 
 
 def _brute_force(pos: torch.Tensor, cell: torch.Tensor, pbc: list[bool], cutoff: float, max_pairs_per_chunk: int):
@@ -422,7 +420,9 @@ def neighbor_list_torch(
         empty = torch.zeros(0, dtype=torch.long, device=device)
         return empty, empty.clone(), torch.zeros((0, 3), dtype=dtype, device=device)
 
-    sender, receiver, unit_shifts, d2 = _cell_list(pos, cell, cell_host, pbc_list, cutoff, max_pairs_per_chunk)
+    sender, receiver, unit_shifts, d2 = _cell_list(
+        pos, cell, cell_host, pbc_list, cutoff, max_pairs_per_chunk, with_d2=max_neighbors is not None
+    )
     if max_neighbors is not None:
         order = _stable_argsort([receiver, d2])  # ties keep the (sender, shift) order
         recv_sorted = receiver[order]
