@@ -93,10 +93,6 @@ def check_cell(cell: np.ndarray, pbc: np.ndarray) -> None:
 
 # ------------------------------------------------------------------------------------------------ neighbours
 NEIGHBOR_LISTS = ("auto", "torch", "vesin")
-# tdn.data.neighbors.neighbor_list_torch is a brute-force O(N^2 x images) search: on an accelerator it beats a CPU
-# cell list plus the copy of the edges up to about this many atoms (measured on a CPU: 4.4 s at 864 atoms, 96 s
-# at 4000, against vesin's 0.04 s and 0.2 s). Above it, "auto" builds the list with vesin on the CPU.
-TORCH_LIST_MAX_ATOMS = 10_000
 
 
 def neighbor_list(
@@ -108,13 +104,13 @@ def neighbor_list(
     ``method``: ``"torch"`` the pure-torch list on ``pos.device`` (:func:`tdn.data.neighbors.neighbor_list_torch`:
     positions never leave an accelerator); ``"vesin"`` vesin's CPU cell list
     (:func:`tdn.data.neighbors.neighbor_list`) and a copy of the edges to the device; ``"auto"``: torch on an
-    accelerator for up to ``TORCH_LIST_MAX_ATOMS`` atoms, vesin otherwise. With the skin the list is rebuilt only
-    every few tens of MD steps, so its cost is spread over them.
+    accelerator (a linear-scaling cell list, any number of atoms), vesin on the CPU. With the skin the list is
+    rebuilt only every few tens of MD steps, so its cost is spread over them.
     """
     from .data import neighbors
 
     if method == "auto":
-        method = "vesin" if pos.device.type == "cpu" or pos.shape[0] > TORCH_LIST_MAX_ATOMS else "torch"
+        method = "vesin" if pos.device.type == "cpu" else "torch"
     if method == "vesin":
         sender, receiver, shifts = neighbors.neighbor_list(
             pos.detach().cpu().double().numpy(),
@@ -159,8 +155,8 @@ class TDNCalculator(Calculator):
         compile: ``torch.compile`` the model's energy function (experimental; falls back with a warning).
         skin: neighbour-list skin in Å; the list is rebuilt once an atom has moved more than ``skin / 2``.
             ``0`` rebuilds at every new geometry.
-        neighbor_list: ``"auto"`` (the pure-torch list on an accelerator for up to 10,000 atoms, vesin's CPU cell
-            list otherwise), ``"torch"`` or ``"vesin"`` (edges copied to the device), see :func:`neighbor_list`.
+        neighbor_list: ``"auto"`` (the pure-torch cell list on an accelerator, vesin's CPU cell list on the CPU),
+            ``"torch"`` or ``"vesin"`` (edges copied to the device), see :func:`neighbor_list`.
 
     Properties: ``energy``, ``free_energy`` (the same, eV), ``energies`` (per atom, eV), ``forces`` (eV/Å),
     ``stress`` (Voigt, eV/Å^3, ASE sign; fully periodic cells only, otherwise PropertyNotImplementedError).

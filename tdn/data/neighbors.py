@@ -323,19 +323,25 @@ def _cell_list(
     return sender, receiver, torch.stack(shifts, dim=1).to(dtype), d2
 
 
-def _brute_force(pos: torch.Tensor, cell: torch.Tensor, pbc: list[bool], cutoff: float, max_pairs_per_chunk: int):
-    """Reference O(N^2 x images) search (all pairs and every image that can reach the cutoff).
+@torch.no_grad()
+def _brute_force(positions: torch.Tensor, cell, pbc, cutoff: float, max_pairs_per_chunk: int = 1 << 22):
+    """Reference O(N^2 x images) search: every pair and every image that can reach the cutoff.
 
-    Same return values as :func:`_cell_list`, sender-major; for tests and tiny systems.
+    The previous implementation of :func:`neighbor_list_torch` (same arguments and results, without
+    ``max_neighbors``), kept to test the cell list against; slow beyond a few hundred atoms.
     """
+    pos = positions.detach().reshape(-1, 3)
     device, dtype = pos.device, pos.dtype
     n = pos.shape[0]
-    full = _complete_cell(cell.detach().double().cpu().numpy(), pbc)
-    inv_host = np.linalg.inv(full)
+    cell = torch.as_tensor(cell, dtype=dtype, device=device).reshape(3, 3)
+    pbc = _as_pbc(torch.as_tensor(pbc).cpu().numpy() if torch.is_tensor(pbc) else pbc).tolist()
+    cell_host = cell.double().cpu().numpy()
+    if any(pbc):
+        _check_cell(cell_host, np.array(pbc))
+    inv_host = np.linalg.inv(_complete_cell(cell_host, pbc))
     inv = torch.tensor(inv_host, dtype=dtype, device=device)
-    periodic = torch.tensor(pbc, device=device)
     frac = pos @ inv
-    wrap = torch.where(periodic, torch.floor(frac), torch.zeros_like(frac))
+    wrap = torch.where(torch.tensor(pbc, device=device), torch.floor(frac), torch.zeros_like(frac))
     wrapped = pos - wrap @ cell
     # Wrapped fractional differences along k lie in (-1, 1) and a vector no longer than the cutoff
     # has |fractional component k| <= cutoff * |reciprocal vector k|, so |S_k| <= ceil(that).
@@ -347,22 +353,21 @@ def _brute_force(pos: torch.Tensor, cell: torch.Tensor, pbc: list[bool], cutoff:
     m = shifts.shape[0]
     chunk = max(1, max_pairs_per_chunk // max(1, n * m))
     all_j = torch.arange(n, device=device)
-    senders, receivers, images, dist2 = [], [], [], []
+    senders, receivers, images = [], [], []
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         vec = wrapped[None, :, None, :] - wrapped[start:stop, None, None, :] + shift_vectors[None, None, :, :]
-        d2 = (vec * vec).sum(dim=-1)  # [chunk, N, M]
-        close = d2 < cutoff * cutoff
+        close = (vec * vec).sum(dim=-1) < cutoff * cutoff  # [chunk, N, M]
         close &= ~((torch.arange(start, stop, device=device)[:, None] == all_j[None, :])[:, :, None] & zero_shift)
         ii, jj, mm = close.nonzero(as_tuple=True)
         senders.append(ii + start)
         receivers.append(jj)
         images.append(mm)
-        dist2.append(d2[ii, jj, mm])
     sender = torch.cat(senders)
     receiver = torch.cat(receivers)
     unit_shifts = shifts[torch.cat(images)] + wrap[sender] - wrap[receiver]
-    return sender, receiver, unit_shifts, torch.cat(dist2)
+    order = _stable_argsort([sender, receiver, unit_shifts[:, 0], unit_shifts[:, 1], unit_shifts[:, 2]])
+    return sender[order], receiver[order], unit_shifts[order]
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +169,9 @@ def train(cfg: DictConfig, output_dir: str | Path) -> RunResult:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     check_config(cfg)
+    if cfg.get("cpu_threads"):
+        torch.set_num_threads(int(cfg.cpu_threads))
+        os.environ["OMP_NUM_THREADS"] = str(int(cfg.cpu_threads))  # Lightning's DDP and child processes keep it
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     datamodule = build_datamodule(_container(cfg, "data"), stats_file=output_dir / "statistics.json")
