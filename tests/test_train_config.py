@@ -110,6 +110,8 @@ def test_missing_data_path(tmp_path):
         train(compose(TINY + ["data.train=/nonexistent/train.xyz"]), tmp_path)
     with pytest.raises(ConfigError, match="data.test: no such file"):
         train(compose(TINY + [f"data.test={tmp_path / 'test.xyz'}"]), tmp_path)
+    with pytest.raises(ConfigError, match="data: train=100"):
+        train(compose(TINY + ["data.train_size=100"]), tmp_path)
     with pytest.raises(ConfigError, match="data.train is required"):
         train(compose(["data=oc20_s2ef", "data.val=/x"]), tmp_path)
 

@@ -140,3 +140,41 @@ def test_bf16_mixed(tmp_path):
     result = run(tmp_path, "dtype=bf16-mixed", "tp=cp")
     assert tdn.load_model(result.model_path).config.dtype == "float32"  # bf16 autocast, float32 weights
     assert all(v == v for v in result.test_metrics.values())
+
+
+def test_oc20_layout_with_s2ef_metrics(tmp_path):
+    """The OC20-layout sample (fixed subsurface atoms): forces loss and S2EF metrics on free atoms."""
+    result = run(
+        tmp_path, "data=oc20_s2ef", f"data.train={ROOT / 'datasets' / 'sample' / 'oc20'}", "data.val=null",
+        "data.val_size=4", "data.test_size=4", "data.train_size=8", "data.max_atoms=null", "data.batch_size=4",
+        "data.num_workers=0", "export=false",
+    )  # fmt: skip
+    metrics = result.test_metrics
+    assert {"s2ef_energy_mae_eV", "s2ef_forces_mae_eV_A", "s2ef_forces_cosine", "s2ef_efwt", "forces_mae_meV_A"} <= (
+        metrics.keys()
+    )
+    assert 0.0 <= metrics["s2ef_efwt"] <= 1.0 and -1.0 <= metrics["s2ef_forces_cosine"] <= 1.0
+
+
+def test_stress_training(tmp_path):
+    """Periodic structures with stress labels: the stress term is trained and evaluated."""
+    import ase.io
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frames = []
+    for k in range(12):
+        atoms = bulk("Cu", "fcc", a=3.6 + 0.02 * (k % 4), cubic=True)
+        atoms.rattle(0.05, seed=k)
+        atoms.calc = EMT()
+        energy, forces, stress = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
+        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces, stress=stress)
+        frames.append(atoms)
+    path = tmp_path / "cu.xyz"
+    ase.io.write(path, frames, format="extxyz")
+    result = run(
+        tmp_path, f"data.train={path}", "data.train_size=4", "training_module.loss.stress_weight=10.0", "export=false"
+    )
+    assert {"stress_mae_meV_A3", "stress_rmse_meV_A3"} <= result.test_metrics.keys()
+    assert result.test_metrics["stress_mae_meV_A3"] == result.test_metrics["stress_mae_meV_A3"]  # not NaN

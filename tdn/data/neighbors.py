@@ -161,50 +161,30 @@ def _cell_list(
     device, dtype = pos.device, pos.dtype
     n = pos.shape[0]
     p = int(bins_per_cutoff)
+
+    # Geometry, on the host (before any work is queued on the device, so the uploads wait for nothing).
+    # Bins at least ``width`` wide (Å, perpendicular to their faces) along each axis: ``counts[k]`` of
+    # them across a periodic axis; along a non-periodic one (where the completed cell's vector is a unit
+    # vector, so fractional coordinates are Å) an unbounded grid from the lowest atom, clamped to the
+    # key range (merging the farthest bins costs candidates, never pairs). ``reach[k]`` bin offsets
+    # either side cover the cutoff; along a periodic axis thinner than the cutoff it exceeds the number
+    # of bins, and the offsets that wrap around the cell more than once are the further periodic images.
     full = _complete_cell(cell_host, pbc)
     inv_host = np.linalg.inv(full)
     heights = 1.0 / np.linalg.norm(inv_host, axis=0)  # perpendicular widths of the (completed) cell
-    inv = torch.tensor(inv_host, dtype=dtype, device=device)
-
-    # Wrap the periodic fractional coordinates into [0, 1); remember by how many cells (``wrap``).
-    frac = pos @ inv
-    periodic = torch.tensor(pbc, device=device)
-    wrap = torch.where(periodic, torch.floor(frac), torch.zeros_like(frac))
-    frac = frac - wrap
-    wrapped = pos - wrap @ cell
-
-    # Bins at least ``width`` wide (Å, perpendicular to their faces) along each axis: ``counts[k]``
-    # of them across a periodic axis; along a non-periodic one an unbounded grid from the lowest atom
-    # (clamped to the key range: merging the farthest bins costs candidates, never pairs). ``reach[k]``
-    # bin offsets either side cover the cutoff; along a periodic axis thinner than the cutoff it
-    # exceeds the number of bins, and the offsets that wrap around the cell more than once are the
-    # further periodic images. Bin coordinates are stored + p so that moved ones stay >= 0.
     margin = 1e-6 if dtype == torch.float64 else 1e-4  # relative, against rounding of the coordinates
     width = cutoff * (1.0 + margin) / p
-    counts, reach, columns, inside, bin_widths = [], [], [], [], []
+    counts, reach, bin_widths = [], [], []
     for k in range(3):
         if pbc[k]:
-            count = int(min(max(heights[k] // width, 1), _KEY_MAX - 2 * p))
-            reach.append(math.ceil(cutoff * (1.0 + 1e-9) * count / heights[k]))
-            scaled = frac[:, k] * count
-            bin_widths.append(heights[k] / count)
-            column = torch.floor(scaled).clamp_(0, count - 1)
+            counts.append(int(min(max(heights[k] // width, 1), _KEY_MAX - 2 * p)))
+            reach.append(math.ceil(cutoff * (1.0 + 1e-9) * counts[k] / heights[k]))
+            bin_widths.append(heights[k] / counts[k])
         else:
-            count = 0
+            counts.append(0)
             reach.append(p)
-            scaled = (frac[:, k] - frac[:, k].min()) / width
             bin_widths.append(width)
-            column = torch.floor(scaled).clamp_(0, _KEY_MAX - 2 * p)
-        counts.append(count)
-        inside.append(scaled - column)  # position in the bin, in bin widths (in [0, 1] but for clamping)
-        columns.append(column.long() + p)
-    # Atoms sorted by bin (ties by index); from here on atoms are numbered in that order.
-    sorted_keys, atom_order = torch.sort(_bin_key(columns), stable=True)
-    bins = torch.stack(columns, dim=1).index_select(0, atom_order)  # [N, 3]
-    inside = torch.stack(inside, dim=1).index_select(0, atom_order)  # [N, 3]
-    wrapped = wrapped.index_select(0, atom_order)
-    coords = [wrapped[:, k].contiguous() for k in range(3)]
-
+    bin_widths = np.array(bin_widths)
     # Distances to bins. A vector v with v . n_k = t_k along the unit normals n_k of the bin faces has
     # |v|^2 = t^T Q t with Q = (N N^T)^-1 (N: rows n_k), so |v|^2 >= lam |t|^2, lam = Q's least
     # eigenvalue (1 in an orthogonal cell): a bin whose gaps t_k to a point satisfy lam |t|^2 >= cutoff^2
@@ -212,8 +192,6 @@ def _cell_list(
     normals = (inv_host / np.linalg.norm(inv_host, axis=0)).T
     lam = float(np.linalg.eigvalsh(np.linalg.inv(normals @ normals.T)).min())
     reach2 = (cutoff * (1.0 + margin)) ** 2 / lam
-    bin_widths = np.array(bin_widths)
-
     # Half of the bin offsets, lexicographically >= 0: each unordered pair of atoms (and image) is
     # found once, from the atom whose offset to the other is positive, or, in the same bin, from the
     # first of the two; the other direction is its mirror (j, i, -S). Offsets whose bins are out of
@@ -221,9 +199,34 @@ def _cell_list(
     offsets = np.array(list(itertools.product(*(range(-r, r + 1) for r in reach))))
     offsets = offsets[offsets.shape[0] // 2 :]  # offsets[0] = (0, 0, 0)
     offsets = offsets[((np.maximum(np.abs(offsets) - 1, 0) * bin_widths) ** 2).sum(axis=1) < reach2]
-    gap_widths = torch.tensor(bin_widths, dtype=dtype, device=device)
-    offsets = torch.tensor(offsets, device=device)  # [M, 3]
     m = offsets.shape[0]
+    floats = torch.tensor(np.concatenate([inv_host.reshape(-1), bin_widths]), dtype=dtype).to(device)
+    inv, gap_widths = floats[:9].view(3, 3), floats[9:]
+    ints = torch.tensor(np.concatenate([offsets.reshape(-1), pbc]), dtype=torch.long).to(device)
+    offsets, periodic = ints[: 3 * m].view(m, 3), ints[3 * m :].bool()
+
+    # Wrap the periodic fractional coordinates into [0, 1); remember by how many cells (``wrap``).
+    frac = pos @ inv
+    wrap = torch.where(periodic, torch.floor(frac), torch.zeros_like(frac))
+    frac = frac - wrap
+    wrapped = pos - wrap @ cell
+    # Bin coordinates, stored + p so that moved ones stay >= 0, and the place of each atom in its bin.
+    columns, inside = [], []
+    for k in range(3):
+        if pbc[k]:
+            scaled = frac[:, k] * counts[k]
+            column = torch.floor(scaled).clamp_(0, counts[k] - 1)
+        else:
+            scaled = (frac[:, k] - frac[:, k].min()) / width
+            column = torch.floor(scaled).clamp_(0, _KEY_MAX - 2 * p)
+        inside.append(scaled - column)  # in bin widths; in [0, 1] but for clamped atoms
+        columns.append(column.long() + p)
+    # Atoms sorted by bin (ties by index); from here on atoms are numbered in that order.
+    sorted_keys, atom_order = torch.sort(_bin_key(columns), stable=True)
+    bins = torch.stack(columns, dim=1).index_select(0, atom_order)  # [N, 3]
+    inside = torch.stack(inside, dim=1).index_select(0, atom_order)  # [N, 3]
+    wrapped = wrapped.index_select(0, atom_order)
+    coords = [wrapped[:, k].contiguous() for k in range(3)]
 
     def moved_bins(b: torch.Tensor, d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Bin coordinate along k of bins ``b`` moved by offsets ``d`` (broadcast), and the cell shift."""
@@ -256,7 +259,7 @@ def _cell_list(
     radix = [2 * b + 1 for b in bound]
     digit = [radix[1] * radix[2], radix[2], 1]
     weight = radix[0] * radix[1] * radix[2]
-    bound_t, digit_t = torch.tensor(bound, device=device), torch.tensor(digit, device=device)
+    bound_t, digit_t = torch.tensor([bound, digit]).to(device)
     wrap_code = (wrap.long() * digit_t).sum(dim=1).index_select(0, atom_order)
     packed = n * n * weight < _PACKED_LIMIT  # (sender, receiver, code) as one int64
 
@@ -416,9 +419,13 @@ def neighbor_list_torch(
     device, dtype = pos.device, pos.dtype
     n = pos.shape[0]
     cell = torch.as_tensor(cell, dtype=dtype, device=device).reshape(3, 3)
-    pbc_list = _as_pbc(torch.as_tensor(pbc).cpu().numpy() if torch.is_tensor(pbc) else pbc).tolist()
+    if torch.is_tensor(pbc) and pbc.device == device:  # one copy to the host for both
+        host = torch.cat([cell.detach().reshape(-1), pbc.reshape(-1).to(dtype)]).double().cpu().numpy()
+        cell_host, pbc_list = host[:9].reshape(3, 3), _as_pbc(host[9:] != 0).tolist()
+    else:
+        cell_host = cell.detach().double().cpu().numpy()
+        pbc_list = _as_pbc(torch.as_tensor(pbc).cpu().numpy() if torch.is_tensor(pbc) else pbc).tolist()
     cutoff = float(cutoff)
-    cell_host = cell.detach().double().cpu().numpy()
     if any(pbc_list):
         _check_cell(cell_host, np.array(pbc_list))
     if n == 0 or cutoff <= 0:

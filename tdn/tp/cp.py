@@ -164,13 +164,14 @@ def fit_factors(
 
 
 def _matches(f: CPFactors, lmax_in: int, lmax_sh: int, lmax_out: int, paths: str, M: np.ndarray) -> float | None:
-    """The recomputed relative error of ``f`` against ``M``, or None if the file does not describe ``M``."""
+    """The recomputed relative error of ``f`` against ``M``, or None if the file does not describe ``M``
+    (other degrees or path set, an error far above the recorded one, or above the tolerance it was fitted for)."""
     if (f.lmax_in, f.lmax_sh, f.lmax_out, f.paths) != (lmax_in, lmax_sh, lmax_out, paths):
         return None
     if (f.A.shape[0], f.B.shape[0], f.C.shape[0]) != M.shape:
         return None
     error = cp_fit.relative_error(M, f.A, f.B, f.C)
-    if error > _STALE_FACTOR * max(f.rel_error, 1e-12):
+    if error > _STALE_FACTOR * max(f.rel_error, 1e-12) or (f.tol > 0 and error > f.tol * (1 + 1e-6)):
         return None
     return error
 

@@ -365,7 +365,8 @@ def fit_smallest_rank(
        succeeding factors with their lightest terms dropped, until the gap is below ``resolution * R``
        (and at most 1): the rank found is then within ``resolution`` of the smallest rank ALS reaches.
     4. A walk down from the result in steps of ``resolution * R`` (at least 1), same warm start, while it
-       keeps succeeding: ranks the scan rejected may still be reachable from a better start.
+       keeps succeeding and stays above the ranks the bisection saw fail: ranks the scan rejected (from a
+       weaker, padded warm start) may still be reachable.
     In the bisection a failed warm start gets up to ``restarts`` fresh random starts with seeds derived
     from ``(seed, rank, restart)``. Whichever of ALS and the exact construction has the smaller rank is returned.
     """
@@ -420,7 +421,7 @@ def fit_smallest_rank(
             failed_rank = rank
             confirmed.add(rank)
     # 4. the scan's failures came from weaker warm starts: walk down while a truncated success still fits
-    while success.rank - step() >= lower and success.rank - step() not in confirmed:
+    while success.rank - step() > max(confirmed, default=lower - 1):
         rank = success.rank - step()
         fit = attempt(rank, truncate((success.A, success.B, success.C), rank), restarts)
         if fit.rel_error > tol:

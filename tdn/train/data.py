@@ -174,9 +174,11 @@ def build_datamodule(data: Mapping[str, Any], stats_file: Path | None = None) ->
     if kwargs.get("stats_file") is None and stats_file is not None:
         kwargs["stats_file"] = str(stats_file)
     try:
-        return TrainingDataModule(**kwargs)
-    except TypeError as exc:  # an unknown key in the data group
+        datamodule = TrainingDataModule(**kwargs)
+        datamodule.setup()  # opens the files and splits them (nothing is decoded yet)
+    except (TypeError, ValueError) as exc:  # an unknown key in the data group, a bad value, splits that do not fit
         raise ConfigError(f"data: {exc}") from exc
+    return datamodule
 
 
 def check_elements(datamodule: TrainingDataModule, elements: Sequence[int], stats: Mapping[str, Any]) -> None:
