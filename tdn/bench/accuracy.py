@@ -1,8 +1,9 @@
 """Accuracy of the tensor-product backends on real DFT data at one equal, documented training budget.
 
 One table per dataset family (``rmd17``, ``3bpa``, ``acac``, ``oxides``). Every backend (cg, cp, gaunt, grid, and
-optionally ``cg-shared``: the exact path-shared map that cp approximates) is trained through the same Hydra config
-users run (:func:`tdn.train.compose` + :func:`tdn.train.train`, i.e. what ``tdn-train`` does) with the overrides
+optionally ``cg-shared``: the exact path-shared map that cp approximates, and ``cp-degree``: cp with one weight per
+output degree) is trained through the same Hydra config users run (:func:`tdn.train.compose` +
+:func:`tdn.train.train`, i.e. what ``tdn-train`` does) with the overrides
 
     experiment=accuracy_cpu  <dataset overrides>  tp=<backend>  epochs=<budget>  seed=0
 
@@ -41,6 +42,7 @@ VARIANTS = {  # variant name -> tp overrides
     "gaunt": ["tp=gaunt"],
     "grid": ["tp=grid"],
     "cg-shared": ["tp=cg", "tp.weights=shared"],  # the exact map cp approximates (same path-weight sharing)
+    "cp-degree": ["tp=cp", "tp.weights=degree"],  # cp with one weight per channel and output degree
 }
 TABLES = ("rmd17", "3bpa", "acac", "oxides")
 RMD17_MOLECULES = ("aspirin", "azobenzene", "benzene", "ethanol", "malonaldehyde", "naphthalene", "salicylic",
@@ -401,6 +403,9 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         shared = _forces(result["rows"], d["name"], "cg-shared")
         if 0 in shared:
             row["cp_vs_cg_shared"] = cp[0] / shared[0]
+        degree = _forces(result["rows"], d["name"], "cp-degree")
+        if 0 in degree:
+            row["cp_degree_vs_cg"] = degree[0] / cg[0]
         if len(cg) > 1 and len(cp) > 1:
             row["ratio_of_means"] = (sum(cp.values()) / len(cp)) / (sum(cg.values()) / len(cg))
         out.append(row)
@@ -450,6 +455,7 @@ def targets_section(result: dict[str, Any]) -> list[str]:
         return []
     body = [[t["molecule"], _f(t["cg"]), _f(t["cp"]), f"{t['ratio']:.2f}", "PASS" if t["pass"] else "FAIL",
              f"{t['cp_vs_cg_shared']:.2f}" if "cp_vs_cg_shared" in t else "—",
+             f"{t['cp_degree_vs_cg']:.2f}" if "cp_degree_vs_cg" in t else "—",
              _spread(t["cg_seeds"]), _spread(t["cp_seeds"]),
              f"{t['ratio_of_means']:.2f}" if "ratio_of_means" in t else "—"] for t in targets]
     verdict = "met" if all(t["pass"] for t in targets) else "NOT met"
@@ -459,10 +465,12 @@ def targets_section(result: dict[str, Any]) -> list[str]:
         f"On the molecules run here the target is **{verdict}** at this budget, seed 0 "
         f"({sum(t['pass'] for t in targets)}/{len(targets)} molecules). cp / cg-shared: against the exact map cp "
         "approximates (same path-weight sharing), which separates the CP approximation from the loss of per-path "
-        "weights. The seed spread (initialisation, data order and train/val split) says how much of a ratio is noise.",
+        "weights; cp-degree / cg: cp with one weight per output degree. The seed spread (initialisation, data order "
+        "and train/val split) says how much of a ratio is noise.",
         "",
         common.markdown_table(["molecule", "cg F MAE", "cp F MAE", "cp / cg", f"≤ {TARGET_RATIO:.2f}",
-                               "cp / cg-shared", "cg over seeds", "cp over seeds", "cp / cg, seed means"], body),
+                               "cp / cg-shared", "cp-degree / cg", "cg over seeds", "cp over seeds",
+                               "cp / cg, seed means"], body),
         "",
     ]
 
@@ -470,10 +478,10 @@ def targets_section(result: dict[str, Any]) -> list[str]:
 def budget_lines(result: dict[str, Any]) -> list[str]:
     b = result["budget"]
     lines = [
-        f"- budget `{b['name']}`: {b['steps']} optimiser steps of {b['batch_size']} structures, rounded up to whole "
-        f"epochs, for every backend (epochs per dataset below), `conf/experiment/accuracy_cpu.yaml` (small MACE-like model: 16 channels, "
-        "hidden l ≤ 1, spherical harmonics l ≤ 2, correlation 2, 2 layers, radial MLP 32×32, float32, Adam(AMSGrad) "
-        "lr 0.01, EMA 0.99, loss energy-per-atom 1 + forces 10 (MSE)); "
+        f"- budget `{b['name']}`: {b['steps']} optimiser steps of {b['batch_size']} structures, rounded up to "
+        "whole epochs, for every backend (epochs per dataset below), `conf/experiment/accuracy_cpu.yaml` (small "
+        "MACE-like model: 16 channels, hidden l ≤ 1, spherical harmonics l ≤ 2, correlation 2, 2 layers, radial MLP "
+        "32×32, float32, Adam(AMSGrad) lr 0.01, EMA 0.99, loss energy-per-atom 1 + forces 10 (MSE)); "
         f"torch threads {b['threads']}; device CPU",
     ]
     if b.get("overrides"):
@@ -531,16 +539,23 @@ def write_plot(result: dict[str, Any], path: Path) -> Path:
             if (r["dataset"], test) not in groups:
                 groups.append((r["dataset"], test))
     variants = [v for v in result["variants"] if any(r["backend"] == v for r in rows)]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(groups) + 4), 4.5), squeeze=False)
+    curves = [r for r in rows if r.get("seed", 0) == 0 and len(r.get("val_curve", [])) >= 3]
+    panels = 3 if curves else 2
+    fig, axes = plt.subplots(1, panels, figsize=(max(8, 2.2 * len(groups) + 4) + 5 * (panels - 2), 5), squeeze=False)
     width = 0.8 / max(1, len(variants))
     for ax, key, unit in ((axes[0][0], "forces_mae_meV_A", "force MAE (meV/Å)"),
                           (axes[0][1], "energy_mae_meV", "energy MAE (meV)")):
         for k, v in enumerate(variants):
-            ys = []
-            for ds, test in groups:
-                r = next((r for r in rows if r["dataset"] == ds and r["backend"] == v), None)
-                ys.append(r["tests"].get(test, {}).get(key, math.nan) if r else math.nan)
-            ax.bar([g + (k - (len(variants) - 1) / 2) * width for g in range(len(groups))], ys, width, label=v)
+            xs = [g + (k - (len(variants) - 1) / 2) * width for g in range(len(groups))]
+            ys, others = [], []  # bars: seed 0; dots: other seeds
+            for x, (ds, test) in zip(xs, groups):
+                sel = [r for r in rows if r["dataset"] == ds and r["backend"] == v]
+                first = next((r for r in sel if r.get("seed", 0) == 0), sel[0] if sel else None)
+                ys.append(first["tests"].get(test, {}).get(key, math.nan) if first else math.nan)
+                others += [(x, r["tests"].get(test, {}).get(key, math.nan)) for r in sel if r is not first]
+            ax.bar(xs, ys, width, label=v)
+            if others:
+                ax.plot(*zip(*others), "k.", ms=5, label="other seeds" if k == 0 else None)
         if result["table"] == "rmd17":
             idx = 1 if key.startswith("forces") else 0
             for g, (ds, _) in enumerate(groups):
@@ -551,10 +566,22 @@ def write_plot(result: dict[str, Any], path: Path) -> Path:
         ax.set_ylabel(unit)
         ax.set_yscale("log")
         ax.grid(True, axis="y", which="both", alpha=0.3)
+    if curves:  # learning curves: validation force MAE per epoch
+        ax = axes[0][2]
+        for r in curves:
+            ax.plot([p["step"] for p in r["val_curve"]], [p["val_forces_mae_meV_A"] for p in r["val_curve"]], "o-",
+                    ms=3, label=f"{r['dataset']} {r['backend']}")
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel("validation force MAE (meV/Å)")
+        ax.set_yscale("log")
+        ax.set_title("learning curves (seed 0)", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8)
     fig.suptitle(f"{result['table']}: test errors at budget '{result['budget']['name']}' "
                  f"({result['budget']['steps']} steps)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -103,7 +103,9 @@ class TensorProduct(nn.Module):
                 f"w must have shape [{num_edges}, {self.channels}, {self.num_weights}] "
                 f"(weights={self.weights!r}), got {list(w.shape)}"
             )
-        if not x.is_floating_point() or y.dtype != x.dtype or w.dtype != x.dtype:
+        # under autocast the inputs may differ (bf16 features, float32 harmonics): autocast casts the matmuls
+        mixed_ok = torch.is_autocast_enabled(x.device.type)
+        if not x.is_floating_point() or (not mixed_ok and (y.dtype != x.dtype or w.dtype != x.dtype)):
             raise TypeError(f"x, y, w must share one floating dtype, got {x.dtype}, {y.dtype}, {w.dtype}")
         if y.device != x.device or w.device != x.device:
             raise ValueError(f"x, y, w must be on one device, got {x.device}, {y.device}, {w.device}")
