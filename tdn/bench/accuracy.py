@@ -233,7 +233,8 @@ def train_one(dataset: Dataset, variant: str, budget: Budget, work_dir: Path, se
     from ..train import compose, train
 
     overrides = run_overrides(dataset, variant, budget, seed)
-    out_dir = work_dir / dataset.table / f"{dataset.name}_{variant}_seed{seed}".replace(" ", "_")
+    out_dir = unused_dir(work_dir / dataset.table / f"{budget.name}_steps{budget.steps}"
+                         / f"{dataset.name}_{variant}_seed{seed}".replace(" ", "_"))
     row: dict[str, Any] = {"table": dataset.table, "dataset": dataset.name, "backend": variant, "seed": seed,
                            "overrides": overrides, "budget": budget.name, "budget_key": budget.key(),
                            "train_frames": dataset.train_frames, "protocol": dataset.protocol,
@@ -262,6 +263,15 @@ def train_one(dataset: Dataset, variant: str, budget: Budget, work_dir: Path, se
     row["extra_eval_s"] = time.perf_counter() - start
     row["tests"] = tests
     return row
+
+
+def unused_dir(path: Path) -> Path:
+    """``path``, or ``path_2``, ``path_3``, ... if it exists (a rerun never mixes its logs with an older run's)."""
+    candidate, k = path, 1
+    while candidate.exists():
+        k += 1
+        candidate = path.with_name(f"{path.name}_{k}")
+    return candidate
 
 
 def fit_seconds(run_dir: str | Path) -> float | None:

@@ -259,6 +259,8 @@ def _cell_list(
     radix = [2 * b + 1 for b in bound]
     digit = [radix[1] * radix[2], radix[2], 1]
     weight = radix[0] * radix[1] * radix[2]
+    if weight >= 1 << 62:  # shift codes must fit an int64
+        raise ValueError(f"atoms are too far from the cell (up to {max(spread)} cells apart): wrap the positions")
     bound_t, digit_t = torch.tensor([bound, digit]).to(device)
     wrap_code = (wrap.long() * digit_t).sum(dim=1).index_select(0, atom_order)
     packed = n * n * weight < _PACKED_LIMIT  # (sender, receiver, code) as one int64
@@ -384,23 +386,26 @@ def neighbor_list_torch(
 ):
     """All pairs closer than ``cutoff`` for tensors on any device (same result as :func:`neighbor_list`).
 
-    A cell list, linear in the number of atoms and vectorised (no Python loop over atoms or bins):
+    A cell list, linear in the number of atoms and vectorised (the only Python loops are over the
+    three axes and over chunks of candidate pairs, not over atoms, bins or bin offsets):
 
     1. fractional coordinates in the cell, with the vectors of non-periodic directions replaced by
        orthonormal ones (so a molecule, even with a zero cell, is binned in Cartesian space from its
        lowest atom: a bounding box); periodic coordinates are wrapped into [0, 1);
-    2. bins at least ``cutoff`` wide perpendicular to their faces (in skewed cells too); along a
+    2. bins at least ``cutoff`` wide perpendicular to their faces (skewed cells too); along a
        periodic axis thinner than the cutoff, one bin and as many bin offsets either side as the
-       cutoff needs: offsets that wrap around the cell are the periodic images, so an atom meets its
-       own images and a pair meets all of its images, each exactly once;
-    3. atoms sorted by an int64 bin key; for every atom and every bin offset (a loop-free [N, M]
-       search, M = 27 for a cell at least twice the cutoff wide), ``searchsorted`` gives the run of
-       atoms in that bin; runs are expanded into candidate pairs (``repeat_interleave``), at most
-       ``max_pairs_per_chunk`` at a time, and filtered by distance;
-    4. one stable sort by (sender, receiver): within a pair, images come out in increasing shift.
+       cutoff needs (from the perpendicular width): offsets that wrap around the cell are the
+       periodic images, so an atom meets its own images and a pair all of its images, each once;
+    3. atoms sorted by an int64 bin key; for every atom and every bin offset in one half-space
+       (14 of 27 when the cell is at least one cutoff wide), two ``searchsorted`` give the run of
+       atoms in that bin; bins out of the atom's reach are skipped (a lower bound on the distance from
+       the atom to the bin); runs are expanded into candidate pairs (``repeat_interleave``), at most
+       ``max_pairs_per_chunk`` at a time, and filtered by distance; every pair found gives both edges
+       (i, j, S) and (j, i, -S), so the list is exactly symmetric;
+    4. one sort of an int64 key (sender, receiver, shift), from which the outputs are decoded.
 
-    Host synchronisation: the 3x3 cell (bin counts and offsets depend on it), the number of candidate
-    pairs (chunk sizes) and, per chunk, the number of edges kept.
+    Host synchronisation: the cell and pbc (bin counts and offsets depend on them), the number of
+    candidate pairs (chunk sizes) and, per chunk, the number of edges kept.
 
     Args:
         positions: [N,3] Å tensor (its device and dtype are used throughout).
