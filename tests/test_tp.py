@@ -319,3 +319,14 @@ def test_mismatched_dtypes(kind):
             tp(*args)
     with pytest.raises(TypeError, match="floating dtype"):
         tp(x.long(), y.long(), w.long())
+
+
+def test_loaded_tables_survive_dtype_casts():
+    """Factors loaded from a state dict (e.g. fitted elsewhere) are what later casts re-derive, not the built ones."""
+    tp = build("cp", (2, 2, 2), weights="shared").float()  # the float64 originals are captured at the first cast
+    state = {k: v.double() for k, v in tp.state_dict().items()}
+    state["x_factor"] = torch.randn_like(state["x_factor"])
+    tp.load_state_dict(state)  # loaded in float32
+    for cast in (tp.double, tp.float, tp.double):
+        cast()
+        assert torch.equal(tp.x_factor, state["x_factor"].to(tp.x_factor.dtype))

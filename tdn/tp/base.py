@@ -65,7 +65,7 @@ class TensorProduct(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         # Tables are computed in float64. Casting float64 -> float32 -> float64 would keep float32 round-off,
-        # so every cast re-derives the floating buffers from the float64 originals captured at the first cast.
+        # so every cast re-derives the floating buffers from the originals captured at the first cast.
         if "_tables" not in self.__dict__:
             self._tables = {
                 n: b.detach().clone() for n, b in self._buffers.items() if b is not None and b.is_floating_point()
@@ -75,6 +75,15 @@ class TensorProduct(nn.Module):
             buffer = self._buffers[name]
             self._buffers[name] = table.to(device=buffer.device, dtype=buffer.dtype)
         return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        # Loaded tables (e.g. cp factors fitted elsewhere) replace the originals, at the precision they come in,
+        # so that a later cast re-derives them and not the tables this module was built with.
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        if "_tables" in self.__dict__:
+            for name in self._tables:
+                if prefix + name in state_dict:
+                    self._tables[name] = state_dict[prefix + name].detach().clone()
 
     @property
     def dims(self) -> tuple[int, int, int]:
