@@ -226,6 +226,19 @@ def test_gradcheck(kind):
     assert torch.autograd.gradgradcheck(lambda x: module(x, z), (a,))
 
 
+@pytest.mark.parametrize("kind", ["cg", "cp", "grid"])
+def test_autocast_runs_the_basis_in_module_precision(kind):
+    """Under bf16 autocast the basis takes bf16 features and computes in the module's dtype, not in bf16."""
+    module = ProductBasis(kind, 1, 1, 4, 3, 2).float()
+    a = torch.randn(5, 4, dim(1), dtype=torch.float32)
+    z = torch.tensor([0, 1, 1, 0, 1])
+    a16 = a.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(a16, z)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, module(a16.float(), z), rtol=1e-6, atol=1e-6)
+
+
 def test_empty_batch_and_missing_elements():
     for kind in ("cg", "cp", "grid"):
         module = ProductBasis(kind, 1, 1, 2, 2, 5)

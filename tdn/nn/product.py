@@ -129,6 +129,10 @@ class ProductBasis(nn.Module):
             self.ranks, self.fit_errors = self.contraction.ranks, self.contraction.fit_errors
 
     def forward(self, A: torch.Tensor, element_index: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(A.device.type):
+            # nu-fold products of bf16/fp16 features lose too much: the basis runs in the module's precision
+            with torch.autocast(A.device.type, enabled=False):
+                return self.forward(A.to(self.weight.dtype), element_index)
         self._check_inputs(A, element_index)
         weight = self.weight * self.weight_scale  # [E, C, P]
         num_pick = self.lmax_out + 1
