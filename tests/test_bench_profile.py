@@ -23,7 +23,8 @@ def test_profile_tiny_model(tmp_path):
                            "--out", str(tmp_path), "--name", "p"])  # fmt: skip
     (run,) = result["runs"]
     phases = run["phases_ms"]
-    assert {"inputs", "backward", "to_host", "forward/other", "forward/interaction.0", "forward/product.0"} <= set(phases)
+    expected = {"inputs", "backward", "to_host", "forward/other", "forward/interaction.0", "forward/product.0"}
+    assert expected <= set(phases)
     assert all(v >= 0 for v in phases.values()) and phases["backward"] > 0
     assert run["step_ms"] == pytest.approx(sum(phases.values()))
     assert run["edges"] > 0 and run["top_ops"] and all(0 <= o["share"] <= 1 for o in run["top_ops"])

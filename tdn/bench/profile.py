@@ -199,7 +199,8 @@ def markdown_report(result: dict[str, Any]) -> str:
     body.append(["**total**"] + [common.fmt_ms(r["step_ms"]) for r in runs])
     lines += [common.markdown_table(header, body), ""]
     for run in runs:
-        lines += [f"## Top operators: {run['backend']}, {run['natoms']} atoms, {run['dtype']} ({run['edges']} edges)", ""]
+        title = f"{run['backend']}, {run['natoms']} atoms, {run['dtype']} ({run['edges']} edges)"
+        lines += [f"## Top operators: {title}", ""]
         lines.append(common.markdown_table(
             ["op", "calls / step", "self ms / step", "share"],
             [[f"`{o['op']}`", f"{o['calls_per_step']:.0f}", common.fmt_ms(o["self_ms_per_step"]),
