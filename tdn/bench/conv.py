@@ -161,8 +161,9 @@ def run(cfg: ConvBenchConfig, out_dir: str | Path) -> dict[str, Any]:
     rows = []
     for lmax, channels in cfg.cells:
         for impl in cfg.impls:
-            row, err = common.attempt(lambda i=impl: measure_cell(i, lmax, channels, cfg, bandwidth["gb_per_s"]),
-                                      cfg.device)  # fmt: skip
+            row, err = common.attempt(
+                lambda i=impl, L=lmax, C=channels: measure_cell(i, L, C, cfg, bandwidth["gb_per_s"]), cfg.device
+            )
             row = row or {"impl": impl, "lmax": lmax, "channels": channels, "error": err}
             print(progress_line(row), flush=True)
             rows.append(row)
@@ -189,8 +190,9 @@ def progress_line(row: dict[str, Any]) -> str:
     cell = f"L={row['lmax']} C={row['channels']}"
     if "fwd_ms" not in row:
         return f"{cell:>12} {row['impl']:>11}: {row.get('skipped') or row.get('error') or row.get('error_fwd')}"
-    return (f"{cell:>12} {row['impl']:>11}: fwd {row['fwd_ms']:.3f} ms, fwd+bwd {row.get('fwdbwd_ms', float('nan')):.3f}"
-            f" ms, floor fwd+bwd {common.fmt_ms(row.get('floor_fwdbwd_ms'))} ms")  # fmt: skip
+    both = common.fmt_ms(row.get("fwdbwd_ms"))
+    floor = common.fmt_ms(row.get("floor_fwdbwd_ms"))
+    return f"{cell:>12} {row['impl']:>11}: fwd {common.fmt_ms(row['fwd_ms'])} ms, fwd+bwd {both} ms, floor {floor} ms"
 
 
 def _cell_text(row: dict[str, Any] | None, stage: str) -> str:
