@@ -18,3 +18,14 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield torch.float64
     torch.set_default_dtype(previous)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch intra-op thread for a module's tests, the previous setting restored afterwards. The models and
+    tensors of the tests are tiny: OpenMP threads only add synchronisation (and spin-wait badly on a busy, shared
+    CPU). A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -12,14 +12,7 @@ from ase.neighborlist import neighbor_list as ase_neighbor_list
 from tdn.data import neighbors
 from tdn.data.neighbors import _brute_force, neighbor_list, neighbor_list_torch
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are small: intra-op threads only add overhead (seconds on a busy, shared CPU)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def edge_set(sender, receiver, shifts) -> set:

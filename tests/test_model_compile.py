@@ -2,36 +2,20 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from ase.build import bulk, molecule
-from ase.neighborlist import neighbor_list
-from torch_geometric.data import Batch, Data
-
-from tdn.models import build_model
+from helpers import ase_graph, small_model
+from torch_geometric.data import Batch
 
 pytest.importorskip("tdn.nn.product", reason="tdn.nn.product (the product basis, issue B) is not written yet")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CUTOFF = 3.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def graph(atoms, cutoff=3.0) -> Batch:
-    i, j, shifts = neighbor_list("ijS", atoms, cutoff)
-    data = Data(
-        pos=torch.tensor(atoms.positions),
-        atomic_numbers=torch.tensor(atoms.numbers),
-        edge_index=torch.tensor(np.stack([i, j])),
-        unit_shifts=torch.tensor(shifts, dtype=torch.float64),
-        cell=torch.tensor(atoms.cell.array).view(1, 3, 3),
-    )
-    return Batch.from_data_list([data])
+def graph(atoms) -> Batch:
+    return Batch.from_data_list([ase_graph(atoms, CUTOFF)])
 
 
 def structures():
@@ -44,23 +28,9 @@ def structures():
 
 
 def model_pair(**options):
-    torch.manual_seed(0)
-    settings = dict(
-        tp="cg",
-        lmax=2,
-        channels=4,
-        correlation=2,
-        cutoff=3.0,
-        elements=[1, 6, 8, 29],
-        radial_mlp=[8],
-        readout_mlp=4,
-        dtype="float64",
-    )
-    settings.update(options)
-    eager = build_model(**settings).eval()
-    torch.manual_seed(0)
-    compiled = build_model(**settings).eval()
-    return eager, compiled
+    """Two identical small models (the same seed): one stays eager, the other gets compiled."""
+    settings = {"cutoff": CUTOFF, "elements": [1, 6, 8, 29], **options}
+    return small_model(**settings), small_model(**settings)
 
 
 def compare(eager, compiled):

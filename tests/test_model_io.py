@@ -10,42 +10,20 @@ import textwrap
 
 import pytest
 import torch
+from helpers import small_model
 from torch_geometric.data import Data
 
 import tdn
 from tdn.io import FORMAT_VERSION, ModelFileError, read_model_file
-from tdn.models import build_model
 
 pytest.importorskip("tdn.nn.product", reason="tdn.nn.product (the product basis, issue B) is not written yet")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def small_model(**overrides):
-    torch.manual_seed(0)
-    options = dict(
-        tp="cg",
-        lmax=2,
-        lmax_hidden=1,
-        channels=4,
-        num_layers=2,
-        correlation=2,
-        cutoff=4.0,
-        elements=[1, 8],
-        radial_mlp=[8],
-        readout_mlp=4,
-        atomic_energies=[-0.5, -2.0],
-        avg_num_neighbors=3.0,
-        dtype="float64",
-    )
-    options.update(overrides)
-    return build_model(**options).eval()
+def water_model(**overrides):
+    """The small test model for H and O (``overrides`` win)."""
+    options = dict(cutoff=4.0, elements=[1, 8], atomic_energies=[-0.5, -2.0], avg_num_neighbors=3.0)
+    return small_model(**{**options, **overrides})
 
 
 def water() -> Data:
@@ -61,7 +39,7 @@ def water() -> Data:
 
 
 def test_round_trip_in_a_fresh_process(tmp_path):
-    model = small_model(tp_weights="degree")
+    model = water_model(tp_weights="degree")
     model.set_statistics(scale=1.7, shift=0.1, atomic_energies={1: -0.4, 8: -2.1})
     path = tmp_path / "model.tdn"
     tdn.save_model(model, path)
@@ -92,7 +70,7 @@ def test_round_trip_in_a_fresh_process(tmp_path):
 
 def test_file_is_plain_and_loads_with_weights_only(tmp_path):
     path = tmp_path / "m.tdn"
-    tdn.save_model(small_model(), path)
+    tdn.save_model(water_model(), path)
     payload = torch.load(path, weights_only=True)
     assert payload["format"] == "tdn-model" and payload["format_version"] == FORMAT_VERSION
     assert json.loads(payload["config"])["tp"] == "cg"
@@ -100,7 +78,7 @@ def test_file_is_plain_and_loads_with_weights_only(tmp_path):
 
 
 def test_load_in_another_dtype_and_device(tmp_path):
-    model = small_model()
+    model = water_model()
     path = tmp_path / "m.tdn"
     tdn.save_model(model, path)
     graph = water()
@@ -126,7 +104,7 @@ def test_load_in_another_dtype_and_device(tmp_path):
 def test_round_trip_other_backends(tmp_path, kind):
     if kind not in tdn.tp.BACKENDS:
         pytest.skip(f"tensor-product backend {kind!r} is not importable from tdn.tp yet")
-    model = small_model(tp=kind)
+    model = water_model(tp=kind)
     tdn.save_model(model, tmp_path / "m.tdn")
     loaded = tdn.load_model(tmp_path / "m.tdn")
     graph = water()
@@ -135,7 +113,7 @@ def test_round_trip_other_backends(tmp_path, kind):
 
 def test_corrupt_and_incompatible_files(tmp_path):
     path = tmp_path / "m.tdn"
-    tdn.save_model(small_model(), path)
+    tdn.save_model(water_model(), path)
     data = path.read_bytes()
 
     truncated = tmp_path / "truncated.tdn"

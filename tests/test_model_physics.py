@@ -7,26 +7,18 @@ import pytest
 import torch
 from ase import Atoms
 from ase.build import bulk, fcc111, molecule
-from ase.neighborlist import neighbor_list
+from helpers import ase_graph, small_model
 from torch_geometric.data import Batch, Data
 
 import tdn.tp
-from tdn.models import UnknownElementError, build_model
+from tdn.models import UnknownElementError
 from tdn.o3 import random_rotation
 
 pytest.importorskip("tdn.nn.product", reason="tdn.nn.product (the product basis, issue B) is not written yet")
 
 BACKENDS = ("cg", "cp", "gaunt", "grid")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: OpenMP threads only add synchronisation (and stall badly on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ELEMENTS = [1, 6, 8, 29]
 CUTOFF = 3.0
@@ -53,38 +45,19 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, kind: str = "cg",
 
 
 def make_graph(atoms: Atoms, cutoff: float = CUTOFF) -> Data:
-    """The graph of docs/CONTRACTS.md, built with ASE's neighbour list (float64)."""
-    i, j, shifts = neighbor_list("ijS", atoms, cutoff)
-    return Data(
-        pos=torch.tensor(atoms.positions, dtype=torch.float64),
-        atomic_numbers=torch.tensor(atoms.numbers, dtype=torch.long),
-        edge_index=torch.tensor(np.stack([i, j]), dtype=torch.long),
-        unit_shifts=torch.tensor(shifts, dtype=torch.float64),
-        cell=torch.tensor(atoms.cell.array, dtype=torch.float64).view(1, 3, 3),
-        pbc=torch.tensor(atoms.pbc, dtype=torch.bool).view(1, 3),
-        natoms=torch.tensor([len(atoms)]),
-    )
+    return ase_graph(atoms, cutoff)
 
 
 def tiny_model(kind: str = "cg", seed: int = 0, **overrides):
-    torch.manual_seed(seed)
     options = dict(
         tp=backend(kind),
-        lmax=2,
-        lmax_hidden=1,
-        channels=4,
-        num_layers=2,
-        correlation=2,
         cutoff=CUTOFF,
         elements=ELEMENTS,
         radial_mlp=[8, 8],
-        readout_mlp=4,
         avg_num_neighbors=4.0,
         atomic_energies=[-1.0, -2.0, -3.0, -4.0],
-        dtype="float64",
     )
-    options.update(overrides)
-    return build_model(**options).eval()
+    return small_model(seed, **{**options, **overrides})
 
 
 def run(model, atoms_or_graphs, **kwargs):

@@ -23,13 +23,7 @@ from tdn.o3 import dim, random_rotation, spherical_harmonics, wigner_D
 
 torch.manual_seed(0)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rotate(x: torch.Tensor, lmax: int, rotation: torch.Tensor) -> torch.Tensor:

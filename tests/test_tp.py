@@ -24,17 +24,7 @@ from tdn.o3 import (
 )
 from tdn.tp import BACKENDS, MAX_LMAX, WEIGHT_MODES
 
-pytestmark = pytest.mark.usefixtures("float64", "seed")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: threads only add overhead, and oversubscribed OpenMP spin-waits on a busy 2-core runner
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
+pytestmark = pytest.mark.usefixtures("one_thread", "float64", "seed")
 
 KINDS = sorted(BACKENDS)
 GAUNT_KINDS = [k for k in ("grid", "gaunt") if k in BACKENDS]

@@ -7,21 +7,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import SAMPLE, SAMPLE_DATA, needs_sample
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 from tdn.models import PRESETS
 from tdn.train import CONF_DIR, ConfigError, compose, train
-from tdn.train.resolvers import ROOT, training_data_stats
+from tdn.train.resolvers import training_data_stats
 
-SAMPLE = ROOT / "datasets" / "sample"
-MOLECULES = SAMPLE / "molecules.xyz"
 TINY = [
-    "data=extxyz",
-    f"data.train={MOLECULES}",
-    "data.train_size=8",
-    "data.val_size=4",
-    "data.test_size=4",
+    *SAMPLE_DATA,
     "model.channels=4",
     "model.lmax=1",
     "model.correlation=2",
@@ -30,7 +25,6 @@ TINY = [
     "trainer.enable_progress_bar=false",
     "trainer.num_sanity_val_steps=0",
 ]
-needs_sample = pytest.mark.skipif(not MOLECULES.is_file(), reason="bundled sample not generated")
 
 FAKE_STATS = {
     "elements": [1, 8],

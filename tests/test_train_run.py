@@ -8,18 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SAMPLE, SAMPLE_DATA, needs_sample
 
 import tdn
 from tdn.train import compose, train
-from tdn.train.resolvers import ROOT
 
-MOLECULES = ROOT / "datasets" / "sample" / "molecules.xyz"
 TINY = [
-    "data=extxyz",
-    f"data.train={MOLECULES}",
-    "data.train_size=8",
-    "data.val_size=4",
-    "data.test_size=4",
+    *SAMPLE_DATA,
     "batch_size=4",
     "model.channels=4",
     "model.lmax=1",
@@ -35,7 +30,7 @@ TINY = [
     "trainer.log_every_n_steps=1",
 ]
 
-pytestmark = pytest.mark.skipif(not MOLECULES.is_file(), reason="bundled sample not generated")
+pytestmark = needs_sample
 
 
 def run(tmp_path: Path, *overrides: str, name: str = "run"):
@@ -144,7 +139,7 @@ def test_bf16_mixed(tmp_path):
 def test_oc20_layout_with_s2ef_metrics(tmp_path):
     """The OC20-layout sample (fixed subsurface atoms): forces loss and S2EF metrics on free atoms."""
     result = run(
-        tmp_path, "data=oc20_s2ef", f"data.train={ROOT / 'datasets' / 'sample' / 'oc20'}", "data.val=null",
+        tmp_path, "data=oc20_s2ef", f"data.train={SAMPLE / 'oc20'}", "data.val=null",
         "data.val_size=4", "data.test_size=4", "data.train_size=8", "data.max_atoms=null", "data.batch_size=4",
         "data.num_workers=0", "export=false",
     )  # fmt: skip

@@ -646,6 +646,14 @@ def default_doc(out_dir: Path) -> Path | None:
     return None
 
 
+def report_written(written: dict[str, Path], out_dir: Path, name: str, block: str) -> None:
+    """Print the files written, and put ``block`` in the ``name`` section of docs/accuracy.md when ``out_dir`` holds
+    the published tables (see :func:`default_doc`)."""
+    print("wrote " + ", ".join(str(p) for p in written.values()), flush=True)
+    if update_doc_section(default_doc(out_dir), name, block):
+        print(f"updated the {name} section of docs/accuracy.md", flush=True)
+
+
 def doc_block(result: dict[str, Any], name: str) -> str:
     """What docs/accuracy.md shows of a table: provenance, the results and the target check."""
     meta = result["meta"]
@@ -700,9 +708,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = run_table(args.table, args.backends, budget, args.data_root, args.out, args.work_dir, args.molecules,
                        name, args.resume, log=lambda line: print(line, flush=True), command=command, seed=args.seed)
     written = write_outputs(result, args.out, name, command)
-    print("wrote " + ", ".join(str(p) for p in written.values()), flush=True)
-    if update_doc_section(default_doc(args.out), name, doc_block(result, name)):
-        print(f"updated the {name} section of docs/accuracy.md", flush=True)
+    report_written(written, args.out, name, doc_block(result, name))
     return result
 
 

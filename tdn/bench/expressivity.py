@@ -42,7 +42,7 @@ from .. import tp as tdn_tp
 from ..tp import cp as tdn_cp
 from ..tp import cp_fit
 from . import common
-from .accuracy import default_doc, update_doc_section
+from .accuracy import report_written
 from .tp import effective_tensor, path_analysis
 
 BACKENDS = ("cg", "cp", "gaunt", "grid")
@@ -649,9 +649,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = run(lmaxes, args.backends, args.quick, args.seed, args.curve, cache, args.fit_missing,
                  log=lambda line: print(line, flush=True))
     written = write_outputs(result, args.out, name)
-    print("wrote " + ", ".join(str(p) for p in written.values()), flush=True)
-    if update_doc_section(default_doc(args.out), name, doc_block(result, name)):
-        print(f"updated the {name} section of docs/accuracy.md", flush=True)
+    report_written(written, args.out, name, doc_block(result, name))
     return result
 
 

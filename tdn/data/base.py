@@ -32,6 +32,16 @@ def decoding():
         raise RecordProblem("corrupt", f"{type(exc).__name__}: {exc}") from exc
 
 
+def _subscript(records, index):
+    """``records[index]`` for a dataset with ``get``: a slice or an index array gives an :class:`AtomsSubset`
+    view, an integer the record itself."""
+    if isinstance(index, slice):
+        return AtomsSubset(records, range(len(records))[index])
+    if isinstance(index, (list, tuple, np.ndarray)):
+        return AtomsSubset(records, np.asarray(index, dtype=np.int64))
+    return records.get(int(index))
+
+
 class AtomsDataset(Sequence):
     """A lazy Sequence of labelled ase.Atoms.
 
@@ -76,11 +86,7 @@ class AtomsDataset(Sequence):
         return self._length()
 
     def __getitem__(self, index):
-        if isinstance(index, slice):
-            return AtomsSubset(self, range(len(self))[index])
-        if isinstance(index, (list, tuple, np.ndarray)):
-            return AtomsSubset(self, np.asarray(index, dtype=np.int64))
-        return self.get(int(index))
+        return _subscript(self, index)
 
     def get(self, index: int) -> Atoms | None:
         """Record ``index`` as Atoms; None only when it is invalid and ``skip_invalid`` is set."""
@@ -181,11 +187,7 @@ class ConcatAtoms(Sequence):
         return self.datasets[part].get(local)
 
     def __getitem__(self, index):
-        if isinstance(index, slice):
-            return AtomsSubset(self, range(len(self))[index])
-        if isinstance(index, (list, tuple, np.ndarray)):
-            return AtomsSubset(self, np.asarray(index, dtype=np.int64))
-        return self.get(int(index))
+        return _subscript(self, index)
 
     def groups(self) -> np.ndarray | None:
         parts = [d.groups() for d in self.datasets]

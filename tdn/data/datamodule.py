@@ -256,9 +256,13 @@ class TDNDataModule(L.LightningDataModule):
             shuffle=shuffle,
             seed=self.seed,
         )
+        return self._batch_loader(dataset, sampler)
+
+    def _batch_loader(self, dataset, batch_sampler) -> DataLoader:
+        """A DataLoader of ``dataset`` in the batches of ``batch_sampler``, with this module's worker settings."""
         return DataLoader(
             dataset,
-            batch_sampler=sampler,
+            batch_sampler=batch_sampler,
             collate_fn=collate,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

@@ -38,7 +38,7 @@ import torch
 
 from ..o3 import dim, spherical_harmonics
 from .base import TensorProduct
-from .grid import GAUNT_REASON
+from .grid import GauntSupport
 
 
 def torus_points(n_theta: int, n_phi: int) -> torch.Tensor:
@@ -135,7 +135,7 @@ def _tables(lmax_in: int, lmax_sh: int, lmax_out: int) -> tuple[torch.Tensor, to
     return to_half_spectrum(lmax_in), to_half_spectrum(lmax_sh), project
 
 
-class GauntProduct(TensorProduct):
+class GauntProduct(GauntSupport, TensorProduct):
     """Gaunt product via 2-D FFT: ``out[e, c] = w[e, c] * G(x[e, c], y[e])`` with ``G`` the Gaunt tensor.
 
     Per row ``x [d_in] -> F [L1+1 (v >= 0), n_theta (u)]``: the half spectrum (``F[-u, -v] = conj F[u, v]`` as
@@ -146,9 +146,6 @@ class GauntProduct(TensorProduct):
     """
 
     kind = "gaunt"
-    supported_paths = ("o3",)
-    supported_weights = ("shared", "degree")
-    unsupported_reason = GAUNT_REASON
 
     def __init__(self, lmax_in: int, lmax_sh: int, lmax_out: int, channels: int, paths: str = "o3",
                  weights: str = "shared") -> None:

@@ -18,11 +18,17 @@ GAUNT_REASON = (
 )
 
 
-class GridProduct(FactorisedProduct):
-    kind = "grid"
+class GauntSupport:
+    """What the Gaunt-product backends ("grid" here, "gaunt" in .gaunt) accept: a product of sphere functions has
+    the 'o3' couplings only, and no per-path weights (the split of the product over paths is fixed)."""
+
     supported_paths = ("o3",)
     supported_weights = ("shared", "degree")
     unsupported_reason = GAUNT_REASON
+
+
+class GridProduct(GauntSupport, FactorisedProduct):
+    kind = "grid"
 
     def __init__(self, lmax_in: int, lmax_sh: int, lmax_out: int, channels: int, paths: str = "o3",
                  weights: str = "shared") -> None:

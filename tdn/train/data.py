@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import TDNDataModule, collate
+from ..data import TDNDataModule
 from ..data.sampler import pack_batches
 from .errors import ConfigError
 
@@ -133,14 +133,7 @@ class TrainingDataModule(TDNDataModule):
             max_atoms=self.max_atoms,
             max_edges=self.max_edges,
         )
-        return DataLoader(
-            _MarkPadding(dataset),
-            batch_sampler=sampler,
-            collate_fn=collate,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
+        return self._batch_loader(_MarkPadding(dataset), sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
