@@ -364,3 +364,35 @@ def test_float32_input_to_float64_model_and_back():
     model32 = model.float()
     assert model32(graph32)["energy"].dtype == torch.float32
     assert torch.allclose(model32(graph32)["energy"].double(), reference["energy"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["cg", "cp"])
+def test_repeated_calls_reuse_element_grouping_without_host_checks(kind, monkeypatch):
+    """An MD step passes the same atomic_numbers tensor every time: the element index and the product basis's
+    element grouping are built once (they sync the host), and an in-place change of the numbers is seen."""
+    from tdn.nn import product
+
+    built = []
+    original = product._ElementGroups.__init__
+
+    def counting_init(self, element_index, num_elements):
+        built.append(element_index)
+        original(self, element_index, num_elements)
+
+    monkeypatch.setattr(product._ElementGroups, "__init__", counting_init)
+    model = tiny_model(kind)
+    graph = make_graph(triclinic_bulk())
+    first = model(graph)
+    assert len(built) == 1  # one grouping for both layers
+    again = model(graph)
+    assert len(built) == 1 and model.element_index(graph.atomic_numbers) is built[0]
+    torch.testing.assert_close(again["forces"], first["forces"], rtol=0, atol=0)
+    fresh = model(make_graph(triclinic_bulk()))  # a new tensor with the same numbers: rebuilt, same result
+    assert len(built) == 2
+    torch.testing.assert_close(fresh["forces"], first["forces"], rtol=0, atol=0)
+    graph.atomic_numbers[1] = 29  # in place: the O becomes Cu
+    changed = model(graph)
+    assert len(built) == 3 and not torch.allclose(changed["energy"], first["energy"])
+    graph.atomic_numbers[1] = 79
+    with pytest.raises(UnknownElementError, match=r"\[79\]"):
+        model(graph)

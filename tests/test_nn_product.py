@@ -280,6 +280,11 @@ def test_forward_errors():
         module(a, torch.tensor([0, 1, 7, 2]))
     with pytest.raises(ValueError, match=r"element index -1 \(at row 0\)"):
         module(a, torch.tensor([-1, 1, 0, 2]))
+    index = torch.tensor([0, 1, 2, 2])
+    module(a, index)  # checked once per index tensor ...
+    index[3] = 5  # ... and again after an in-place change
+    with pytest.raises(ValueError, match=r"element index 5 \(at row 3\)"):
+        module(a, index)
     with pytest.raises(ValueError, match=r"A must have shape \[N, 2, 4\]"):
         module(torch.randn(4, 2, 9), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"A must have shape"):

@@ -123,13 +123,22 @@ class TDNModel(nn.Module):
         return self.atomic_energies.dtype
 
     def element_index(self, atomic_numbers: torch.Tensor) -> torch.Tensor:
-        """Atomic numbers ``[N]`` -> positions in ``config.elements``; an unknown one is an UnknownElementError."""
+        """Atomic numbers ``[N]`` -> positions in ``config.elements``; an unknown one is an UnknownElementError.
+
+        The same (unmodified) ``atomic_numbers`` tensor as in the last call gets the same index tensor back, without
+        a new check: an MD step then needs no host synchronisation here (nor in the product basis, which caches its
+        element grouping on the index tensor).
+        """
+        cached = self.__dict__.get("_element_cache")
+        if cached is not None and cached[0] is atomic_numbers and cached[1] == atomic_numbers._version:
+            return cached[2]
         clamped = atomic_numbers.clamp(0, MAX_ATOMIC_NUMBER)
         index = self.z_to_index[clamped]
         unknown = (index < 0) | (clamped != atomic_numbers)
         if bool(unknown.any()):
             bad = sorted({int(z) for z in atomic_numbers[unknown].tolist()})
             raise UnknownElementError(f"atomic number(s) {bad} not in the model's elements {self.config.elements}")
+        self.__dict__["_element_cache"] = (atomic_numbers, atomic_numbers._version, index)
         return index
 
     def set_statistics(

@@ -162,6 +162,9 @@ class ProductBasis(nn.Module):
             )
         if A.shape[0] == 0 or torch.compiler.is_compiling():  # no data-dependent check inside a compiled graph
             return
+        checked = (element_index._version, self.num_elements)
+        if getattr(element_index, "_tdn_checked", None) == checked:  # once per index tensor: a check syncs the host
+            return
         bad = (element_index < 0) | (element_index >= self.num_elements)
         if bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
@@ -169,6 +172,7 @@ class ProductBasis(nn.Module):
                 f"element index {int(element_index[row])} (at row {row}) is out of range: "
                 f"this product basis has num_elements={self.num_elements} (valid indices 0..{self.num_elements - 1})"
             )
+        element_index._tdn_checked = checked
 
     def extra_repr(self) -> str:
         return (
@@ -205,12 +209,24 @@ class _Contraction(nn.Module):
 class _ElementGroups:
     """The rows of a batch grouped by element, so that each element's weights are applied to a contiguous block.
 
-    ``order`` sorts the rows by element (stable) and ``counts`` holds the rows per element: one host sync per call.
+    ``order`` sorts the rows by element (stable) and ``counts`` holds the rows per element: one host sync to build.
+    Use :meth:`of`, which builds them once per index tensor: every layer of a model, and every MD step that passes
+    the same (unmodified) tensor, reuses them without touching the host.
     """
 
     def __init__(self, element_index: torch.Tensor, num_elements: int) -> None:
         self.order = torch.argsort(element_index, stable=True)  # [N]
         self.counts = torch.bincount(element_index, minlength=num_elements).tolist()
+        self.key = (element_index._version, num_elements)
+
+    @classmethod
+    def of(cls, element_index: torch.Tensor, num_elements: int) -> _ElementGroups:
+        cached = getattr(element_index, "_tdn_element_groups", None)
+        if cached is not None and cached.key == (element_index._version, num_elements):
+            return cached
+        groups = cls(element_index, num_elements)
+        element_index._tdn_element_groups = groups  # lives and dies with the tensor
+        return groups
 
     def channel_major(self, x: torch.Tensor) -> torch.Tensor:
         """``x [N, C, F]`` -> rows sorted by element, channels first: ``[C, N, F]`` (a view after one gather)."""
@@ -271,7 +287,7 @@ class CGContraction(_Contraction):
             self.register_buffer(f"basis_{nu}", basis.reshape(basis.shape[0], -1).to(dtype))  # [P_nu, D_out D^nu]
 
     def forward(self, A: torch.Tensor, element_index: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        groups = _ElementGroups(element_index, w.shape[0])
+        groups = _ElementGroups.of(element_index, w.shape[0])
         at = groups.channel_major(A)  # [C, N, D], rows sorted by element
         parts = [self._horner(at[:, start:stop], w[z]) for z, start, stop in groups.chunks()]  # [C, n_z, D_out]
         return groups.restore(parts, A.new_zeros(0, A.shape[1], dim(self.lmax_out)))
@@ -361,7 +377,7 @@ class CPContraction(_Contraction):
         return parts
 
     def forward(self, A: torch.Tensor, element_index: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        groups = _ElementGroups(element_index, w.shape[0])
+        groups = _ElementGroups.of(element_index, w.shape[0])
         p = groups.channel_major(A) @ self.directions  # [C, N, R], rows sorted by element
         powers = [part**nu for nu, part in zip(self.ranks, p.split(list(self.ranks.values()), dim=2))]  # [C, N, R_nu]
         parts = []
