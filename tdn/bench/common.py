@@ -397,6 +397,23 @@ def line_plot(
     return path
 
 
+def cli_main(
+    argv: Sequence[str] | None,
+    parse_args: Callable[[Sequence[str] | None], Any],
+    config_from_args: Callable[[Any], Any],
+    run: Callable[..., dict[str, Any]],
+) -> dict[str, Any]:
+    """The ``main`` of a benchmark script: parse, set torch threads (``--threads``; one for ``--quick``), run."""
+    args = parse_args(argv)
+    threads = args.threads or (1 if args.quick else None)
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = config_from_args(args)
+    result = run(cfg, out_dir=args.out)
+    print(f"wrote {Path(args.out) / cfg.name}.json, .md, .png")
+    return result
+
+
 # ------------------------------------------------------------------------------------------------- formatting
 
 

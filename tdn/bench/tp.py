@@ -931,11 +931,4 @@ def cells_from_args(args: argparse.Namespace) -> list[Cell]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    threads = args.threads or (1 if args.quick else None)
-    if threads:
-        torch.set_num_threads(threads)
-    cfg = config_from_args(args)
-    result = run(cfg, out_dir=args.out)
-    print(f"wrote {Path(args.out) / cfg.name}.json, .md, .png")
-    return result
+    return common.cli_main(argv, parse_args, config_from_args, run)
