@@ -45,6 +45,18 @@ SCRIPT = textwrap.dedent(
     a = tp.conv(x, y, wt, sender, receiver, fused=True)
     b = tp.conv(x, y, wt, sender, receiver, fused=False)
     assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+    # one weight per output degree: one fused reduction per degree vs the per-edge product, values and gradients
+    for kind in ("cp", "grid"):
+        tp = tdn.tp.build(kind, lmax=2, channels=channels, weights="degree")
+        x = torch.randn(num_nodes, channels, 9, requires_grad=True)
+        wd = torch.randn(num_edges, channels, 3, requires_grad=True)
+        a = tp.conv(x, y, wd, sender, receiver, fused=True)
+        b = tp.conv(x, y, wd, sender, receiver, fused=False)
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max(), (kind, (a - b).abs().max())
+        g = torch.randn_like(b)
+        for ga, gb in zip(torch.autograd.grad(a, (x, wd), g), torch.autograd.grad(b, (x, wd), g)):
+            assert (ga - gb).abs().max() <= 1e-5 * gb.abs().max(), (kind, (ga - gb).abs().max())
     print("fused ok")
     """
 )

@@ -7,6 +7,8 @@ Implementations (the same graph and sizes):
 - ``cp fused`` / ``grid fused``: :func:`tdn.tp.fused.edge_conv` as a Triton segment reduction (GPU only here;
   the CPU interpreter is for tests, not timing), node-side matmuls around it;
 - ``cp ref`` / ``grid ref``: the same factorisation in PyTorch (per-edge ``[E, C, R]`` messages, index_add);
+- ``cp-degree fused`` / ``cp-degree ref``: cp with one weight per output degree (one fused reduction per degree;
+  the reference runs the product per edge);
 - ``cg[shared]``: the exact sparse CG product per edge, then index_add;
 - ``e3nn uvu``: e3nn's ``TensorProduct`` in MACE's uvu mode per edge (one weight per channel and path) and
   index_add, as MACE's convolution runs it.
@@ -52,7 +54,9 @@ class ConvBenchConfig:
     neighbors: int = 40  # edges per receiver: N = edges / neighbors
     dtype: str = "float32"
     paths: str = "o3"
-    impls: tuple[str, ...] = ("cp fused", "cp ref", "grid fused", "grid ref", "cg[shared]", "e3nn uvu")
+    impls: tuple[str, ...] = (
+        "cp fused", "cp ref", "cp-degree fused", "cp-degree ref", "grid fused", "grid ref", "cg[shared]", "e3nn uvu"
+    )
     warmup: int = 3
     reps: int = 15
     max_seconds: float = 20.0
@@ -112,13 +116,13 @@ def measure_cell(impl: str, lmax: int, channels: int, cfg: ConvBenchConfig, band
             shapes = (op.shapes[0], op.shapes[1], op.shapes[2])
         else:
             kind, variant = impl.split(" ") if " " in impl else ("cg", "ref")
-            weights = "shared"
-            module, fn, rank = tdn_conv(kind.removesuffix("[shared]"), weights, lmax, channels, cfg.paths,
-                                        fused=variant == "fused")  # fmt: skip
+            weights = "degree" if kind.endswith("-degree") else "shared"
+            kind = kind.removesuffix("-degree").removesuffix("[shared]")
+            module, fn, rank = tdn_conv(kind, weights, lmax, channels, cfg.paths, fused=variant == "fused")
             module = module.to(device)
             d_in, d_sh, _ = module.dims
             shapes = ((channels, d_in), (d_sh,), (channels, module.num_weights))
-            if rank is not None:
+            if rank is not None and weights == "shared":  # the floor formula is the shared-weight one
                 row["rank"] = int(rank)
                 row.update(floor_bytes(nodes, row["edges"], channels, d_in, d_sh, module.dims[2], int(rank),
                                        dtype.itemsize))  # fmt: skip
@@ -219,7 +223,7 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
         f"- graph: {rows[0].get('nodes', '?')} nodes x {cfg['neighbors']} neighbours = {rows[0].get('edges', '?')} "
         f"edges (random senders, sorted by receiver); dtype {cfg['dtype']}; paths {cfg['paths']!r}; weights shared "
-        "for tdn, per path for e3nn uvu",
+        "for tdn (one per output degree for cp-degree), per path for e3nn uvu",
         f"- copy bandwidth {meta['copy_bandwidth']['gb_per_s']:.1f} GB/s sets the floor (see tdn/bench/conv.py)",
         "- cell: median ms (speed-up vs e3nn uvu), time / floor of the factorised convolution",
         "",

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..o3 import check_path_set, degree_of_component, dim, path_list
-from .fused import edge_conv
+from ..o3 import check_path_set, degree_of_component, degree_slice, dim, path_list
+from .fused import edge_conv, triton_available
 
 MAX_LMAX = 8
 WEIGHT_MODES = ("shared", "degree", "path")
@@ -183,10 +183,18 @@ class FactorisedProduct(TensorProduct):
         receiver: torch.Tensor,
         fused: bool | None = None,
     ) -> torch.Tensor:
-        if self.weights != "shared":
-            return super().conv(x, y, w, sender, receiver, fused)
+        use_fused = triton_available(x.device) if fused is None else fused
+        if self.weights == "path" or (self.weights == "degree" and not use_fused):
+            return super().conv(x, y, w, sender, receiver, fused)  # per-edge messages
         self.check_inputs(x, y, w, num_edges=y.shape[0])
         self.check_edges(y, sender, receiver)
         left, right, project = self.factors()
-        acc = edge_conv(x @ left, y @ right, w[:, :, 0], sender, receiver, x.shape[0], fused)  # [N, C, R]
-        return acc @ project  # [N, C, D_out]
+        xb, yc = x @ left, y @ right  # [N, C, R], [E, R]
+        if self.weights == "shared":
+            return edge_conv(xb, yc, w[:, :, 0], sender, receiver, x.shape[0], fused) @ project  # [N, C, D_out]
+        # one weight per output degree l: one fused reduction per degree, each projected onto its own rows
+        parts = [
+            edge_conv(xb, yc, w[:, :, l], sender, receiver, x.shape[0], use_fused) @ project[:, degree_slice(l)]
+            for l in range(self.lmax_out + 1)
+        ]
+        return torch.cat(parts, dim=2)  # [N, C, D_out]
