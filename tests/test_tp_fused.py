@@ -57,6 +57,31 @@ SCRIPT = textwrap.dedent(
         g = torch.randn_like(b)
         for ga, gb in zip(torch.autograd.grad(a, (x, wd), g), torch.autograd.grad(b, (x, wd), g)):
             assert (ga - gb).abs().max() <= 1e-5 * gb.abs().max(), (kind, (ga - gb).abs().max())
+    # the kernel is first order: differentiating its backward again raises (force training uses the reference)
+    out = edge_conv(xb, yc, w, sender, receiver, num_nodes, fused=True)
+    (gx,) = torch.autograd.grad((out ** 2).sum(), xb, create_graph=True)
+    try:
+        gx.sum().backward()
+    except RuntimeError as err:
+        assert "once_differentiable" in str(err) or "differentiate twice" in str(err), err
+    else:
+        raise AssertionError("second derivative through the fused kernel did not raise")
+
+    # a model in training mode (force loss: double backward) runs the reference, in eval mode the kernel
+    from tdn.models import build_model
+    model = build_model(tp="cp", elements=[1, 8], channels=4, lmax=2, lmax_hidden=1, num_layers=1, correlation=2,
+                        radial_mlp=[8], readout_mlp=4, cutoff=3.0, dtype="float32")
+    from torch_geometric.data import Data
+    pos = torch.tensor([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.0]])
+    graph = Data(pos=pos, atomic_numbers=torch.tensor([8, 1, 1]), edge_index=torch.tensor([[0, 0, 1, 1, 2, 2],
+                 [1, 2, 0, 2, 0, 1]]), unit_shifts=torch.zeros(6, 3), cell=torch.zeros(1, 3, 3))
+    model.train()
+    out = model(graph)
+    (out["forces"] ** 2).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.eval()
+    evaluated = model(graph)["forces"]
+    assert (evaluated - out["forces"].detach()).abs().max() <= 1e-5 * out["forces"].abs().max()
     print("fused ok")
     """
 )

@@ -66,7 +66,9 @@ class InteractionBlock(nn.Module):
         h = self.linear_up(node_feats)  # [N, C, D_node]
         weights = self.radial_mlp(edge_radial)  # [E, C, P]
         if hasattr(self.tp, "conv"):  # the backend's own gather-product-scatter (may be fused)
-            summed = self.tp.conv(h, edge_sh, weights, sender, receiver)  # [N, C, D_out]
+            # training differentiates the forces again: the fused kernels are first order, the reference is not
+            fused = False if self.training else None
+            summed = self.tp.conv(h, edge_sh, weights, sender, receiver, fused=fused)  # [N, C, D_out]
         else:
             messages = self.tp(h[sender], edge_sh, weights)  # [E, C, D_out]
             summed = messages.new_zeros(node_feats.shape[0], *messages.shape[1:])

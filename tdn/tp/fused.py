@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.autograd.function import once_differentiable
 
 try:  # Triton is optional: GPUs (and the CPU interpreter in tests) use it, everything else the reference.
     import triton
@@ -140,6 +141,7 @@ class _EdgeConv(torch.autograd.Function):
         return _segment(xb, sender, perm, rowptr, yc, w, num_nodes)
 
     @staticmethod
+    @once_differentiable  # a second derivative (force training) raises instead of silently missing terms
     def backward(ctx, grad):
         xb, yc, w, sender, receiver = ctx.saved_tensors
         grad = grad.contiguous()
