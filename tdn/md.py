@@ -4,6 +4,9 @@ Ensembles: NVE (velocity Verlet), NVT (Langevin, Nosé–Hoover chain), NPT (iso
 BAOAB barostat). Writes a trajectory (extxyz or ASE .traj), a thermo log, and a thermo PNG at the end::
 
     tdn-md structure.xyz --model model.pt --ensemble nvt-langevin --temperature 300 --steps 10000 -o run1
+
+``--engine torch`` runs NVE and Langevin NVT with :class:`tdn.dynamics.TorchDynamics` instead (the step stays on
+the model's device); the log, trajectory and PNG are written by the same code.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 from ase import Atoms, units
@@ -30,8 +33,13 @@ except ImportError:  # pragma: no cover - older ASE
         MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
 
 
+if TYPE_CHECKING:
+    from .dynamics import TorchDynamics
+
+
 ENSEMBLES = ("nve", "nvt-langevin", "nvt-nose-hoover", "npt-iso", "npt", "npt-langevin")
 NPT_ENSEMBLES = ("npt-iso", "npt", "npt-langevin")
+ENGINES = ("ase", "torch")
 TRAJ_FORMATS = ("extxyz", "traj")
 LOG_COLUMNS = ("step", "time[ps]", "Epot[eV]", "Ekin[eV]", "Etot[eV]", "T[K]", "steps/s")
 NPT_LOG_COLUMNS = ("V[A^3]", "P[GPa]")
@@ -60,8 +68,28 @@ class MDSettings:
             raise ValueError("friction and temperature must not be negative")
 
 
-def build_dynamics(atoms: Atoms, settings: MDSettings) -> MolecularDynamics:
-    """The ASE integrator for ``settings.ensemble`` (no ASE-side logfile or trajectory: tdn-md writes its own)."""
+def build_dynamics(atoms: Atoms, settings: MDSettings, engine: str = "ase") -> MolecularDynamics | TorchDynamics:
+    """The ASE integrator for ``settings.ensemble`` (no ASE-side logfile or trajectory: tdn-md writes its own), or
+    with ``engine="torch"`` a :class:`tdn.dynamics.TorchDynamics` running the model of the attached TDNCalculator
+    (its device, dtype and skin; ``nve`` and ``nvt-langevin`` only). Both have ``attach``, ``run``, ``nsteps``
+    and ``dt``."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "torch":
+        from .calculator import TDNCalculator
+        from .dynamics import TorchDynamics
+
+        if not isinstance(atoms.calc, TDNCalculator):
+            raise ValueError("the torch engine needs a TDNCalculator attached to the atoms: it runs that model")
+        return TorchDynamics(
+            atoms.calc,
+            atoms,
+            settings.timestep,
+            ensemble=settings.ensemble,
+            temperature_K=settings.temperature,
+            friction=settings.friction,
+            seed=settings.seed,
+        )
     dt = settings.timestep * units.fs
     T = settings.temperature
     rng = np.random.default_rng(settings.seed)
@@ -117,10 +145,11 @@ def initialise_velocities(atoms: Atoms, temperature: float, seed: int) -> None:
 class ThermoLogger:
     """Writes one whitespace-separated line per call: step, time, Epot, Ekin, Etot, T, steps/s (+ V, P for NPT).
 
-    ``steps/s`` is measured over the steps since the previous line. Reads only cached calculator results.
+    ``steps/s`` is measured over the steps since the previous line. Reads only cached calculator results
+    (the torch engine puts its results into ``atoms`` before calling it).
     """
 
-    def __init__(self, dyn: MolecularDynamics, atoms: Atoms, fh: IO[str], ensemble: str) -> None:
+    def __init__(self, dyn: MolecularDynamics | TorchDynamics, atoms: Atoms, fh: IO[str], ensemble: str) -> None:
         self.dyn, self.atoms, self.fh = dyn, atoms, fh
         self.with_pressure = ensemble in NPT_ENSEMBLES
         columns = LOG_COLUMNS + (NPT_LOG_COLUMNS if self.with_pressure else ())
@@ -239,8 +268,12 @@ def run_md(
     log_interval: int = 10,
     progress: bool = True,
     plot: bool = True,
+    engine: str = "ase",
 ) -> MDResult:
-    """Run ``steps`` MD steps of ``atoms`` (calculator attached) and write log, trajectory and thermo PNG."""
+    """Run ``steps`` MD steps of ``atoms`` (calculator attached) and write log, trajectory and thermo PNG.
+
+    ``engine``: ``"ase"`` (ASE's integrators) or ``"torch"`` (:class:`tdn.dynamics.TorchDynamics`), see
+    :func:`build_dynamics`."""
     if traj_format not in TRAJ_FORMATS:
         raise ValueError(f"traj_format must be one of {TRAJ_FORMATS}, got {traj_format!r}")
     if steps < 0 or traj_interval < 1 or log_interval < 1:
@@ -248,7 +281,7 @@ def run_md(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     log_path, traj_path = out / "md.log", out / f"trajectory.{traj_format}"
-    dyn = build_dynamics(atoms, settings)
+    dyn = build_dynamics(atoms, settings, engine)
     traj = TrajectoryWriter(traj_path, atoms)
     bar = _progress_bar(steps, progress)
     with open(log_path, "w") as log_fh:
@@ -305,6 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="nve",
         help="nve: velocity Verlet; nvt-langevin; nvt-nose-hoover: Nosé–Hoover chain; npt-iso: isotropic "
         "MTK; npt: full-cell MTK; npt-langevin: Langevin BAOAB with a Langevin-Hoover barostat",
+    )
+    g.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="ase",
+        help="ase: ASE's integrators calling the model; torch: tdn.dynamics.TorchDynamics, state and step on the "
+        "model's device (nve and nvt-langevin only)",
     )
     g.add_argument("--steps", type=int, default=1000, help="number of MD steps")
     g.add_argument("--timestep", type=float, default=1.0, help="time step in fs")
@@ -368,6 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_interval=args.log_interval,
         progress=not args.no_progress,
         plot=not args.no_plot,
+        engine=args.engine,
     )
     print(
         f"tdn-md: {result.steps} steps in {result.wall_s:.1f} s ({result.steps_per_s:.1f} steps/s); "

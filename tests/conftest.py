@@ -29,3 +29,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def structure(tmp_path_factory):
+    """An extxyz file of a rattled 8-atom Cu fcc cell, the input structure of the MD command-line tests."""
+    from ase.build import bulk
+    from ase.io import write
+
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 1, 1))
+    atoms.rattle(0.03, seed=0)
+    path = tmp_path_factory.mktemp("md_structure") / "cu.extxyz"
+    write(path, atoms)
+    return path

@@ -7,26 +7,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ase.build import bulk, molecule
-from ase.io import read, write
+from ase.build import molecule
+from ase.io import read
 
 import tdn
 from tdn.md import ENSEMBLES, MDSettings, build_dynamics, main, read_log
 from tdn.models import build_model
 
-pytest.importorskip("tdn.nn.product", reason="tdn.nn.product (the product basis, issue B) is not written yet")
-
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # LangevinBAOAB says which barostat mass it derived from P_tau: information, not a problem.
-pytestmark = pytest.mark.filterwarnings("ignore:Using heuristic P_mass:UserWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:Using heuristic P_mass:UserWarning"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +28,6 @@ def model_file(tmp_path_factory) -> Path:
     model = build_model(tp="cp", preset="tiny", elements=[1, 6, 8, 29], cutoff=3.5, avg_num_neighbors=10.0)
     path = tmp_path_factory.mktemp("md_model") / "tiny.pt"
     tdn.save_model(model, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def structure(tmp_path_factory) -> Path:
-    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 1, 1))
-    atoms.rattle(0.03, seed=0)
-    path = tmp_path_factory.mktemp("md_structure") / "cu.extxyz"
-    write(path, atoms)
     return path
 
 
