@@ -47,6 +47,8 @@ class MDBenchConfig:
     sizes: tuple[int, ...] = FULL_SIZES
     dtypes: tuple[str, ...] = DTYPES
     backends: tuple[str, ...] | None = None  # None: every backend tdn.models knows
+    engine_backends: tuple[str, ...] = ("cp",)  # also timed as whole MD steps of tdn.dynamics (column "<b> engine")
+    engine_steps: int = 10  # MD steps per timed call of the engine
     references: tuple[str, ...] = REFERENCES
     preset: str = "mace-medium"
     avg_num_neighbors: float = 40.0  # as the reference MACE is built; only scales the messages
@@ -131,7 +133,8 @@ def model_config(cfg: MDBenchConfig, backend: str) -> dict[str, Any]:
 
 
 def bench_tdn(cfg: MDBenchConfig, workdir: Path) -> list[dict[str, Any]]:
-    """One row per (backend, dtype, size); after an out-of-memory error the larger sizes are skipped."""
+    """One row per (backend, dtype, size): the calculator's energy+forces call, and for ``cfg.engine_backends``
+    also a whole MD step of the device-resident engine."""
     from .. import save_model
     from ..models import build_model
 
@@ -145,20 +148,30 @@ def bench_tdn(cfg: MDBenchConfig, workdir: Path) -> list[dict[str, Any]]:
         path = workdir / f"tdn_{backend}.pt"
         save_model(model, path)
         del model
-        for dtype in cfg.dtypes:
-            oom_at = None
-            for natoms in cfg.sizes:
-                row = {"impl": f"tdn-{backend}", "backend": backend, "atoms": natoms, "dtype": dtype}
-                if oom_at is not None:
-                    row["err"] = f"skipped: out of memory at {oom_at} atoms"
-                else:
-                    result, err = common.attempt(lambda p=path, n=natoms, d=dtype: _tdn_cell(p, n, d, cfg), cfg.device)
-                    row.update(result or {"err": err})
-                    if err is not None and err.startswith("OOM"):
-                        oom_at = natoms
-                    common.free_memory(cfg.device)
-                _print_row(row)
-                rows.append(row)
+        cells = [(f"tdn-{backend}", _tdn_cell)]
+        if backend in cfg.engine_backends:
+            cells.append((f"tdn-{backend} engine", _engine_cell))
+        for impl, cell in cells:
+            for dtype in cfg.dtypes:
+                rows += _size_sweep(impl, backend, dtype, lambda n, d=dtype, c=cell, p=path: c(p, n, d, cfg), cfg)
+    return rows
+
+
+def _size_sweep(impl: str, backend: str, dtype: str, measure_size, cfg: MDBenchConfig) -> list[dict[str, Any]]:
+    """Rows for every size; after an out-of-memory error the larger sizes are skipped."""
+    rows, oom_at = [], None
+    for natoms in cfg.sizes:
+        row = {"impl": impl, "backend": backend, "atoms": natoms, "dtype": dtype}
+        if oom_at is not None:
+            row["err"] = f"skipped: out of memory at {oom_at} atoms"
+        else:
+            result, err = common.attempt(lambda n=natoms: measure_size(n), cfg.device)
+            row.update(result or {"err": err})
+            if err is not None and err.startswith("OOM"):
+                oom_at = natoms
+            common.free_memory(cfg.device)
+        _print_row(row)
+        rows.append(row)
     return rows
 
 
@@ -167,6 +180,33 @@ def _tdn_cell(path: Path, natoms: int, dtype: str, cfg: MDBenchConfig) -> dict[s
 
     calc = TDNCalculator(path, device=cfg.device, default_dtype=dtype, skin=cfg.skin)
     return measure(calc, natoms, cfg)
+
+
+def _engine_cell(path: Path, natoms: int, dtype: str, cfg: MDBenchConfig) -> dict[str, Any]:
+    """A whole NVE step of :class:`tdn.dynamics.TorchDynamics` (integrator, skin list, energy and forces, all on
+    the device), timed over ``cfg.engine_steps`` steps per call from a 300 K start."""
+    from ..dynamics import TorchDynamics
+    from ..md import initialise_velocities
+
+    atoms = cu_fcc(natoms)
+    initialise_velocities(atoms, 300.0, seed=0)
+    dyn = TorchDynamics(path, atoms, timestep=1.0, device=cfg.device, dtype=dtype, skin=cfg.skin)
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        common.free_memory(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    k = cfg.engine_steps
+    timing = common.time_call(lambda: dyn.run(k), device, warmup=cfg.warmup, reps=cfg.reps, max_seconds=cfg.max_seconds)
+    step_ms = timing["median_ms"] / k
+    return {
+        "step_ms": step_ms,
+        "min_ms": timing["min_ms"] / k,
+        "reps": timing["reps"],
+        "steps_per_s": 1e3 / step_ms,
+        "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+        "neighbor_list_builds": dyn.neighbor_list_builds,
+        "missed_rebuilds": dyn.missed_rebuilds,
+    }
 
 
 # ------------------------------------------------------------------------------------------------- mace
@@ -310,8 +350,12 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"- step: every atom displaced by ~{STEP_NOISE} Å, then get_forces(); median of up to {cfg['reps']} "
         f"after {cfg['warmup']} warm-up calls; tdn neighbour-list skin {cfg['skin']} Å"
         + (f"; {neighbors:.0f} neighbours per atom within the cutoff" if neighbors else ""),
-        "",
     ]
+    if any(i.endswith(" engine") for i in impls):
+        lines.append(f"- `<backend> engine`: a whole NVE MD step of tdn.dynamics.TorchDynamics (integrator, skin "
+                     f"list, energy and forces on the device; 300 K start), timed over {cfg['engine_steps']} steps "
+                     "per call")  # fmt: skip
+    lines.append("")
     if meta.get("load_average_1min") is not None:
         lines.insert(3, f"- 1-min load average at the start: {meta['load_average_1min']} (compare within one run)")
     header = ["atoms", "dtype"] + [f"{i} ms" for i in impls] + ["best MACE / best tdn"]
@@ -407,6 +451,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="model widths, a tdn.models.PRESETS name (default: mace-medium; tiny with --quick)",
     )
     p.add_argument("--skin", type=float, default=0.5, help="tdn neighbour-list skin in Å")
+    p.add_argument("--engine-backends", nargs="*", default=["cp"],
+                   help="backends also timed as whole MD steps of the device-resident engine (tdn.dynamics)")
     p.add_argument("--warmup", type=int)
     p.add_argument("--reps", type=int)
     p.add_argument("--max-seconds", type=float, help="stop repeating a cell's timing after this long")
@@ -430,6 +476,7 @@ def config_from_args(args: argparse.Namespace) -> MDBenchConfig:
         references=tuple(args.references),
         preset=args.preset or ("tiny" if args.quick else "mace-medium"),
         skin=args.skin,
+        engine_backends=tuple(args.engine_backends),
         mace_python=args.mace_python,
         mace_pythonpath=args.mace_pythonpath,
         quick=args.quick,
