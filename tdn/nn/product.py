@@ -33,6 +33,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..o3 import check_path_set, degree_of_component, degree_slice, dim, sphere_grid, spherical_harmonics
 from ..tp.base import MAX_LMAX
@@ -128,12 +129,32 @@ class ProductBasis(nn.Module):
         if kind == "cp":
             self.ranks, self.fit_errors = self.contraction.ranks, self.contraction.fit_errors
 
+    # Large systems in eval mode (MD, inference with forces): the basis's intermediates (for cp, [N, C, R] with R in
+    # the hundreds) would be kept for the backward of every layer and dominate memory. Above `checkpoint_above`
+    # nodes the basis runs in chunks of `checkpoint_chunk` nodes that keep only their input and recompute in the
+    # backward (torch.utils.checkpoint): one more forward of the basis for memory bounded by the chunk.
+    # Training (second derivatives) never checkpoints. Set on an instance to tune; None disables.
+    checkpoint_above: int | None = 16384
+    checkpoint_chunk: int = 4096
+
     def forward(self, A: torch.Tensor, element_index: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(A.device.type):
             # nu-fold products of bf16/fp16 features lose too much: the basis runs in the module's precision
             with torch.autocast(A.device.type, enabled=False):
                 return self.forward(A.to(self.weight.dtype), element_index)
         self._check_inputs(A, element_index)
+        above, chunk = self.checkpoint_above, self.checkpoint_chunk
+        if above is not None and A.shape[0] > above and not self.training and torch.is_grad_enabled():
+            parts = [
+                checkpoint(self._basis, A[start : start + chunk], element_index[start : start + chunk],
+                           use_reentrant=False)
+                for start in range(0, A.shape[0], chunk)
+            ]  # fmt: skip
+            return torch.cat(parts)
+        return self._basis(A, element_index)
+
+    def _basis(self, A: torch.Tensor, element_index: torch.Tensor) -> torch.Tensor:
+        """The product basis of checked inputs ``A [N, C, D]`` -> ``[N, C, D_out]``."""
         weight = self.weight * self.weight_scale  # [E, C, P]
         num_pick = self.lmax_out + 1
         pick = weight[:, :, :num_pick][element_index][:, :, self.pick_index]  # [N, C, D_out]
