@@ -144,6 +144,33 @@ def test_interaction_is_equivariant(kind, lmax_node):
     assert torch.equal(apply(pos, h2)[3], out[3])
 
 
+def test_interaction_checkpoints_the_radial_mlp_for_many_edges_in_eval():
+    """Above ``checkpoint_above`` edges (eval mode) the radial MLP is recomputed in the backward: same values and
+    gradients, less memory kept."""
+    from tdn.bench.common import peak_memory
+
+    torch.manual_seed(0)
+    block = InteractionBlock("cp", 1, 2, 2, channels=4, num_radial=8, radial_hidden=[64, 64, 64]).double().eval()
+    num_nodes, num_edges = 40, 2000
+    edge_index = torch.stack([torch.randint(0, num_nodes, (num_edges,)), torch.randint(0, num_nodes, (num_edges,))])
+    vectors = (torch.randn(num_edges, 3, dtype=torch.float64) * 2).requires_grad_(True)
+    h = torch.randn(num_nodes, 4, dim(1), dtype=torch.float64)
+    radial = RadialEmbedding(cutoff=6.0, num_basis=8)
+
+    def step():
+        out = block(h, spherical_harmonics(2, vectors), radial(vectors.norm(dim=-1)), edge_index)
+        return out, torch.autograd.grad(out.square().sum(), vectors)[0]
+
+    plain_peak, _ = peak_memory(step, "cpu")
+    plain = step()
+    block.checkpoint_above = 1000
+    kept_peak, _ = peak_memory(step, "cpu")
+    kept = step()
+    torch.testing.assert_close(kept[0], plain[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kept[1], plain[1], rtol=1e-12, atol=1e-12)
+    assert kept_peak < 0.8 * plain_peak, (kept_peak, plain_peak)
+
+
 # ---------------------------------------------------------------------------------------------- readouts
 @pytest.mark.parametrize("readout", [LinearReadout(6), MLPReadout(6, 4)])
 def test_readouts_read_only_scalars(readout):

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .. import tp as tp_backends
 from .linear import EquivariantLinear
@@ -24,6 +25,11 @@ class InteractionBlock(nn.Module):
 
     ``kind``/``paths``/``weights``/``tp_options`` choose the tensor-product backend (see :func:`tdn.tp.build`).
     """
+
+    # Large systems in eval mode (forces only): the radial MLP's activations (~500 floats per edge) are the largest
+    # per-edge memory once the convolution is fused; above `checkpoint_above` edges they are recomputed in the
+    # backward instead of kept. Training never checkpoints. Set on an instance to tune; None disables.
+    checkpoint_above: int | None = 500_000
 
     def __init__(
         self,
@@ -64,7 +70,11 @@ class InteractionBlock(nn.Module):
     ) -> torch.Tensor:
         sender, receiver = edge_index[0], edge_index[1]
         h = self.linear_up(node_feats)  # [N, C, D_node]
-        weights = self.radial_mlp(edge_radial)  # [E, C, P]
+        above = self.checkpoint_above
+        if above is not None and edge_radial.shape[0] > above and not self.training and torch.is_grad_enabled():
+            weights = checkpoint(self.radial_mlp, edge_radial, use_reentrant=False)  # [E, C, P]
+        else:
+            weights = self.radial_mlp(edge_radial)  # [E, C, P]
         if hasattr(self.tp, "conv"):  # the backend's own gather-product-scatter (may be fused)
             # training differentiates the forces again: the fused kernels are first order, the reference is not
             fused = False if self.training else None
