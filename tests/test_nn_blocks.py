@@ -163,12 +163,12 @@ def test_interaction_checkpoints_the_radial_mlp_for_many_edges_in_eval():
 
     plain_peak, _ = peak_memory(step, "cpu")
     plain = step()
-    block.checkpoint_above = 1000
+    block.checkpoint_above, block.checkpoint_chunk = 1000, 300
     kept_peak, _ = peak_memory(step, "cpu")
     kept = step()
     torch.testing.assert_close(kept[0], plain[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(kept[1], plain[1], rtol=1e-12, atol=1e-12)
-    assert kept_peak < 0.8 * plain_peak, (kept_peak, plain_peak)
+    assert kept_peak < 0.6 * plain_peak, (kept_peak, plain_peak)
 
 
 # ---------------------------------------------------------------------------------------------- readouts

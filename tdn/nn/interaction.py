@@ -26,10 +26,12 @@ class InteractionBlock(nn.Module):
     ``kind``/``paths``/``weights``/``tp_options`` choose the tensor-product backend (see :func:`tdn.tp.build`).
     """
 
-    # Large systems in eval mode (forces only): the radial MLP's activations (~500 floats per edge) are the largest
-    # per-edge memory once the convolution is fused; above `checkpoint_above` edges they are recomputed in the
-    # backward instead of kept. Training never checkpoints. Set on an instance to tune; None disables.
+    # Large systems in eval mode (forces only): the radial MLP's activations (~500 floats per edge, and as much again
+    # for their gradients) are the largest per-edge memory once the convolution is fused; above `checkpoint_above`
+    # edges the MLP runs in chunks of `checkpoint_chunk` edges that are recomputed in the backward instead of kept.
+    # Training never checkpoints. Set on an instance to tune; None disables.
     checkpoint_above: int | None = 500_000
+    checkpoint_chunk: int = 65_536
 
     def __init__(
         self,
@@ -72,7 +74,11 @@ class InteractionBlock(nn.Module):
         h = self.linear_up(node_feats)  # [N, C, D_node]
         above = self.checkpoint_above
         if above is not None and edge_radial.shape[0] > above and not self.training and torch.is_grad_enabled():
-            weights = checkpoint(self.radial_mlp, edge_radial, use_reentrant=False)  # [E, C, P]
+            chunk = self.checkpoint_chunk
+            weights = torch.cat([
+                checkpoint(self.radial_mlp, edge_radial[start : start + chunk], use_reentrant=False)
+                for start in range(0, edge_radial.shape[0], chunk)
+            ])  # fmt: skip  # [E, C, P]
         else:
             weights = self.radial_mlp(edge_radial)  # [E, C, P]
         if hasattr(self.tp, "conv"):  # the backend's own gather-product-scatter (may be fused)
