@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..o3 import check_path_set, degree_of_component, degree_slice, dim, path_list
-from .fused import edge_conv, triton_available
+from .fused import edge_conv
 
 MAX_LMAX = 8
 WEIGHT_MODES = ("shared", "degree", "path")
@@ -183,8 +183,7 @@ class FactorisedProduct(TensorProduct):
         receiver: torch.Tensor,
         fused: bool | None = None,
     ) -> torch.Tensor:
-        use_fused = triton_available(x.device) if fused is None else fused
-        if self.weights == "path" or (self.weights == "degree" and not use_fused):
+        if self.weights == "path" or (self.weights == "degree" and fused is False):
             return super().conv(x, y, w, sender, receiver, fused)  # per-edge messages
         self.check_inputs(x, y, w, num_edges=y.shape[0])
         self.check_edges(y, sender, receiver)
@@ -192,9 +191,9 @@ class FactorisedProduct(TensorProduct):
         xb, yc = x @ left, y @ right  # [N, C, R], [E, R]
         if self.weights == "shared":
             return edge_conv(xb, yc, w[:, :, 0], sender, receiver, x.shape[0], fused) @ project  # [N, C, D_out]
-        # one weight per output degree l: one fused reduction per degree, each projected onto its own rows
+        # one weight per output degree l: one reduction per degree, each projected onto its own rows
         parts = [
-            edge_conv(xb, yc, w[:, :, l], sender, receiver, x.shape[0], use_fused) @ project[:, degree_slice(l)]
+            edge_conv(xb, yc, w[:, :, l], sender, receiver, x.shape[0], fused) @ project[:, degree_slice(l)]
             for l in range(self.lmax_out + 1)
         ]
         return torch.cat(parts, dim=2)  # [N, C, D_out]
