@@ -11,7 +11,7 @@ Implementations (the same graph and sizes):
 - ``cp ref`` / ``grid ref``: the same factorisation in plain PyTorch (per-edge ``[E, C, R]`` messages, index_add;
   what training differentiates twice);
 - ``cp-degree fused`` / ``cp-degree ref``: cp with one weight per output degree (one fused reduction per degree;
-  the reference runs the product per edge);
+  the reference, also the CPU's path for it, runs the product per edge);
 - ``cg[shared]``: the exact sparse CG product per edge, then index_add;
 - ``e3nn uvu``: e3nn's ``TensorProduct`` in MACE's uvu mode per edge (one weight per channel and path) and
   index_add, as MACE's convolution runs it.
@@ -58,7 +58,7 @@ class ConvBenchConfig:
     dtype: str = "float32"
     paths: str = "o3"
     impls: tuple[str, ...] = (
-        "cp fused", "cp chunked", "cp ref", "cp-degree fused", "cp-degree chunked", "cp-degree ref",
+        "cp fused", "cp chunked", "cp ref", "cp-degree fused", "cp-degree ref",
         "grid fused", "grid chunked", "grid ref", "cg[shared]", "e3nn uvu",
     )  # fmt: skip
     warmup: int = 3
