@@ -140,3 +140,23 @@ def test_chunked_cpu_path_matches_reference(dtype, tol, monkeypatch):
                                 create_graph=True)  # fmt: skip
     with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
         gx.sum().backward()
+
+
+def test_edge_sort_is_cached_per_neighbour_list(monkeypatch):
+    """The fused kernel's receiver / sender sorts are computed once per edge_index (all layers, all MD steps until
+    the list changes) and recomputed after an in-place change."""
+    from tdn.tp import fused
+
+    calls = []
+    original = fused._sort_segments
+    monkeypatch.setattr(fused, "_sort_segments", lambda index, n: calls.append(1) or original(index, n))
+    edge_index = torch.tensor([[0, 2, 1, 2, 0], [1, 0, 2, 2, 1]])
+    for _ in range(3):  # three "layers" or "steps": rows 0 and 1 are sorted once each
+        perm_r, rowptr_r = fused._csr(edge_index[1], 3)
+        perm_s, _ = fused._csr(edge_index[0], 3)
+    assert len(calls) == 2
+    assert edge_index[1][perm_r].tolist() == [0, 1, 1, 2, 2] and rowptr_r.tolist() == [0, 1, 3, 5]
+    assert edge_index[0][perm_s].tolist() == [0, 0, 1, 2, 2]
+    edge_index[1, 0] = 2  # a new list written in place
+    perm_r, rowptr_r = fused._csr(edge_index[1], 3)
+    assert len(calls) == 3 and rowptr_r.tolist() == [0, 1, 2, 5]

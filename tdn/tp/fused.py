@@ -154,7 +154,23 @@ if triton is not None:
 
 
 def _csr(index: torch.Tensor, num_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Edges sorted by ``index`` (``perm``) and segment pointers ``rowptr [num_segments + 1]``."""
+    """Edges sorted by ``index`` (``perm``) and segment pointers ``rowptr [num_segments + 1]``.
+
+    Cached on the tensor that owns ``index``'s memory (``edge_index`` when ``index`` is its row), keyed by the view
+    and the owner's version: every layer of a model and every MD step between two neighbour-list builds reuse one
+    sort.
+    """
+    owner = index if index._base is None else index._base
+    key = (index.storage_offset(), index.stride(), index.shape, owner._version, num_segments)
+    cache = owner.__dict__.setdefault("_tdn_csr", {})
+    if key not in cache:
+        for stale in [k for k in cache if k[3] != owner._version]:  # written in place since: stale
+            del cache[stale]
+        cache[key] = _sort_segments(index, num_segments)
+    return cache[key]
+
+
+def _sort_segments(index: torch.Tensor, num_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
     perm = torch.argsort(index, stable=True)
     counts = torch.bincount(index, minlength=num_segments)
     rowptr = torch.zeros(num_segments + 1, dtype=torch.long, device=index.device)
