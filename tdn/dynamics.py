@@ -256,7 +256,7 @@ class TorchDynamics:
         if self.edge_index is None or self.skin == 0:
             self._rebuild()
         self._track()
-        # The model's energy network directly (not TDNModel.forward, whose element check syncs every call).
+        # The model's energy network directly: TDNModel.forward's batch, cell and stress bookkeeping is not needed.
         pos = self.positions.detach().to(self.dtype).requires_grad_(True)
         with torch.enable_grad():
             node_energy = self.model.node_energies(pos, self.element_index, self.edge_index, self.edge_shift)
