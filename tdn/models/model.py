@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._cache import cached_on
 from ..nn import (
     ElementEmbedding,
     ElementLinear,
@@ -125,20 +126,20 @@ class TDNModel(nn.Module):
     def element_index(self, atomic_numbers: torch.Tensor) -> torch.Tensor:
         """Atomic numbers ``[N]`` -> positions in ``config.elements``; an unknown one is an UnknownElementError.
 
-        The same (unmodified) ``atomic_numbers`` tensor as in the last call gets the same index tensor back, without
-        a new check: an MD step then needs no host synchronisation here (nor in the product basis, which caches its
-        element grouping on the index tensor).
+        Cached on ``atomic_numbers`` (:func:`tdn._cache.cached_on`, keyed by the elements): the same, unmodified
+        tensor gets the same index tensor back without a new check, so an MD step needs no host synchronisation here
+        (nor in the product basis, which caches its element grouping on the index tensor).
         """
-        cached = self.__dict__.get("_element_cache")
-        if cached is not None and cached[0] is atomic_numbers and cached[1] == atomic_numbers._version:
-            return cached[2]
+        key = ("element_index", tuple(self.config.elements))
+        return cached_on(atomic_numbers, key, lambda: self._element_index(atomic_numbers))
+
+    def _element_index(self, atomic_numbers: torch.Tensor) -> torch.Tensor:
         clamped = atomic_numbers.clamp(0, MAX_ATOMIC_NUMBER)
         index = self.z_to_index[clamped]
         unknown = (index < 0) | (clamped != atomic_numbers)
         if bool(unknown.any()):
             bad = sorted({int(z) for z in atomic_numbers[unknown].tolist()})
             raise UnknownElementError(f"atomic number(s) {bad} not in the model's elements {self.config.elements}")
-        self.__dict__["_element_cache"] = (atomic_numbers, atomic_numbers._version, index)
         return index
 
     def set_statistics(

@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .. import tp as tp_backends
 from .linear import EquivariantLinear
 from .radial import RadialMLP
+from .recompute import recompute_if_large
 
 
 class InteractionBlock(nn.Module):
@@ -26,10 +26,9 @@ class InteractionBlock(nn.Module):
     ``kind``/``paths``/``weights``/``tp_options`` choose the tensor-product backend (see :func:`tdn.tp.build`).
     """
 
-    # Large systems in eval mode (forces only): the radial MLP's activations (~500 floats per edge, and as much again
-    # for their gradients) are the largest per-edge memory once the convolution is fused; above `checkpoint_above`
-    # edges the MLP runs in chunks of `checkpoint_chunk` edges that are recomputed in the backward instead of kept.
-    # Training never checkpoints. Set on an instance to tune; None disables.
+    # Large systems in eval mode: the radial MLP's activations (~500 floats per edge, and as much again for their
+    # gradients) are the largest per-edge memory once the convolution is fused, so above `checkpoint_above` edges
+    # the MLP is recomputed in chunks (tdn.nn.recompute). Set on an instance to tune; None disables.
     checkpoint_above: int | None = 500_000
     checkpoint_chunk: int = 65_536
 
@@ -72,15 +71,8 @@ class InteractionBlock(nn.Module):
     ) -> torch.Tensor:
         sender, receiver = edge_index[0], edge_index[1]
         h = self.linear_up(node_feats)  # [N, C, D_node]
-        above = self.checkpoint_above
-        if above is not None and edge_radial.shape[0] > above and not self.training and torch.is_grad_enabled():
-            chunk = self.checkpoint_chunk
-            weights = torch.cat([
-                checkpoint(self.radial_mlp, edge_radial[start : start + chunk], use_reentrant=False)
-                for start in range(0, edge_radial.shape[0], chunk)
-            ])  # fmt: skip  # [E, C, P]
-        else:
-            weights = self.radial_mlp(edge_radial)  # [E, C, P]
+        weights = recompute_if_large(self.radial_mlp, (edge_radial,), training=self.training,
+                                     above=self.checkpoint_above, chunk=self.checkpoint_chunk)  # [E, C, P]
         if hasattr(self.tp, "conv"):  # the backend's own gather-product-scatter (may be fused)
             # training differentiates the forces again: the fused kernels are first order, the reference is not
             fused = False if self.training else None

@@ -33,8 +33,8 @@ import math
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from .._cache import cached_on
 from ..o3 import check_path_set, degree_of_component, degree_slice, dim, sphere_grid, spherical_harmonics
 from ..tp.base import MAX_LMAX
 from ..tp.grid import GAUNT_REASON
@@ -45,6 +45,7 @@ from .product_fit import (
     stacked_basis,
     symmetric_cp,
 )
+from .recompute import recompute_if_large
 
 KINDS = ("cg", "cp", "gaunt", "grid")
 MAX_CORRELATION = 4
@@ -129,11 +130,9 @@ class ProductBasis(nn.Module):
         if kind == "cp":
             self.ranks, self.fit_errors = self.contraction.ranks, self.contraction.fit_errors
 
-    # Large systems in eval mode (MD, inference with forces): the basis's intermediates (for cp, [N, C, R] with R in
-    # the hundreds) would be kept for the backward of every layer and dominate memory. Above `checkpoint_above`
-    # nodes the basis runs in chunks of `checkpoint_chunk` nodes that keep only their input and recompute in the
-    # backward (torch.utils.checkpoint): one more forward of the basis for memory bounded by the chunk.
-    # Training (second derivatives) never checkpoints. Set on an instance to tune; None disables.
+    # Large systems in eval mode: the basis's intermediates (for cp, [N, C, R] with R in the hundreds) dominate
+    # memory, so above `checkpoint_above` nodes it is recomputed in chunks (tdn.nn.recompute). Set on an instance
+    # to tune; None disables.
     checkpoint_above: int | None = 16384
     checkpoint_chunk: int = 4096
 
@@ -143,15 +142,8 @@ class ProductBasis(nn.Module):
             with torch.autocast(A.device.type, enabled=False):
                 return self.forward(A.to(self.weight.dtype), element_index)
         self._check_inputs(A, element_index)
-        above, chunk = self.checkpoint_above, self.checkpoint_chunk
-        if above is not None and A.shape[0] > above and not self.training and torch.is_grad_enabled():
-            parts = [
-                checkpoint(self._basis, A[start : start + chunk], element_index[start : start + chunk],
-                           use_reentrant=False)
-                for start in range(0, A.shape[0], chunk)
-            ]  # fmt: skip
-            return torch.cat(parts)
-        return self._basis(A, element_index)
+        return recompute_if_large(self._basis, (A, element_index), training=self.training,
+                                  above=self.checkpoint_above, chunk=self.checkpoint_chunk)  # fmt: skip
 
     def _basis(self, A: torch.Tensor, element_index: torch.Tensor) -> torch.Tensor:
         """The product basis of checked inputs ``A [N, C, D]`` -> ``[N, C, D_out]``."""
@@ -183,9 +175,10 @@ class ProductBasis(nn.Module):
             )
         if A.shape[0] == 0 or torch.compiler.is_compiling():  # no data-dependent check inside a compiled graph
             return
-        checked = (element_index._version, self.num_elements)
-        if getattr(element_index, "_tdn_checked", None) == checked:  # once per index tensor: a check syncs the host
-            return
+        # once per index tensor: the check syncs the host
+        cached_on(element_index, ("in_range", self.num_elements), lambda: self._check_range(element_index))
+
+    def _check_range(self, element_index: torch.Tensor) -> bool:
         bad = (element_index < 0) | (element_index >= self.num_elements)
         if bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
@@ -193,7 +186,7 @@ class ProductBasis(nn.Module):
                 f"element index {int(element_index[row])} (at row {row}) is out of range: "
                 f"this product basis has num_elements={self.num_elements} (valid indices 0..{self.num_elements - 1})"
             )
-        element_index._tdn_checked = checked
+        return True
 
     def extra_repr(self) -> str:
         return (
@@ -231,23 +224,17 @@ class _ElementGroups:
     """The rows of a batch grouped by element, so that each element's weights are applied to a contiguous block.
 
     ``order`` sorts the rows by element (stable) and ``counts`` holds the rows per element: one host sync to build.
-    Use :meth:`of`, which builds them once per index tensor: every layer of a model, and every MD step that passes
-    the same (unmodified) tensor, reuses them without touching the host.
+    Use :meth:`of`, which builds them once per index tensor (:func:`tdn._cache.cached_on`): every layer of a model,
+    and every MD step that passes the same (unmodified) tensor, reuses them without touching the host.
     """
 
     def __init__(self, element_index: torch.Tensor, num_elements: int) -> None:
         self.order = torch.argsort(element_index, stable=True)  # [N]
         self.counts = torch.bincount(element_index, minlength=num_elements).tolist()
-        self.key = (element_index._version, num_elements)
 
     @classmethod
     def of(cls, element_index: torch.Tensor, num_elements: int) -> _ElementGroups:
-        cached = getattr(element_index, "_tdn_element_groups", None)
-        if cached is not None and cached.key == (element_index._version, num_elements):
-            return cached
-        groups = cls(element_index, num_elements)
-        element_index._tdn_element_groups = groups  # lives and dies with the tensor
-        return groups
+        return cached_on(element_index, ("groups", num_elements), lambda: cls(element_index, num_elements))
 
     def channel_major(self, x: torch.Tensor) -> torch.Tensor:
         """``x [N, C, F]`` -> rows sorted by element, channels first: ``[C, N, F]`` (a view after one gather)."""

@@ -25,6 +25,8 @@ import os
 import torch
 from torch.autograd.function import once_differentiable
 
+from .._cache import cached_on
+
 try:  # Triton is optional: GPUs (and the CPU interpreter in tests) use it, everything else the reference.
     import triton
     import triton.language as tl
@@ -154,20 +156,10 @@ if triton is not None:
 
 
 def _csr(index: torch.Tensor, num_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Edges sorted by ``index`` (``perm``) and segment pointers ``rowptr [num_segments + 1]``.
-
-    Cached on the tensor that owns ``index``'s memory (``edge_index`` when ``index`` is its row), keyed by the view
-    and the owner's version: every layer of a model and every MD step between two neighbour-list builds reuse one
-    sort.
-    """
-    owner = index if index._base is None else index._base
-    key = (index.storage_offset(), index.stride(), index.shape, owner._version, num_segments)
-    cache = owner.__dict__.setdefault("_tdn_csr", {})
-    if key not in cache:
-        for stale in [k for k in cache if k[3] != owner._version]:  # written in place since: stale
-            del cache[stale]
-        cache[key] = _sort_segments(index, num_segments)
-    return cache[key]
+    """Edges sorted by ``index`` (``perm``) and segment pointers ``rowptr [num_segments + 1]``, cached on
+    ``edge_index`` (:func:`tdn._cache.cached_on`): every layer of a model and every MD step between two
+    neighbour-list builds reuse one sort."""
+    return cached_on(index, ("csr", num_segments), lambda: _sort_segments(index, num_segments))
 
 
 def _sort_segments(index: torch.Tensor, num_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
