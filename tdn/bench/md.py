@@ -87,23 +87,29 @@ def make_step(atoms: Atoms, seed: int = 0):
     return step
 
 
-def measure(calc: Any, natoms: int, cfg: MDBenchConfig) -> dict[str, Any]:
-    """Median ms per step, steps/s, peak GPU memory (absolute, as the reference reports it) and edge count."""
-    atoms = cu_fcc(natoms)
-    atoms.calc = calc
-    step = make_step(atoms)
+def time_steps(call: Any, cfg: MDBenchConfig, steps_per_call: int = 1) -> dict[str, Any]:
+    """Median (and min) ms per step over timed calls of ``call``, each ``steps_per_call`` steps; steps/s; peak GPU
+    memory (absolute, as the reference reports it)."""
     device = torch.device(cfg.device)
     if device.type == "cuda":
         common.free_memory(device)
         torch.cuda.reset_peak_memory_stats(device)
-    timing = common.time_call(step, device, warmup=cfg.warmup, reps=cfg.reps, max_seconds=cfg.max_seconds)
-    row: dict[str, Any] = {
-        "step_ms": timing["median_ms"],
-        "min_ms": timing["min_ms"],
+    timing = common.time_call(call, device, warmup=cfg.warmup, reps=cfg.reps, max_seconds=cfg.max_seconds)
+    step_ms = timing["median_ms"] / steps_per_call
+    return {
+        "step_ms": step_ms,
+        "min_ms": timing["min_ms"] / steps_per_call,
         "reps": timing["reps"],
-        "steps_per_s": 1e3 / timing["median_ms"],
+        "steps_per_s": 1e3 / step_ms,
         "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
     }
+
+
+def measure(calc: Any, natoms: int, cfg: MDBenchConfig) -> dict[str, Any]:
+    """Median ms per step, steps/s, peak GPU memory (absolute, as the reference reports it) and edge count."""
+    atoms = cu_fcc(natoms)
+    atoms.calc = calc
+    row = time_steps(make_step(atoms), cfg)
     if hasattr(calc, "neighbor_list_builds"):
         row["neighbors_per_atom"] = calc.num_edges / natoms
         row["neighbor_list_builds"] = calc.neighbor_list_builds
@@ -191,22 +197,8 @@ def _engine_cell(path: Path, natoms: int, dtype: str, cfg: MDBenchConfig) -> dic
     atoms = cu_fcc(natoms)
     initialise_velocities(atoms, 300.0, seed=0)
     dyn = TorchDynamics(path, atoms, timestep=1.0, device=cfg.device, dtype=dtype, skin=cfg.skin)
-    device = torch.device(cfg.device)
-    if device.type == "cuda":
-        common.free_memory(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    k = cfg.engine_steps
-    timing = common.time_call(lambda: dyn.run(k), device, warmup=cfg.warmup, reps=cfg.reps, max_seconds=cfg.max_seconds)
-    step_ms = timing["median_ms"] / k
-    return {
-        "step_ms": step_ms,
-        "min_ms": timing["min_ms"] / k,
-        "reps": timing["reps"],
-        "steps_per_s": 1e3 / step_ms,
-        "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
-        "neighbor_list_builds": dyn.neighbor_list_builds,
-        "missed_rebuilds": dyn.missed_rebuilds,
-    }
+    row = time_steps(lambda: dyn.run(cfg.engine_steps), cfg, cfg.engine_steps)
+    return row | {"neighbor_list_builds": dyn.neighbor_list_builds, "missed_rebuilds": dyn.missed_rebuilds}
 
 
 # ------------------------------------------------------------------------------------------------- mace
