@@ -3,17 +3,30 @@
 Index tensors that stay the same between calls (a system's atomic numbers, a neighbour list's ``edge_index`` during
 MD) let every layer and every step reuse what was derived from them once: element groupings, sorts, checks. Those
 derivations sync the host, so caching them is what keeps an MD step free of host synchronisation. The cache lives and
-dies with the tensor; an in-place change (a new ``_version`` of the owner) makes it stale.
+dies with the tensor (a weak reference; nothing is stored on the tensor, which therefore pickles as before); an
+in-place change (a new ``_version`` of the owner) makes it stale.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Hashable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
 T = TypeVar("T")
+
+# id(owner) -> (weak reference to the owner, its cache); the entry goes when the owner does
+_CACHES: dict[int, tuple[weakref.ref, dict[Hashable, Any]]] = {}
+
+
+def _cache_of(owner: torch.Tensor) -> dict[Hashable, Any]:
+    key = id(owner)
+    entry = _CACHES.get(key)
+    if entry is None or entry[0]() is not owner:
+        entry = _CACHES[key] = (weakref.ref(owner, lambda _, k=key: _CACHES.pop(k, None)), {})
+    return entry[1]
 
 
 def cached_on(tensor: torch.Tensor, key: Hashable, build: Callable[[], T]) -> T:
@@ -25,7 +38,7 @@ def cached_on(tensor: torch.Tensor, key: Hashable, build: Callable[[], T]) -> T:
     owner = tensor if tensor._base is None else tensor._base
     version = owner._version
     full_key = (key, tensor.storage_offset(), tuple(tensor.stride()), tuple(tensor.shape), version)
-    cache = owner.__dict__.setdefault("_tdn_cache", {})
+    cache = _cache_of(owner)
     if full_key not in cache:
         for stale in [k for k in cache if k[-1] != version]:  # written in place since
             del cache[stale]
