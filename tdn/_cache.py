@@ -34,8 +34,13 @@ def cached_on(tensor: torch.Tensor, key: Hashable, build: Callable[[], T]) -> T:
 
     The owner is ``tensor._base`` for a view (``edge_index`` for ``edge_index[1]``), so views taken afresh on every
     call share one cache. ``build`` raising caches nothing.
+
+    Inference tensors (made under ``torch.inference_mode``) keep no version counter, so an in-place change could
+    not be seen: for them ``build()`` runs on every call.
     """
     owner = tensor if tensor._base is None else tensor._base
+    if owner.is_inference():
+        return build()
     version = owner._version
     full_key = (key, tensor.storage_offset(), tuple(tensor.stride()), tuple(tensor.shape), version)
     cache = _cache_of(owner)

@@ -95,6 +95,99 @@ def test_fused_edge_conv_matches_reference_on_the_interpreter():
     assert "fused ok" in result.stdout
 
 
+FAULTS_SCRIPT = textwrap.dedent(
+    r"""
+import torch
+from tdn.tp import fused
+from tdn.tp.fused import edge_conv, edge_conv_reference
+
+torch.manual_seed(0)
+
+
+def graph(num_nodes, num_edges, hub_edges=0):
+    pairs = torch.randint(0, num_nodes - 1, (num_edges, 2))  # the last node receives nothing
+    if hub_edges:  # one node with thousands of incoming edges
+        hub = torch.stack([torch.randint(0, num_nodes - 1, (hub_edges,)), torch.zeros(hub_edges, dtype=torch.long)], 1)
+        pairs = torch.cat([pairs, hub])
+    return pairs.T  # [2, E] with strided rows, as `pairs.T` arrives from a neighbour list
+
+
+def check(dtype, tol, num_nodes=6, num_edges=30, channels=5, rank=19, hub_edges=0, grad_dtype=None):
+    edge_index = graph(num_nodes, num_edges, hub_edges)
+    assert not edge_index[0].is_contiguous()
+    sender, receiver = edge_index[0], edge_index[1]
+    num_edges = sender.shape[0]
+    xb = torch.randn(num_nodes, channels, rank, dtype=torch.float64).to(dtype).requires_grad_()
+    yc = torch.randn(num_edges, rank, dtype=torch.float64).to(dtype).requires_grad_()
+    w = torch.randn(num_edges, channels, dtype=torch.float64).to(dtype).requires_grad_()
+    out = edge_conv(xb, yc, w, sender, receiver, num_nodes, fused=True)
+    assert out.dtype == dtype and out.shape == (num_nodes, channels, rank)
+    # the reference in float64 on the same (rounded) inputs
+    leaves = [t.detach().double().requires_grad_() for t in (xb, yc, w)]
+    ref = edge_conv_reference(*leaves, sender.contiguous(), receiver.contiguous(), num_nodes)
+    scale = ref.abs().max().clamp_min(1e-30)
+    err = ((out.double() - ref).abs().max() / scale).item()
+    assert err <= tol, (dtype, "forward", err)
+    assert out[-1].abs().max() == 0  # the node without incoming edges
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (xb, yc, w), grad.to(dtype))
+    want = torch.autograd.grad(ref, leaves, grad)
+    for name, a, b in zip(("xb", "yc", "w"), got, want):
+        e = ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+        assert e <= tol, (dtype, name, e)
+    return err
+
+
+print("float64", check(torch.float64, 1e-12))
+print("float32", check(torch.float32, 1e-5))
+print("bfloat16", check(torch.bfloat16, 2e-2))  # widened before multiplying, rounded once on the way out
+print("hub", check(torch.float64, 1e-12, num_nodes=5, num_edges=10, channels=3, rank=5, hub_edges=2000))
+
+# E = 0: nothing launches, zeros come back, gradients are zeros / empty
+xb = torch.randn(4, 3, 5, requires_grad=True)
+out = edge_conv(xb, torch.zeros(0, 5), torch.zeros(0, 3), torch.zeros(0, dtype=torch.long),
+                torch.zeros(0, dtype=torch.long), 4, fused=True)
+assert out.shape == (4, 3, 5) and out.abs().max() == 0
+(gx,) = torch.autograd.grad(out.sum(), xb)
+assert gx.abs().max() == 0
+
+# every launch runs under the tensors' device guard (cuda:1 while cuda:0 is current)
+entered = []
+original = fused._device_guard
+fused._device_guard = lambda t: (entered.append(t.device), original(t))[1]
+check(torch.float32, 1e-5)
+fused._device_guard = original
+assert len(entered) == 3, entered  # forward, backward segment, backward per-edge
+
+# torch.compile captures the fused convolution whole (custom ops, no cache inside the traced region)
+edge_index = graph(6, 30)
+xb = torch.randn(6, 4, 7, requires_grad=True)
+yc, w = torch.randn(30, 7), torch.randn(30, 4)
+
+
+def energy(xb, yc, w, edge_index):
+    return edge_conv(xb, yc, w, edge_index[0], edge_index[1], 6, fused=True).square().sum()
+
+
+compiled = torch.compile(energy, backend="aot_eager", fullgraph=True)
+(g_compiled,) = torch.autograd.grad(compiled(xb, yc, w, edge_index), xb)
+(g_eager,) = torch.autograd.grad(energy(xb, yc, w, edge_index), xb)
+assert torch.allclose(g_compiled, g_eager, rtol=1e-5, atol=1e-6)
+print("faults ok")
+    """
+)
+
+
+def test_fused_edge_conv_precision_strides_devices_and_compile_on_the_interpreter():
+    """Transposed ``edge_index`` (strided rows), float64 to 1e-12, bf16 widened before multiplying, a node with
+    thousands of edges, E = 0, launches under the tensors' device guard, and ``torch.compile(fullgraph=True)``."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "faults ok" in result.stdout
+
+
 def test_fused_without_triton_device_is_a_clear_error():
     import torch
 
@@ -148,8 +241,8 @@ def test_edge_sort_is_cached_per_neighbour_list(monkeypatch):
     from tdn.tp import fused
 
     calls = []
-    original = fused._sort_segments
-    monkeypatch.setattr(fused, "_sort_segments", lambda index, n: calls.append(1) or original(index, n))
+    original = fused.sort_segments
+    monkeypatch.setattr(fused, "sort_segments", lambda index, n: calls.append(1) or original(index, n))
     edge_index = torch.tensor([[0, 2, 1, 2, 0], [1, 0, 2, 2, 1]])
     for _ in range(3):  # three "layers" or "steps": rows 0 and 1 are sorted once each
         perm_r, rowptr_r = fused._csr(edge_index[1], 3)

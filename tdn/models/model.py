@@ -29,6 +29,7 @@ from ..nn import (
 )
 from ..o3 import spherical_harmonics
 from .config import ModelConfig
+from .geometry import cell_volume, strained_geometry
 
 MAX_ATOMIC_NUMBER = 118
 
@@ -264,18 +265,15 @@ class TDNModel(nn.Module):
                 if not pos.requires_grad:
                     pos = pos.detach().requires_grad_(True)
                 inputs.append(pos)
+            displacement = None
             if compute_stress:
                 # Strain everything by (1 + eps) with eps the symmetric part of a zero displacement:
                 # dE/d(displacement) at 0 is then the (symmetric) derivative of E with respect to strain.
                 displacement = pos.new_zeros(num_graphs, 3, 3, requires_grad=True)
                 inputs.append(displacement)
-                strain = 0.5 * (displacement + displacement.transpose(1, 2))  # [B, 3, 3]
-                strained_pos = pos + torch.einsum("ni,nij->nj", pos, strain[batch_index])  # [N, 3]
-                strained_cell = cell + torch.bmm(cell, strain)  # [B, 3, 3]
-            else:
-                strained_pos, strained_cell = pos, cell
-            edge_graph = batch_index[edge_index[0]]  # [E]
-            edge_shift = torch.einsum("ei,eij->ej", unit_shifts, strained_cell[edge_graph])  # [E, 3]
+            strained_pos, edge_shift = strained_geometry(
+                pos, cell, unit_shifts, batch_index, edge_index[0], displacement
+            )  # [N, 3], [E, 3]
 
             node_energy = self.node_energies(strained_pos, element_index, edge_index, edge_shift)  # [N]
             energy = node_energy.new_zeros(num_graphs).index_add(0, batch_index, node_energy)  # [B]
@@ -306,7 +304,7 @@ class TDNModel(nn.Module):
             out["forces"] = -grads[0] if grads[0] is not None else torch.zeros_like(pos)
         if compute_stress:
             d_energy_d_strain = grads[-1] if grads[-1] is not None else torch.zeros_like(cell)  # [B, 3, 3]
-            volume = torch.linalg.det(cell).abs()  # [B]; zero for molecules
+            volume = cell_volume(cell)  # [B]; zero for molecules
             virials = -d_energy_d_strain
             has_volume = (volume > 0).view(-1, 1, 1)
             out["virials"] = virials

@@ -165,9 +165,14 @@ class GauntProduct(GauntSupport, TensorProduct):
         return torch.fft.irfft(spectrum, n=self.n_phi, dim=-1, norm="forward")  # [..., theta, phi], real
 
     def product(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        f = self._samples(x, self.to_fourier_in, self.lmax_in)  # [E, C, n_theta, n_phi]
-        g = self._samples(y, self.to_fourier_sh, self.lmax_sh)  # [E, n_theta, n_phi]
-        h = torch.fft.rfft(f * g.unsqueeze(1), dim=-1, norm="forward")  # [E, C, theta, n_phi // 2 + 1]
-        h = torch.fft.fft(h[..., : self.v_out + 1].transpose(-1, -2), dim=-1, norm="forward")  # [E, C, v, u]
-        h = torch.view_as_real(h).flatten(-3)  # [E, C, (v_out+1) * n_theta * 2]: the modes the projection reads
-        return (h @ self.from_fourier) * self.expand_weights(w)  # [E, C, d_out]
+        # FFTs and complex views exist for float32 / float64 only: half-precision inputs (a bf16 model, or bf16
+        # features under CUDA autocast) are widened here, with autocast off, and the result handed back narrow.
+        dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            f = self._samples(x.to(dtype), self.to_fourier_in.to(dtype), self.lmax_in)  # [E, C, n_theta, n_phi]
+            g = self._samples(y.to(dtype), self.to_fourier_sh.to(dtype), self.lmax_sh)  # [E, n_theta, n_phi]
+            h = torch.fft.rfft(f * g.unsqueeze(1), dim=-1, norm="forward")  # [E, C, theta, n_phi // 2 + 1]
+            h = torch.fft.fft(h[..., : self.v_out + 1].transpose(-1, -2), dim=-1, norm="forward")  # [E, C, v, u]
+            h = torch.view_as_real(h).flatten(-3)  # [E, C, (v_out+1) * n_theta * 2]: the modes the projection reads
+            out = h @ self.from_fourier.to(dtype)  # [E, C, d_out]
+        return out.to(x.dtype) * self.expand_weights(w)  # [E, C, d_out]
