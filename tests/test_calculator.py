@@ -23,8 +23,6 @@ from tdn import TDNCalculator
 from tdn.md import initialise_velocities
 from tdn.models import build_model
 
-pytest.importorskip("tdn.nn.product", reason="tdn.nn.product (the product basis, issue B) is not written yet")
-
 ELEMENTS = [1, 6, 8, 13, 29]
 CUTOFF = 3.5
 BACKEND = "cp"

@@ -9,8 +9,6 @@ import torch
 
 from tdn.bench import md as bench_md
 
-pytest.importorskip("tdn.nn.product", reason="tdn.nn.product (the product basis, issue B) is not written yet")
-
 
 @pytest.fixture
 def restore_threads():

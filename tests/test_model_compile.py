@@ -8,7 +8,6 @@ from ase.build import bulk, molecule
 from helpers import ase_graph, small_model
 from torch_geometric.data import Batch
 
-pytest.importorskip("tdn.nn.product", reason="tdn.nn.product (the product basis, issue B) is not written yet")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CUTOFF = 3.0
@@ -71,3 +70,38 @@ def test_compiled_energy_cannot_train_on_forces():
     compiled.compile_energy(backend="aot_eager", fullgraph=True).train()
     with pytest.raises(RuntimeError, match="double backward|donated buffer"):
         compiled(structures()[0], compute_stress=True)["forces"].square().sum().backward()
+
+
+COMPILE_FUSED = """
+import torch
+from ase.build import bulk
+from helpers import ase_graph, small_model
+from torch_geometric.data import Batch
+atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+atoms.rattle(0.05, seed=0)
+graph = Batch.from_data_list([ase_graph(atoms, 3.0)])
+options = dict(tp="cp", elements=[29], num_layers=2, correlation=1, lmax=1, lmax_hidden=1)
+eager, compiled = small_model(**options), small_model(**options)
+compiled.compile_energy(backend="aot_eager", fullgraph=True)
+a, b = eager(graph, compute_stress=True), compiled(graph, compute_stress=True)
+for key in ("energy", "forces", "stress"):
+    assert torch.allclose(a[key], b[key], rtol=1e-10, atol=1e-10), key
+print("compiled fused ok")
+"""
+
+
+@pytest.mark.slow
+def test_compiled_energy_with_the_fused_kernel_has_no_graph_break():
+    """The GPU path (the fused convolution, here on Triton's interpreter) traces whole: the kernel is a custom op
+    and its edge sort is no cache lookup inside the traced region."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).parent)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=tests + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", COMPILE_FUSED], env=env, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "compiled fused ok" in result.stdout

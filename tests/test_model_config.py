@@ -79,7 +79,6 @@ def test_from_dict_names_unknown_fields_and_presets():
 
 
 def test_build_model_layers_and_priorities():
-    pytest.importorskip("tdn.nn.product", reason="tdn.nn.product (the product basis, issue B) is not written yet")
     model = build_model(
         preset="tiny", tp="cg", elements=[1, 8], channels=6, lmax=2, num_layers=3, dtype="float64", radial_mlp=[4]
     )

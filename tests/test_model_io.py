@@ -16,7 +16,6 @@ from torch_geometric.data import Data
 import tdn
 from tdn.io import FORMAT_VERSION, ModelFileError, read_model_file
 
-pytest.importorskip("tdn.nn.product", reason="tdn.nn.product (the product basis, issue B) is not written yet")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -14,8 +14,6 @@ import tdn.tp
 from tdn.models import UnknownElementError
 from tdn.o3 import random_rotation
 
-pytest.importorskip("tdn.nn.product", reason="tdn.nn.product (the product basis, issue B) is not written yet")
-
 BACKENDS = ("cg", "cp", "gaunt", "grid")
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -818,7 +818,7 @@ def markdown_report(result: dict[str, Any], notes: Sequence[str] = ()) -> str:
         summary_table(rows, "speedup_fwd"),
         "",
         *cpu_time_section(rows),
-        "## Targets (issue A)",
+        "## Targets",
         "",
         targets_section(result.get("targets", [])),
         "",
