@@ -212,7 +212,7 @@ def test_fused_without_triton_device_is_a_clear_error():
 def test_chunked_cpu_path_matches_reference(dtype, tol, monkeypatch):
     """fused=None on a CPU without Triton: the chunked first-order version, same values and gradients."""
     from tdn.tp import fused
-    from tdn.tp.fused import _ChunkedEdgeConv, _chunks, edge_conv_reference
+    from tdn.tp.fused import _ChunkedEdgeConv, edge_chunks, edge_conv_reference
 
     monkeypatch.setattr(fused, "CHUNK_ENTRIES", 4096)
     torch.manual_seed(0)
@@ -222,7 +222,7 @@ def test_chunked_cpu_path_matches_reference(dtype, tol, monkeypatch):
     w = torch.randn(num_edges, channels, dtype=dtype, requires_grad=True)
     sender = torch.randint(0, num_nodes - 1, (num_edges,))
     receiver = torch.randint(0, num_nodes - 1, (num_edges,))
-    assert len(_chunks(num_edges, channels * rank)) > 1
+    assert len(edge_chunks(num_edges, channels * rank)) > 1
     chunked = _ChunkedEdgeConv.apply(xb, yc, w, sender, receiver, num_nodes)
     ref = edge_conv_reference(xb, yc, w, sender, receiver, num_nodes)
     torch.testing.assert_close(chunked, ref, rtol=tol, atol=tol * float(ref.abs().max()))

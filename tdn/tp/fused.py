@@ -59,7 +59,7 @@ class _ChunkedEdgeConv(torch.autograd.Function):
     def forward(ctx, xb, yc, w, sender, receiver, num_nodes):
         ctx.save_for_backward(xb, yc, w, sender, receiver)
         acc = xb.new_zeros(num_nodes, xb.shape[1], xb.shape[2])  # [N, C, R]
-        for c in _chunks(yc.shape[0], xb.shape[1] * xb.shape[2]):
+        for c in edge_chunks(yc.shape[0], xb.shape[1] * xb.shape[2]):
             messages = xb.index_select(0, sender[c]).mul_(yc[c].unsqueeze(1)).mul_(w[c].unsqueeze(2))  # [e, C, R]
             acc.index_add_(0, receiver[c], messages)
         return acc
@@ -72,7 +72,7 @@ class _ChunkedEdgeConv(torch.autograd.Function):
         grad_xb = torch.zeros_like(xb) if need_xb else None
         grad_yc = torch.empty_like(yc) if need_yc else None
         grad_w = torch.empty_like(w) if need_w else None
-        for c in _chunks(yc.shape[0], xb.shape[1] * xb.shape[2]):
+        for c in edge_chunks(yc.shape[0], xb.shape[1] * xb.shape[2]):
             g = grad.index_select(0, receiver[c])  # [e, C, R]
             if need_yc or need_w:
                 gx = g * xb.index_select(0, sender[c])  # [e, C, R]
@@ -88,7 +88,7 @@ class _ChunkedEdgeConv(torch.autograd.Function):
 CHUNK_ENTRIES = 1 << 19  # message entries per chunk of the CPU path: 2 MB in float32, cache-sized
 
 
-def _chunks(num_edges: int, width: int) -> list[slice]:
+def edge_chunks(num_edges: int, width: int) -> list[slice]:
     """Edge slices of about ``CHUNK_ENTRIES`` message entries each."""
     size = max(1, CHUNK_ENTRIES // max(width, 1))
     return [slice(start, start + size) for start in range(0, num_edges, size)]
