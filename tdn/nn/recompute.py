@@ -4,6 +4,9 @@ Forces need the backward of every layer, so each layer's intermediates are kept 
 eval mode (MD, inference) a block can instead run in chunks along its first dimension that keep only their inputs
 and are recomputed in the backward (``torch.utils.checkpoint``): one more forward of the block for memory bounded by
 the chunk. Training differentiates the forces again and never does this.
+
+The recomputed blocks draw no random numbers, so no RNG state is saved and replayed (``preserve_rng_state=False``):
+on a GPU that would read the device's generator state back to the host for every chunk.
 """
 
 from __future__ import annotations
@@ -28,6 +31,6 @@ def recompute_if_large(
     if above is None or rows <= above or training or not torch.is_grad_enabled():
         return fn(*tensors)
     return torch.cat([
-        checkpoint(fn, *(t[start : start + chunk] for t in tensors), use_reentrant=False)
+        checkpoint(fn, *(t[start : start + chunk] for t in tensors), use_reentrant=False, preserve_rng_state=False)
         for start in range(0, rows, chunk)
     ])  # fmt: skip
