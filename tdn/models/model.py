@@ -12,6 +12,7 @@ Per layer ``t`` (node features ``h`` with ``l <= lmax_hidden``; scalars only int
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -206,8 +207,16 @@ class TDNModel(nn.Module):
         element_index: torch.Tensor,  # [N]
         edge_index: torch.Tensor,  # [2, E]: sender, receiver
         edge_shift: torch.Tensor,  # [E, 3]: unit_shifts @ cell, in Å
+        exchange: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Per-atom energies ``[N]`` from positions: the network itself, tensors in and out."""
+        """Per-atom energies ``[N]`` from positions: the network itself, tensors in and out.
+
+        ``exchange(h, t)``, if given, runs on the node features ``h [N, C, D]`` that enter layer ``t >= 1`` and
+        returns them with the rows of ghost atoms (copies of atoms owned by another domain) refreshed from their
+        owners. Domain decomposition (LAMMPS) needs it: a ghost's features after layer ``t - 1`` depend on
+        neighbours that only its owner sees. It must be differentiable (the reverse exchange sums the gradients
+        of the ghost rows back to their owners).
+        """
         sender, receiver = edge_index[0], edge_index[1]
         vectors = pos[receiver] - pos[sender] + edge_shift  # [E, 3]
         lengths = torch.linalg.vector_norm(vectors, dim=-1)  # [E]
@@ -216,9 +225,11 @@ class TDNModel(nn.Module):
 
         h = self.embedding(element_index)  # [N, C, 1]
         interaction_energy = pos.new_zeros(pos.shape[0])  # [N]
-        for interaction, self_connection, product, readout, has_residual in zip(
+        for layer, (interaction, self_connection, product, readout, has_residual) in enumerate(zip(
             self.interactions, self.self_connections, self.products, self.readouts, self._has_residual
-        ):
+        )):
+            if exchange is not None and layer > 0:
+                h = exchange(h, layer)  # [N, C, D]
             residual = self_connection(h, element_index) if has_residual else None  # [N, C, D_out]
             atomic_basis = interaction(h, edge_sh, edge_radial, edge_index)  # [N, C, (lmax+1)^2]
             h = product(atomic_basis, element_index, residual)  # [N, C, D_out]
