@@ -1,8 +1,10 @@
-"""(Re)generate the CP factors shipped in tdn/tp/cp_factors (seeded ALS, see tdn.tp.cp_fit).
+"""(Re)generate the CP factors shipped in tdn/tp/cp_factors (seeded ALS, see tdn.tp.cp_fit), or with --product the
+symmetric CP factors of the product basis shipped in tdn/contractions/cp_factors (see tdn.contractions.factors).
 
     python scripts/fit_cp.py                       # the shipped set; files already there are kept
     python scripts/fit_cp.py --lmax 3 --paths so3 --force
     python scripts/fit_cp.py --list                # what is shipped: degrees, paths, rank, error, time, size
+    python scripts/fit_cp.py --product             # the product basis's set (files that still fit are kept)
 
 The shipped set: lmax_in = lmax_sh = lmax_out = L for L = 1..6, and (0, L, L), (1, L, L) for L = 1..3 (the
 MACE-like model's convolutions), each for paths "o3" and "so3", at --tol (default 1e-4); and for comparison
@@ -71,11 +73,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the fixed rank 7 L^2 of the TDN paper (shipped for comparison)")
     parser.add_argument("--no-nonsquare", dest="nonsquare", action="store_false",
                         help="skip the (0, L, L), (1, L, L) combinations")
-    parser.add_argument("--out", type=Path, default=PACKAGE_DIR, help="output folder (default: the package data)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the package data)")
     parser.add_argument("--force", action="store_true", help="refit files that already exist")
     parser.add_argument("--verbose", action="store_true", help="print every ALS fit of the rank search")
     parser.add_argument("--list", action="store_true", help="print the factors in --out and exit")
+    parser.add_argument("--product", action="store_true",
+                        help="the product basis's symmetric CP factors (--out, --tol, --seed apply)")
     args = parser.parse_args(argv)
+
+    if args.product:
+        from tdn.contractions.factors import PACKAGE_DIR as PRODUCT_DIR
+        from tdn.contractions.factors import ship
+
+        ship(args.out or PRODUCT_DIR, tol=args.tol, seed=args.seed, progress=lambda line: print(line, flush=True))
+        return 0
+    args.out = args.out or PACKAGE_DIR
 
     if args.list:
         print_table(shipped_factors(args.out))

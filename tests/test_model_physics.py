@@ -368,16 +368,16 @@ def test_float32_input_to_float64_model_and_back():
 def test_repeated_calls_reuse_element_grouping_without_host_checks(kind, monkeypatch):
     """An MD step passes the same atomic_numbers tensor every time: the element index and the product basis's
     element grouping are built once (they sync the host), and an in-place change of the numbers is seen."""
-    from tdn.nn import product
+    from tdn.contractions import ElementGroups
 
     built = []
-    original = product._ElementGroups.__init__
+    original = ElementGroups.__init__
 
     def counting_init(self, element_index, num_elements):
         built.append(element_index)
         original(self, element_index, num_elements)
 
-    monkeypatch.setattr(product._ElementGroups, "__init__", counting_init)
+    monkeypatch.setattr(ElementGroups, "__init__", counting_init)
     model = tiny_model(kind)
     graph = make_graph(triclinic_bulk())
     first = model(graph)

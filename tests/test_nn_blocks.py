@@ -100,6 +100,40 @@ def test_element_linear_uses_each_nodes_own_weights():
     assert torch.allclose(linear(rotate(x, 1, rotation), element), rotate(out, 2, rotation), atol=1e-12)
 
 
+def gathered_element_linear(linear: ElementLinear, x: torch.Tensor, element: torch.Tensor) -> torch.Tensor:
+    """The definition: every node's ``[C_in, C_out]`` matrices gathered, ``out[n] = W[z_n, l]^T x[n] / sqrt(C_in)``."""
+    blocks = [torch.einsum("ncm,nco->nom", x[:, :, l * l : (l + 1) ** 2], linear.weight[element, l])
+              for l in range(linear.num_degrees)]
+    out = torch.cat(blocks, dim=2) * linear.channels_in**-0.5
+    return torch.cat([out, out.new_zeros(out.shape[0], out.shape[1], dim(linear.lmax_out) - out.shape[2])], dim=2)
+
+
+def test_element_linear_groups_by_element_same_numbers_less_memory():
+    """One matmul per element group: the numbers of the gathered per-node weights, without their memory."""
+    from tdn.bench.common import peak_memory
+
+    linear = ElementLinear(1, 1, 64, 64, num_elements=4).double()
+    x = torch.randn(2000, 64, dim(1), dtype=torch.float64)
+    element = torch.randint(0, 3, (2000,))  # element 3 absent
+    expected = gathered_element_linear(linear, x, element)
+    torch.testing.assert_close(linear(x, element), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(linear.gathered(x, element), expected, rtol=1e-12, atol=1e-12)
+    grouped_peak, _ = peak_memory(lambda: linear(x, element), "cpu")
+    gathered_peak, _ = peak_memory(lambda: gathered_element_linear(linear, x, element), "cpu")
+    assert grouped_peak < 0.5 * gathered_peak, (grouped_peak, gathered_peak)  # N C D vs N C^2 floats
+    empty = linear(x[:0], element[:0])
+    assert empty.shape == (0, 64, dim(1))
+
+
+def test_element_linear_compiles_without_graph_breaks():
+    """Inside torch.compile the node's matrices are gathered (no host sync): one graph, the same numbers."""
+    linear = ElementLinear(1, 1, 4, 4, num_elements=3).double()
+    x = torch.randn(10, 4, dim(1), dtype=torch.float64)
+    element = torch.tensor([0, 2, 1, 1, 0, 2, 2, 0, 1, 0])
+    compiled = torch.compile(linear, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, element), linear(x, element), rtol=1e-12, atol=1e-12)
+
+
 def test_element_embedding_gives_scalars():
     embedding = ElementEmbedding(3, 6)
     out = embedding(torch.tensor([2, 0, 0]))

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 from torch.func import functional_call
 
-from tdn.nn import product_fit
+from tdn.contractions import coupling_basis
 from tdn.nn.product import ProductBasis
-from tdn.nn.product_fit import coupling_basis, symmetric_cp
-from tdn.o3 import degree_slice, dim, equivariance_error, gaunt_tensor, path_blocks, random_rotation, wigner_D
+from tdn.o3 import degree_slice, dim, equivariance_error, gaunt_tensor, random_rotation
 
 
 @pytest.fixture(autouse=True)
@@ -26,15 +23,6 @@ def float64_one_thread(tmp_path, monkeypatch):
     yield
     torch.set_default_dtype(old)
     torch.set_num_threads(threads)
-
-
-def rotate(u: torch.Tensor, d_in: torch.Tensor, d_out: torch.Tensor) -> torch.Tensor:
-    """``U(D^T ., ..., D^T .)`` mapped back by ``D_L``: equals ``u`` for an equivariant ``u [eta, 2L+1, D, ...]``."""
-    nu = u.dim() - 2
-    out = torch.einsum("mn,en...->em...", d_out.T, u)
-    for slot in range(nu):
-        out = torch.movedim(torch.tensordot(out, d_in, dims=([2 + slot], [0])), -1, 2 + slot)
-    return out
 
 
 def apply_basis(u: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -56,52 +44,6 @@ def brute_force(module: ProductBasis, a: torch.Tensor, element_index: torch.Tens
             term = apply_basis(coupling_basis(nu, module.lmax_in, L, module.paths)[eta : eta + 1], a)[:, :, 0]
         out[:, :, degree_slice(L)] += weight[:, :, p : p + 1] * term
     return out
-
-
-# ----------------------------------------------------------------------------------------------- the U basis
-
-
-@pytest.mark.parametrize("paths", ["o3", "so3"])
-@pytest.mark.parametrize("nu,lmax_in", [(1, 2), (2, 2), (3, 2), (4, 1)])
-def test_basis_orthonormal_symmetric_equivariant(nu, lmax_in, paths):
-    rotation = random_rotation()
-    d_in = wigner_D(lmax_in, -rotation if paths == "o3" else rotation)  # inversion too for natural parity
-    for L in range(3):
-        u = coupling_basis(nu, lmax_in, L, paths)  # [eta, 2L+1, D, ..., D]
-        flat = u.reshape(u.shape[0], -1)
-        assert torch.allclose(flat @ flat.T, torch.eye(u.shape[0]), atol=1e-12)
-        for perm in itertools.permutations(range(nu)):
-            assert torch.allclose(u.permute(0, 1, *(2 + p for p in perm)), u, atol=1e-13)
-        d_out = wigner_D(L, -rotation if paths == "o3" else rotation)[degree_slice(L), degree_slice(L)]
-        assert torch.allclose(rotate(u, d_in, d_out), u, atol=1e-12)
-
-
-def test_basis_sizes():
-    # lmax_in = 3 -> lmax_out = 1 (MACE-medium): eta per (nu, L)
-    sizes = {(nu, L): coupling_basis(nu, 3, L, "o3").shape[0] for nu in (1, 2, 3) for L in (0, 1)}
-    assert sizes == {(1, 0): 1, (1, 1): 1, (2, 0): 4, (2, 1): 3, (3, 0): 8, (3, 1): 12}
-    assert [coupling_basis(3, 3, L, "so3").shape[0] for L in (0, 1)] == [8, 16]
-
-
-@pytest.mark.parametrize("paths", ["o3", "so3"])
-def test_nu2_basis_spans_the_symmetrised_cg_paths(paths):
-    """Brute force for nu = 2: every CG coupling A ⊗ A -> L (tdn.o3 path blocks), symmetrised, lies in the span of
-    U^{2,L}, and together they span it."""
-    lmax_in, lmax_out = 3, 2
-    d = dim(lmax_in)
-    for L in range(lmax_out + 1):
-        u = coupling_basis(2, lmax_in, L, paths).reshape(-1, (2 * L + 1) * d * d)
-        couplings = []
-        for (l1, l2, l3), block in path_blocks(lmax_in, lmax_in, lmax_out, paths):
-            if l3 != L:
-                continue
-            t = torch.zeros(2 * L + 1, d, d)
-            t[:, degree_slice(l1), degree_slice(l2)] = block
-            couplings.append((t + t.transpose(1, 2)).reshape(-1))
-        c = torch.stack(couplings)
-        residual = c - (c @ u.T) @ u
-        assert residual.abs().max() < 1e-12
-        assert torch.linalg.matrix_rank(c, atol=1e-10) == u.shape[0]
 
 
 # ----------------------------------------------------------------------------------------------- cg
@@ -150,24 +92,6 @@ def test_cp_matches_cg_with_same_weights(correlation, lmax_in, lmax_out, paths):
     # U^nu is approximated to relative error <= 1e-4, so the output to about that times its scale
     assert (cp(a, z) - expected).abs().max() < 2e-3 * expected.abs().max()
     assert equivariance_error(lambda x: cp(x, z), [a], [lmax_in], lmax_out) < 2e-3
-
-
-def test_cp_rank_option_and_disk_cache(tmp_path):
-    product_fit._CP_CACHE.clear()
-    factors = symmetric_cp(2, 1, 1, "o3", rank=6)
-    assert factors.rank == 6 and factors.source == "fit"
-    assert (tmp_path / "cache" / "product_cp").is_dir()
-    module = ProductBasis("cp", 1, 1, 2, 2, 1, rank={2: 6})
-    assert module.ranks == {2: 6} and module.fit_errors[2] == pytest.approx(factors.error)
-    product_fit._CP_CACHE.clear()
-    assert symmetric_cp(2, 1, 1, "o3", rank=6).source == "cache"
-
-
-def test_cp_shipped_factors_for_mace_medium():
-    for nu in (2, 3):
-        factors = symmetric_cp(nu, 3, 1, "o3")
-        assert factors.source == "shipped"
-        assert factors.error <= 1e-4
 
 
 # ----------------------------------------------------------------------------------------------- gaunt / grid
@@ -262,9 +186,10 @@ def test_empty_batch_and_missing_elements():
         (("cg", 2, 1, 4, 2, 0), {}, "num_elements must be"),
         (("cg", 2, 1, 0, 2, 2), {}, "channels must be"),
         (("cg", 2, 1, 4, 2, 2), {"paths": "o2"}, "paths must be one of"),
-        (("gaunt", 2, 1, 4, 2, 2), {"paths": "so3"}, "supports paths='o3' only.*l1 \\+ l2 \\+ l3 even"),
-        (("grid", 2, 1, 4, 2, 2), {"paths": "so3"}, "supports paths='o3' only"),
-        (("cg", 2, 1, 4, 2, 2), {"rank": 3}, "unknown options"),
+        (("gaunt", 2, 1, 4, 2, 2), {"paths": "so3"}, r"'gaunt' product basis supports paths in \('o3',\), got 'so3'.*"
+                                                    r"l1 \+ l2 \+ l3 even"),
+        (("grid", 2, 1, 4, 2, 2), {"paths": "so3"}, r"'grid' product basis supports paths in \('o3',\)"),
+        (("cg", 2, 1, 4, 2, 2), {"rank": 3}, r"unknown options for the 'cg' product basis: \['rank'\]"),
         (("cp", 2, 1, 4, 2, 2), {"tol": 0}, "tol must be"),
     ],
 )
@@ -322,3 +247,41 @@ def test_checkpointed_chunks_give_the_same_values_gradients_and_less_memory(kind
     assert type(module(a, z).grad_fn).__name__ == "CatBackward0"  # the chunks, concatenated
     module.train()  # training differentiates twice: never checkpointed
     assert type(module(a, z).grad_fn).__name__ != "CatBackward0"
+
+
+# ----------------------------------------------------------------------------------------------- model numbers
+
+# Energies of two structures (a methanol molecule, an 8-atom cell of four elements) and a projection of the forces,
+# recorded for small float64 models of every kind at correlation 2 and 3 (self-connections in every layer). They pin
+# what the product basis, the contractions and the self-connection compute: moving code between modules must not
+# change them; a deliberate change of the math updates them.
+PINNED = {
+    ("cg", 2): (-14.213453805186989, -25.090274002815345, -0.8322981911636165),
+    ("cg", 3): (-5.375737745676425, -30.11988835841067, 1.2699851885566944),
+    ("cp", 2): (-34.94013150836083, -35.53369053954396, 0.592902365816412),
+    ("cp", 3): (-7.787029137917898, -18.391021834870195, 0.4338204446924028),
+    ("gaunt", 2): (-14.14901326239748, -19.40980332199382, -0.5181632042395556),
+    ("gaunt", 3): (-8.749946502617222, -31.717605062896858, -0.4186803743429177),
+    ("grid", 2): (-14.14901326239748, -19.40980332199382, -0.5181632042395563),
+    ("grid", 3): (-8.749946502617222, -31.717605062896858, -0.4186803743429188),
+}
+
+
+@pytest.mark.parametrize(("kind", "correlation"), sorted(PINNED))
+def test_model_numbers_are_pinned(kind, correlation):
+    from ase.build import bulk, molecule
+    from helpers import ase_graph, small_model
+    from torch_geometric.data import Batch
+
+    mol = molecule("CH3OH")
+    mol.rattle(0.05, seed=1)
+    cell = bulk("Cu", "fcc", a=3.7) * (2, 2, 2)
+    cell.numbers[[1, 2, 5]] = [8, 6, 1]
+    cell.rattle(0.08, seed=3)
+    model = small_model(0, tp=kind, correlation=correlation, cutoff=3.0, elements=[1, 6, 8, 29],
+                        atomic_energies=[-1.0, -2.0, -3.0, -4.0], residual_first=True, avg_num_neighbors=4.0)
+    out = model(Batch.from_data_list([ase_graph(mol, 3.0), ase_graph(cell, 3.0)]))
+    forces = out["forces"]
+    projection = (forces * torch.cos(torch.arange(forces.numel(), dtype=torch.float64)).view_as(forces)).sum()
+    got = [*out["energy"].tolist(), float(projection)]
+    assert got == pytest.approx(list(PINNED[(kind, correlation)]), rel=1e-9, abs=1e-9)

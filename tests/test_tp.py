@@ -63,9 +63,37 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def test_backends_registered():
-    # the registry swallows ImportError of optional modules: a broken cp.py or gaunt.py must not go unnoticed
-    assert set(KINDS) == {"cg", "cp", "gaunt", "grid"}
+@pytest.mark.parametrize(
+    ("kind", "name"), [("cg", "CGProduct"), ("cp", "CPProduct"), ("gaunt", "GauntProduct"), ("grid", "GridProduct")]
+)
+def test_build_returns_the_backend_of_each_kind(kind, name):
+    """Each kind of the public API builds its own module's class, which names itself by that kind."""
+    tp = tdn.tp.build(kind, lmax=1, channels=2)
+    assert (type(tp).__module__, type(tp).__name__) == (f"tdn.tp.{kind}", name)
+    assert tp.kind == kind and tdn.tp.backend(kind) is type(tp)
+
+
+def test_declared_facts():
+    """What each backend declares on its class: consistent, and the defaults the model configuration uses."""
+    from tdn.models.config import DEFAULT_TP_WEIGHTS
+
+    assert {kind: BACKENDS[kind].default_weights for kind in KINDS} == DEFAULT_TP_WEIGHTS
+    for kind in KINDS:
+        cls = BACKENDS[kind]
+        assert cls.default_weights in cls.supported_weights
+        assert set(cls.supported_paths) <= {"o3", "so3"} and set(cls.supported_weights) <= set(WEIGHT_MODES)
+    assert {kind: BACKENDS[kind].options for kind in KINDS} == {
+        "cg": (), "cp": ("rank", "tol", "seed"), "gaunt": (), "grid": ()
+    }
+    assert tdn.tp.build("cp", lmax=2).rank == tdn.tp.build("cp", lmax=2).x_factor.shape[1]
+    assert tdn.tp.build("grid", lmax=2).rank == tdn.tp.build("grid", lmax=2).num_points
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unknown_option_names_the_backend(kind):
+    option = "rank" if kind != "cp" else "ranks"
+    with pytest.raises(ValueError, match=rf"unknown options for the '{kind}' backend: \['{option}'\]"):
+        tdn.tp.build(kind, lmax=1, **{option: 3})
 
 
 # ------------------------------------------------------------------------------------------------ exactness
@@ -228,6 +256,8 @@ def test_num_weights(kind):
 def test_unknown_kind():
     with pytest.raises(ValueError, match=r"kind must be one of .*'cg'.*, got 'nope'"):
         tdn.tp.build("nope", lmax=1)
+    with pytest.raises(ValueError, match=r"kind must be one of .*'cg'.*, got 'nope'"):
+        tdn.tp.backend("nope")
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..contractions import ElementGroups
 from ..o3 import degree_slice, dim
 
 
@@ -50,8 +51,11 @@ class EquivariantLinear(nn.Module):
 class ElementLinear(EquivariantLinear):
     """An :class:`EquivariantLinear` with a separate weight set per element (MACE's self-connection).
 
-    ``x [N, C_in, D_in]``, ``element_index [N]`` -> ``[N, C_out, D_out]``. The node's matrices are gathered,
-    so the cost is that of one linear map whatever the number of elements.
+    ``x [N, C_in, D_in]``, ``element_index [N]`` -> ``[N, C_out, D_out]``:
+    ``out[n, :, LM] = W[z_n, L]^T x[n, :, LM] / sqrt(C_in)``. The rows are grouped by element
+    (:class:`tdn.contractions.ElementGroups`, cached on the index tensor and shared with the product basis) and each
+    element's rows go through one matmul per degree, so no per-node ``[C_in, C_out]`` weight is materialised.
+    Inside ``torch.compile`` (where the grouping's host sync would break the graph) the node's matrices are gathered.
     """
 
     def __init__(self, lmax_in: int, lmax_out: int, channels_in: int, channels_out: int, num_elements: int) -> None:
@@ -60,6 +64,20 @@ class ElementLinear(EquivariantLinear):
         self.weight = nn.Parameter(torch.randn(num_elements, self.num_degrees, channels_in, channels_out))
 
     def forward(self, x: torch.Tensor, element_index: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if torch.compiler.is_compiling():
+            return self.gathered(x, element_index)
+        groups = ElementGroups.of(element_index, self.num_elements)
+        xs = groups.sort(x)  # [N, C_in, D_in], rows sorted by element
+        blocks = []
+        for l in range(self.num_degrees):
+            xl = xs[:, :, degree_slice(l)]  # [N, C_in, 2l+1]
+            parts = [torch.einsum("ncm,co->nom", xl[start:stop], self.weight[z, l]) for z, start, stop in
+                     groups.chunks()]  # [n_z, C_out, 2l+1]
+            blocks.append(torch.cat(parts) if parts else xl.new_zeros(0, self.channels_out, 2 * l + 1))
+        return groups.unsort(self._assemble(blocks))  # [N, C_out, D_out]
+
+    def gathered(self, x: torch.Tensor, element_index: torch.Tensor) -> torch.Tensor:
+        """The same map with the node's matrices gathered, ``[N, C_in, C_out]`` per degree: no host sync."""
         blocks = [
             torch.einsum("ncm,nco->nom", x[:, :, degree_slice(l)], self.weight[element_index, l])  # [N, C_out, 2l+1]
             for l in range(self.num_degrees)

@@ -1,7 +1,7 @@
 """Product block: MACE's many-body update of the node features.
 
 The atomic basis ``A`` is raised to correlation order ``nu`` by :class:`tdn.nn.product.ProductBasis` (through the
-chosen backend, with element-dependent weights), mixed by a linear map, and added to the self-connection.
+chosen contraction, with element-dependent weights), mixed by a linear map, and added to the self-connection.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .linear import EquivariantLinear
+from .product import ProductBasis
 
 
 class ProductBlock(nn.Module):
@@ -30,8 +31,6 @@ class ProductBlock(nn.Module):
         **options: Any,
     ) -> None:
         super().__init__()
-        from .product import ProductBasis  # written alongside; imported late so tdn.nn imports without it
-
         self.basis = ProductBasis(kind, lmax_in, lmax_out, channels, correlation, num_elements, paths=paths, **options)
         self.linear = EquivariantLinear(lmax_out, lmax_out, channels, channels)
 

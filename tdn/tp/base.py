@@ -7,6 +7,9 @@ A backend is a bilinear, channel-wise map ``out[e, c] = T(x[e, c], y[e]) * weigh
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
 import torch
 from torch import nn
 
@@ -23,6 +26,47 @@ def check_lmax(name: str, value: int) -> int:
     return value
 
 
+def check_support(
+    kind: str,
+    component: Any,
+    what: str = "backend",
+    *,
+    paths: str | None = None,
+    weights: str | None = None,
+    options: Iterable[str] = (),
+) -> None:
+    """The one check of a requested path set, weight mode and options against what a component declares.
+
+    ``component`` is a tensor-product backend or a product-basis contraction (class or instance) with the class
+    attributes ``supported_paths``, ``unsupported_reason`` (why other path sets are not), ``options`` (the keyword
+    options it takes) and, for weight modes, ``supported_weights`` and ``unsupported_weights_reason``. ``kind`` and
+    ``what`` name it in the message ("the 'grid' backend", "the 'cp' product basis"). Unsupported or unknown
+    values are one ValueError naming the component and the option.
+    """
+    if paths is not None:
+        check_path_set(paths)
+        if paths not in component.supported_paths:
+            reason = component.unsupported_reason
+            raise ValueError(
+                f"the {kind!r} {what} supports paths in {component.supported_paths}, got {paths!r}"
+                + (f": {reason}" if reason else "")
+            )
+    if weights is not None:
+        if weights not in WEIGHT_MODES:
+            raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
+        if weights not in component.supported_weights:
+            reason = component.unsupported_weights_reason
+            raise ValueError(
+                f"the {kind!r} {what} supports weights in {component.supported_weights}, got {weights!r}"
+                + (f": {reason}" if reason else "")
+            )
+    unknown = sorted(set(options) - set(component.options))
+    if unknown:
+        raise ValueError(
+            f"unknown options for the {kind!r} {what}: {unknown} (allowed: {sorted(component.options) or 'none'})"
+        )
+
+
 class TensorProduct(nn.Module):
     """Base class: checks arguments, defines ``num_weights`` and the weight modes.
 
@@ -31,10 +75,17 @@ class TensorProduct(nn.Module):
     weights="path":   P = number of paths, one weight per channel and path (MACE's "uvu" product).
     """
 
-    kind: str = ""
-    supported_paths: tuple[str, ...] = ("o3", "so3")
-    supported_weights: tuple[str, ...] = WEIGHT_MODES
-    unsupported_reason: str = ""
+    # What the backend supports, declared once on its class and read by tdn.tp.build, the checks here
+    # (:func:`check_support`) and the model's configuration. ``default_weights``: the weight mode a model uses
+    # when its configuration names none; ``options``: the keyword options the constructor takes beyond the common
+    # ones (e.g. "rank", "tol" for cp).
+    kind: ClassVar[str] = ""
+    supported_paths: ClassVar[tuple[str, ...]] = ("o3", "so3")
+    supported_weights: ClassVar[tuple[str, ...]] = WEIGHT_MODES
+    default_weights: ClassVar[str] = "shared"
+    options: ClassVar[tuple[str, ...]] = ()
+    unsupported_reason: ClassVar[str] = ""  # why paths outside supported_paths are not offered
+    unsupported_weights_reason: ClassVar[str] = ""  # why weights outside supported_weights are not offered
 
     def __init__(self, lmax_in: int, lmax_sh: int, lmax_out: int, channels: int, paths: str, weights: str) -> None:
         super().__init__()
@@ -43,16 +94,7 @@ class TensorProduct(nn.Module):
         self.lmax_out = check_lmax("lmax_out", lmax_out)
         if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
             raise ValueError(f"channels must be a positive integer, got {channels!r}")
-        check_path_set(paths)
-        if paths not in self.supported_paths:
-            raise ValueError(
-                f"the {self.kind!r} backend supports paths in {self.supported_paths}, got {paths!r}: "
-                f"{self.unsupported_reason}"
-            )
-        if weights not in WEIGHT_MODES:
-            raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
-        if weights not in self.supported_weights:
-            raise ValueError(f"the {self.kind!r} backend supports weights in {self.supported_weights}, got {weights!r}")
+        check_support(self.kind, type(self), paths=paths, weights=weights)
         self.channels, self.paths, self.weights = channels, paths, weights
         self.path_list = path_list(lmax_in, lmax_sh, lmax_out, paths)
         if not self.path_list:
@@ -169,6 +211,11 @@ class FactorisedProduct(TensorProduct):
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(left [D_in, R], right [D_sh, R], project [R, D_out])``."""
         raise NotImplementedError
+
+    @property
+    def rank(self) -> int:
+        """``R``, the width of the factorised form (CP terms for "cp", grid points for "grid")."""
+        return self.factors()[0].shape[1]
 
     def product(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         left, right, project = self.factors()

@@ -9,18 +9,15 @@ The stacked path tensor ``M [d3, d1, d2]`` of :func:`tdn.o3.path_tensor` is repl
 
 The rank is the smallest whose relative error ``||M - M_hat||_F / ||M||_F`` is at most ``tol`` (default 1e-4),
 or an explicit ``rank=``. Factors come, in this order, from the package data (``tdn/tp/cp_factors``, written
-by ``scripts/fit_cp.py``), from the user cache directory, or from a one-off seeded ALS fit
-(:mod:`tdn.tp.cp_fit`) that is then written to the cache. Whatever the source, the error is recomputed
-against the current ``M`` when the factors are loaded and reported as ``fit_error``.
+by ``scripts/fit_cp.py``), from the user cache directory (both through :mod:`tdn.tp.factor_store`), or from a
+one-off seeded ALS fit (:mod:`tdn.tp.cp_fit`) that is then written to the cache. Whatever the source, the error
+is recomputed against the current ``M`` when the factors are loaded and reported as ``fit_error``.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import os
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +28,7 @@ import torch
 from ..o3 import path_tensor
 from . import cp_fit
 from .base import FactorisedProduct
+from .factor_store import FactorStore, format_tol  # noqa: F401  (format_tol: also importable from here)
 
 log = logging.getLogger(__name__)
 
@@ -39,35 +37,30 @@ DEFAULT_TOL = 1e-4
 FORMAT_VERSION = 1
 _STALE_FACTOR = 10.0  # a stored error this much below the recomputed one means M changed: refit
 
+STORE = FactorStore(
+    folder="cp_factors",
+    package_dir=PACKAGE_DIR,
+    format_version=FORMAT_VERSION,
+    required=("A", "B", "C", "rel_error", "tol", "lmax_in", "lmax_sh", "lmax_out", "seed", "paths", "method", "sweeps"),
+    logger=__name__,
+)
+
 
 # ----------------------------------------------------------------------------------------------- files
-
-
-def format_tol(tol: float) -> str:
-    """``1e-4`` -> ``"1e-04"``, ``1.5e-4`` -> ``"1.5e-04"``: exact, file-name safe."""
-    mantissa, exponent = f"{tol:.6e}".split("e")
-    return f"{mantissa.rstrip('0').rstrip('.')}e{exponent}"
 
 
 def factor_name(
     lmax_in: int, lmax_sh: int, lmax_out: int, paths: str, tol: float = DEFAULT_TOL, rank: int | None = None,
     seed: int = 0,
 ) -> str:
-    """``cp_{paths}_{lmax_in}_{lmax_sh}_{lmax_out}_tol{tol}.npz`` (or ``_rank{R}``; ``_seed{s}`` unless 0)."""
-    target = f"rank{rank}" if rank is not None else f"tol{format_tol(tol)}"
-    suffix = f"_seed{seed}" if seed != 0 else ""
-    return f"cp_{paths}_{lmax_in}_{lmax_sh}_{lmax_out}_{target}{suffix}.npz"
+    """``cp_{paths}_{lmax_in}_{lmax_sh}_{lmax_out}_tol{tol}.npz`` (or ``_rank{R}``; ``_seed{s}`` unless 0), with the
+    exact tolerance of :func:`tdn.tp.factor_store.format_tol`."""
+    return STORE.filename(f"cp_{paths}_{lmax_in}_{lmax_sh}_{lmax_out}", tol, rank, seed)
 
 
 def cache_dir() -> Path:
     """``$TDN_CACHE_DIR``, else ``$XDG_CACHE_HOME/tdn``, else ``~/.cache/tdn``; CP factors go in ``cp_factors/``."""
-    if os.environ.get("TDN_CACHE_DIR"):
-        root = Path(os.environ["TDN_CACHE_DIR"])
-    elif os.environ.get("XDG_CACHE_HOME"):
-        root = Path(os.environ["XDG_CACHE_HOME"]) / "tdn"
-    else:
-        root = Path.home() / ".cache" / "tdn"
-    return root / "cp_factors"
+    return STORE.cache_dir()
 
 
 @dataclass
@@ -93,40 +86,38 @@ class CPFactors:
         return self.A.shape[1]
 
 
-def save_factors(path: Path, factors: CPFactors) -> None:
-    """Write an ``.npz`` whose bytes depend only on the content (fixed zip timestamps, no compression).
-
-    The file is written next to its target and renamed into place, so concurrent readers never see half a file.
-    """
-    arrays = {
+def factor_arrays(factors: CPFactors) -> dict[str, np.ndarray]:
+    """The arrays a factor file holds (its ``format_version`` is added by the store)."""
+    return {
         "A": factors.A, "B": factors.B, "C": factors.C,
         "rel_error": np.float64(factors.rel_error), "tol": np.float64(factors.tol),
         "lmax_in": np.int64(factors.lmax_in), "lmax_sh": np.int64(factors.lmax_sh),
         "lmax_out": np.int64(factors.lmax_out), "seed": np.int64(factors.seed),
         "paths": np.array(factors.paths), "method": np.array(factors.method),
-        "sweeps": np.int64(factors.sweeps), "format_version": np.int64(FORMAT_VERSION),
+        "sweeps": np.int64(factors.sweeps),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
-        for name, value in arrays.items():
-            buffer = io.BytesIO()
-            array = np.ascontiguousarray(value) if np.ndim(value) else np.asarray(value)
-            np.lib.format.write_array(buffer, array, allow_pickle=False)
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.external_attr = 0o644 << 16
-            archive.writestr(info, buffer.getvalue())
-    os.replace(tmp, path)
+
+
+def save_factors(path: Path, factors: CPFactors) -> None:
+    """Write an ``.npz`` whose bytes depend only on the content (fixed zip timestamps, no compression).
+
+    The file is written next to its target and renamed into place, so concurrent readers never see half a file.
+    """
+    STORE.save(path, factor_arrays(factors))
+
+
+def from_arrays(data: dict[str, np.ndarray]) -> CPFactors:
+    """The :class:`CPFactors` of a factor file's arrays."""
+    return CPFactors(
+        A=data["A"], B=data["B"], C=data["C"], rel_error=float(data["rel_error"]), tol=float(data["tol"]),
+        lmax_in=int(data["lmax_in"]), lmax_sh=int(data["lmax_sh"]), lmax_out=int(data["lmax_out"]),
+        seed=int(data["seed"]), paths=str(data["paths"]), method=str(data["method"]), sweeps=int(data["sweeps"]),
+    )
 
 
 def load_factors(path: Path) -> CPFactors:
-    with np.load(path, allow_pickle=False) as data:
-        return CPFactors(
-            A=data["A"], B=data["B"], C=data["C"], rel_error=float(data["rel_error"]), tol=float(data["tol"]),
-            lmax_in=int(data["lmax_in"]), lmax_sh=int(data["lmax_sh"]), lmax_out=int(data["lmax_out"]),
-            seed=int(data["seed"]), paths=str(data["paths"]), method=str(data["method"]),
-            sweeps=int(data["sweeps"]),
-        )
+    """The factors in ``path``; :class:`tdn.tp.factor_store.FactorFileError` (naming it) if it cannot be read."""
+    return from_arrays(STORE.load(path))
 
 
 def shipped_factors(directory: Path = PACKAGE_DIR) -> list[dict]:
@@ -182,27 +173,25 @@ def get_factors(
 ) -> tuple[CPFactors, str, Path]:
     """Factors for ``M`` with their source ("package", "cache" or "fitted") and file.
 
-    Looks in the package data, then the cache; otherwise fits once (logging a warning, since a large ``M``
-    takes minutes) and writes the result to the cache. Loaded factors are checked against the current ``M``:
-    a file whose recomputed error is far above its recorded one is stale and is refitted.
+    Looks in the package data, then the cache (:data:`STORE`); otherwise fits once (logging a warning, since a large
+    ``M`` takes minutes) and writes the result to the cache. Loaded factors are checked against the current ``M``:
+    a file whose recomputed error is far above its recorded one is stale and is refitted; an unreadable file is a
+    :class:`tdn.tp.factor_store.FactorFileError` naming it.
     """
     name = factor_name(lmax_in, lmax_sh, lmax_out, paths, tol, rank, seed)
     M = path_tensor(lmax_in, lmax_sh, lmax_out, paths).numpy()
-    for source, directory in (("package", PACKAGE_DIR), ("cache", cache_dir())):
-        file = directory / name
-        if not file.is_file():
-            continue
-        try:
-            factors = load_factors(file)
-        except (OSError, ValueError, KeyError) as err:
-            log.warning("ignoring unreadable CP factor file %s: %s", file, err)
-            continue
+
+    def accept(data: dict[str, np.ndarray]) -> CPFactors | None:
+        factors = from_arrays(data)
         error = _matches(factors, lmax_in, lmax_sh, lmax_out, paths, M)
         if error is None:
-            log.warning("ignoring stale CP factor file %s (it does not reproduce the current path tensor)", file)
-            continue
+            return None
         factors.rel_error = error
-        return factors, source, file
+        return factors
+
+    found = STORE.find(name, accept)
+    if found is not None:
+        return found
     file = cache_dir() / name
     target = f"rank {rank}" if rank is not None else f"the smallest rank with relative error <= {tol:g}"
     log.warning(
@@ -210,10 +199,7 @@ def get_factors(
         "this happens once; cached at %s", lmax_in, lmax_sh, lmax_out, paths, target, seed, file,
     )
     factors = fit_factors(lmax_in, lmax_sh, lmax_out, paths, tol, rank, seed, progress=log.info)
-    try:
-        save_factors(file, factors)
-    except OSError as err:
-        log.warning("could not write the CP factor cache %s: %s", file, err)
+    STORE.cache(name, factor_arrays(factors))
     log.warning("fitted CP factors: rank %d, relative error %.2e, %.1f s", factors.rank, factors.rel_error,
                 factors.seconds)
     return factors, "fitted", file
@@ -238,6 +224,12 @@ class CPProduct(FactorisedProduct):
     kind = "cp"
     supported_paths = ("o3", "so3")
     supported_weights = ("shared", "degree")
+    default_weights = "shared"
+    options = ("rank", "tol", "seed")
+    unsupported_weights_reason = (
+        "CP factorises the sum of all paths (the stacked tensor M), so per-path weights cannot be applied; "
+        "use kind='cg' for them"
+    )
 
     def __init__(
         self,
@@ -251,11 +243,6 @@ class CPProduct(FactorisedProduct):
         tol: float = DEFAULT_TOL,
         seed: int = 0,
     ) -> None:
-        if weights == "path":
-            raise ValueError(
-                "the 'cp' backend supports weights in ('shared', 'degree'), got 'path': CP factorises the sum of "
-                "all paths (the stacked tensor M), so per-path weights cannot be applied; use kind='cg' for them"
-            )
         super().__init__(lmax_in, lmax_sh, lmax_out, channels, paths, weights)
         if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
             raise ValueError(f"rank must be a positive integer or None, got {rank!r}")
@@ -264,7 +251,6 @@ class CPProduct(FactorisedProduct):
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         factors, source, file = get_factors(lmax_in, lmax_sh, lmax_out, paths, float(tol), rank, seed)
-        self.rank = factors.rank
         self.tol = float(tol) if rank is None else None
         self.seed = seed
         self.fit_error = factors.rel_error
