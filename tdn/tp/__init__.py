@@ -13,7 +13,7 @@ from .base import MAX_LMAX, WEIGHT_MODES, FactorisedProduct, TensorProduct, chec
 from .cg import CGProduct
 from .cp import CPProduct
 from .gaunt import GauntProduct
-from .grid import GauntSupport, GridProduct
+from .grid import GridProduct
 
 BACKENDS: dict[str, type[TensorProduct]] = {
     "cg": CGProduct,
@@ -21,17 +21,6 @@ BACKENDS: dict[str, type[TensorProduct]] = {
     "gaunt": GauntProduct,
     "grid": GridProduct,
 }
-
-
-def _declare_default_weights() -> None:
-    """The default weight mode of the backends whose modules do not declare one yet, set on their classes: cg per
-    path (MACE's "uvu" convolution), gaunt and grid one weight per output degree (the most they support)."""
-    for cls, mode in ((CGProduct, "path"), (GauntSupport, "degree")):
-        if "default_weights" not in vars(cls):
-            cls.default_weights = mode
-
-
-_declare_default_weights()
 
 
 def backend(kind: str) -> type[TensorProduct]:

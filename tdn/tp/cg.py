@@ -23,6 +23,7 @@ class CGProduct(TensorProduct):
     """
 
     kind = "cg"
+    default_weights = "path"  # MACE's "uvu" convolution
 
     def __init__(self, lmax_in: int, lmax_sh: int, lmax_out: int, channels: int, paths: str = "o3",
                  weights: str = "path") -> None:

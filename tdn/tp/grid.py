@@ -24,6 +24,7 @@ class GauntSupport:
 
     supported_paths = ("o3",)
     supported_weights = ("shared", "degree")
+    default_weights = "degree"  # the most a Gaunt product supports
     unsupported_reason = GAUNT_REASON
 
 
