@@ -7,13 +7,15 @@ The file is ``torch.save`` of a dict of plain types and tensors only (no pickled
      "config": "<ModelConfig as JSON>", "state_dict": {name: tensor, ...}}
 
 Weights are stored on the CPU in the model's dtype; ``load_model`` rebuilds the model from the config and can
-move it to any device and dtype.
+move it to any device and dtype. A model with a NaN or infinite weight or buffer is never written
+(:class:`NonFiniteModelError`); a file holding pickled Python objects is never loaded.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 from typing import Any
 
 import torch
@@ -26,6 +28,30 @@ class ModelFileError(ValueError):
     """The file is not a readable tdn model, or was written by an incompatible version."""
 
 
+class NonFiniteModelError(ValueError):
+    """The model has NaN or infinite weights or buffers: it is never written."""
+
+
+def non_finite_tensors(model: torch.nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers of ``model`` holding a NaN or an infinity."""
+    return [
+        name
+        for name, tensor in model.state_dict().items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def check_finite(model: torch.nn.Module, what: str = "model") -> None:
+    """Raise :class:`NonFiniteModelError` naming the tensors of ``model`` that are not finite."""
+    bad = non_finite_tensors(model)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteModelError(
+            f"the {what} has non-finite (NaN or inf) values in {shown}; a model like that is never saved "
+            "(did training diverge? lower the learning rate or check the data, then export a finite checkpoint)"
+        )
+
+
 def save_model(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Write ``model`` (a :class:`tdn.models.TDNModel`) to ``path``: config, weights, format version."""
     from . import __version__
@@ -33,6 +59,7 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike) -> None:
 
     if not isinstance(model, TDNModel):
         raise TypeError(f"save_model needs a tdn.models.TDNModel, got {type(model).__name__}")
+    check_finite(model)  # before anything is written: a NaN model must not replace a good file
     config = model.sync_config().to_dict()
     payload: dict[str, Any] = {
         "format": FORMAT,
@@ -47,6 +74,17 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike) -> None:
     os.replace(tmp, path)  # never leave a half-written model under the final name
 
 
+def refused_global(error: Exception) -> str:
+    """What a weights-only load refused (e.g. "Unsupported global: GLOBAL torch.nn.Linear ..."), from PyTorch's
+    message, without its advice to unpickle the file anyway."""
+    text = str(error)
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("WeightsUnpickler error:"):
+            return line.removeprefix("WeightsUnpickler error:").strip().split(". ")[0]
+    return text.splitlines()[0].strip() if text.strip() else type(error).__name__
+
+
 def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
     """The checked contents of a model file: ``format_version``, ``tdn_version``, ``config`` (dict), ``state_dict``."""
     path = os.fspath(path)
@@ -54,7 +92,14 @@ def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"no model file at {path!r}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated, corrupt, not a torch file, or contains pickled classes
+    except pickle.UnpicklingError as error:  # PyTorch's advice (weights_only=False) is not ours to repeat
+        raise ModelFileError(
+            f"{path!r} is not a readable tdn model file: it holds pickled Python objects "
+            f"({refused_global(error)}), and tdn refuses to load pickled code. A tdn model file holds only a config "
+            "and tensors: re-export it (build the model from its config with tdn.models.build_model(config=...), "
+            "load its weights with model.load_state_dict(...), write it with tdn.save_model(model, path))"
+        ) from None
+    except Exception as error:  # truncated, corrupt, not a torch file
         raise ModelFileError(f"{path!r} is not a readable tdn model file: {type(error).__name__}: {error}") from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{path!r} is not a tdn model file (no format={FORMAT!r} marker)")

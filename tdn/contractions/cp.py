@@ -82,8 +82,12 @@ class CPContraction(Contraction):
 
     def forward(self, A: torch.Tensor, element_index: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         groups = ElementGroups.of(element_index, w.shape[0])
-        p = groups.channel_major(A) @ self.directions  # [C, N, R], rows sorted by element
-        powers = [part**nu for nu, part in zip(self.ranks, p.split(list(self.ranks.values()), dim=2))]  # [C, N, R_nu]
+        sorted_a = groups.channel_major(A)  # [C, N, D], rows sorted by element
+        # one matmul per order, not one split afterwards: the split's backward would concatenate [C, N, R] gradients
+        powers, start = [], 0
+        for nu, rank in self.ranks.items():
+            powers.append((sorted_a @ self.directions[:, start : start + rank]) ** nu)  # [C, N, R_nu]
+            start += rank
         parts = []
         for z, start, stop in groups.chunks():
             folded = self.folded(w[z])

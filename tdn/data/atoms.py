@@ -3,6 +3,10 @@
 Labels live in a SinglePointCalculator: energy (eV), forces (eV/Å, [N,3]) and stress (eV/Å^3, ASE
 sign). Fixed atoms are a FixAtoms constraint, tags are ASE tags (OC20: 0 subsurface, 1 surface,
 2 adsorbate).
+
+``MIN_DISTANCE`` is the one physical lower bound on interatomic distances the package uses: closer atoms
+(two atoms written at the same position, a duplicated atom) make the spherical harmonics of a zero-length
+edge undefined and the loss NaN. :func:`check_min_distance` is the check everyone calls.
 """
 
 from __future__ import annotations
@@ -16,9 +20,60 @@ from ase.constraints import FixAtoms
 from ase.data import chemical_symbols
 from ase.stress import voigt_6_to_full_3x3_stress
 
-from .errors import RecordProblem
+from .errors import CloseAtomsError, RecordProblem
 
 MAX_Z = len(chemical_symbols) - 1  # 118
+
+#: Å. No two atoms of a physical structure are this close (the shortest bond, H2, is 0.74 Å).
+MIN_DISTANCE = 0.1
+
+# Periodic structures are searched with a neighbour list of this cutoff and the pairs filtered: a cell list
+# with bins as small as MIN_DISTANCE is far slower than one at a bond length.
+_PERIODIC_SEARCH = 2.0
+
+
+def find_close_pairs(positions, cell=None, pbc=False, min_distance: float = MIN_DISTANCE):
+    """Pairs of atoms closer than ``min_distance`` (Å), periodic images included.
+
+    Returns ``(i, j, d)``: int arrays of atom indices with ``i <= j`` (``i == j``: an atom and its own image)
+    and float distances, each pair once, sorted by distance.
+    """
+    pos = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+    pbc_arr = np.broadcast_to(np.asarray(pbc, dtype=bool).reshape(-1), (3,))
+    empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0))
+    if len(pos) < 2 and not pbc_arr.any():
+        return empty
+    if not pbc_arr.any():
+        from scipy.spatial import cKDTree
+
+        pairs = cKDTree(pos).query_pairs(float(min_distance), output_type="ndarray")
+        if len(pairs) == 0:
+            return empty
+        i, j = pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
+        d = np.linalg.norm(pos[j] - pos[i], axis=1)
+    else:
+        from .neighbors import neighbor_list
+
+        box = np.zeros((3, 3)) if cell is None else np.asarray(cell, dtype=np.float64).reshape(3, 3)
+        i, j, shifts = neighbor_list(pos, box, pbc_arr, max(float(min_distance), _PERIODIC_SEARCH))
+        d = np.linalg.norm(pos[j] - pos[i] + shifts @ box, axis=1)
+        # the list has both directions: keep each pair once (an atom and its own image: the positive shift)
+        lead = shifts[np.arange(len(shifts)), np.argmax(shifts != 0, axis=1)] if len(shifts) else shifts[:, 0]
+        keep = (d < min_distance) & ((i < j) | ((i == j) & (lead > 0)))
+        i, j, d = i[keep], j[keep], d[keep]
+    order = np.argsort(d, kind="stable")
+    return i[order], j[order], d[order]
+
+
+def check_min_distance(positions, cell=None, pbc=False, min_distance: float = MIN_DISTANCE) -> None:
+    """Raise :class:`tdn.data.CloseAtomsError` (a ValueError) naming the closest pair of atoms closer than
+    ``min_distance`` Å (periodic images included); return None when there is none.
+
+    positions [N,3] Å; cell [3,3] Å (may be None or zero for a molecule); pbc a bool or three bools.
+    """
+    i, j, d = find_close_pairs(positions, cell, pbc, min_distance)
+    if len(d):
+        raise CloseAtomsError(int(i[0]), int(j[0]), float(d[0]), len(d), float(min_distance))
 
 
 def symbol_to_number(symbol: str) -> int:
@@ -95,7 +150,10 @@ def make_atoms(
     if energy is not None:
         results["energy"] = float(energy)
     if forces is not None:
-        results["forces"] = np.asarray(forces, dtype=np.float64).reshape(-1, 3)
+        forces = np.asarray(forces, dtype=np.float64)
+        if forces.ndim == 1 and forces.size == 3 * len(z):  # a flat [3N] array
+            forces = forces.reshape(-1, 3)
+        results["forces"] = forces  # any other shape is kept as stored, for validate_atoms to quote
     if stress is not None:
         results["stress"] = as_stress_3x3(stress)
     if results:
@@ -154,8 +212,9 @@ def check_cell(cell: np.ndarray, pbc: np.ndarray) -> None:
 def validate_atoms(atoms: Atoms, require: Iterable[str] = ("energy", "forces")) -> None:
     """Raise RecordProblem if the structure cannot be trained on.
 
-    Checks: at least one atom, known elements, finite positions, a usable cell where periodic,
-    the required labels present ("energy", "forces"), labels finite and of the right shape.
+    Checks: at least one atom, known elements, finite positions, a usable cell where periodic, no two
+    atoms closer than :data:`MIN_DISTANCE`, the required labels present ("energy", "forces"), labels
+    finite and of the right shape.
     """
     require = set(require)
     n = len(atoms)
@@ -165,6 +224,10 @@ def validate_atoms(atoms: Atoms, require: Iterable[str] = ("energy", "forces")) 
     if not np.all(np.isfinite(atoms.positions)):
         raise RecordProblem("nan_positions", "non-finite coordinates")
     check_cell(atoms.cell.array, atoms.pbc)
+    try:
+        check_min_distance(atoms.positions, atoms.cell.array, atoms.pbc)
+    except CloseAtomsError as error:
+        raise RecordProblem("close_atoms", str(error)) from None
     energy = get_energy(atoms)
     forces = get_forces(atoms)
     stress = get_stress(atoms)
@@ -176,7 +239,7 @@ def validate_atoms(atoms: Atoms, require: Iterable[str] = ("energy", "forces")) 
         raise RecordProblem("nan_labels", f"energy {energy}")
     if forces is not None:
         if forces.shape != (n, 3):
-            raise RecordProblem("shape_mismatch", f"forces of shape {forces.shape} for {n} atoms")
+            raise RecordProblem("shape_mismatch", f"forces of shape {forces.shape} for {n} atoms (expected ({n}, 3))")
         if not np.all(np.isfinite(forces)):
             raise RecordProblem("nan_labels", "non-finite forces")
     if stress is not None and not np.all(np.isfinite(stress)):

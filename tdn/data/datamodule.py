@@ -13,7 +13,8 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader
 
-from .formats import infer_format, read
+from .base import ConcatAtoms
+from .formats import EmptyDatasetError, infer_format, read
 from .graph import GraphDataset, atoms_to_graph, collate
 from .sampler import BalancedBatchSampler, EpochSampler
 from .splits import split_indices
@@ -145,7 +146,11 @@ class TDNDataModule(L.LightningDataModule):
         fmt = self.format or infer_format(paths[0])
         if fmt == "pubchemqcr" and self.cache_dir is not None:
             options.setdefault("index_cache", str(self.cache_dir))
-        return read(paths if len(paths) > 1 else paths[0], format=self.format, **options)
+        dataset = read(paths if len(paths) > 1 else paths[0], format=self.format, **options)
+        for part in dataset.datasets if isinstance(dataset, ConcatAtoms) else [dataset]:
+            if len(part) == 0:  # said here: an empty split would only surface as a confusing split error
+                raise EmptyDatasetError(str(part.path))
+        return dataset
 
     def _graphs(self, atoms, indices=None) -> GraphDataset:
         return GraphDataset(atoms, self.cutoff, dtype=self.dtype, max_neighbors=self.max_neighbors, indices=indices)
@@ -283,13 +288,14 @@ class TDNDataModule(L.LightningDataModule):
         """Training-split statistics for building the model (see :func:`tdn.data.compute_statistics`).
 
         Returns a dict with num_structures, num_atoms, elements (sorted Z), avg_num_neighbors,
-        e0 ({Z: eV}), e0_method, mean_interaction_energy_per_atom (eV/atom),
+        e0 ({Z: eV}), e0_method, e0_kind, e0_rank, mean_interaction_energy_per_atom (eV/atom),
         std_interaction_energy_per_atom, force_rms (eV/Å), mean_num_atoms, cutoff (Å), fingerprint.
         Cached in ``stats_file`` when given; safe to call before ``setup``.
         """
         if self._stats is not None:
             return self._stats
-        fingerprint = self._fingerprint("statistics", self.e0, self.stats_max_structures)
+        # "e0_kind": statistics cached before that key existed are recomputed
+        fingerprint = self._fingerprint("statistics", self.e0, self.stats_max_structures, "e0_kind")
         if self.stats_file is not None and Path(self.stats_file).exists():
             try:
                 cached = load_statistics(self.stats_file)

@@ -25,6 +25,7 @@ REASONS = (
     "zero_cell_pbc",  # periodic along a direction whose cell vector is zero (or a singular cell)
     "empty",  # no atoms
     "shape_mismatch",  # e.g. forces [M,3] for N != M atoms
+    "close_atoms",  # two atoms (or an atom and a periodic image) closer than tdn.data.atoms.MIN_DISTANCE
 )
 
 
@@ -49,6 +50,20 @@ class InvalidRecordError(ValueError):
         self.key = key
         self.reason = reason
         self.detail = detail
+
+
+class CloseAtomsError(ValueError):
+    """Two atoms (or an atom and a periodic image of an atom) closer than a physical lower bound.
+
+    ``i`` and ``j`` are the atom indices of the closest such pair, ``distance`` its distance (Å), ``num_pairs``
+    how many pairs are that close and ``min_distance`` the bound (Å).
+    """
+
+    def __init__(self, i: int, j: int, distance: float, num_pairs: int, min_distance: float):
+        which = f"atom {i} and a periodic image of itself" if i == j else f"atoms {i} and {j}"
+        others = f"; {num_pairs} pair(s) in all" if num_pairs > 1 else ""
+        super().__init__(f"{which} are {distance:.3g} Å apart, closer than {min_distance:g} Å{others}")
+        self.i, self.j, self.distance, self.num_pairs, self.min_distance = i, j, distance, num_pairs, min_distance
 
 
 class UnsafePickleError(InvalidRecordError):

@@ -19,9 +19,69 @@ _ALIASES = {"xyz": "extxyz", "db": "asedb", "ase-db": "asedb", "json": "asedb", 
             "oc22": "oc22-lmdb", "pubchemqcr-lmdb": "pubchemqcr"}
 
 
+# What the bytes of a file say it is (see sniff_format), and the formats that can read each kind.
+CONTENT_READERS = {
+    "sqlite": ("asedb", "aselmdb"),  # read() reads an SQLite file given as aselmdb as an ASE db
+    "lmdb": ("aselmdb", "oc20-lmdb", "oc22-lmdb", "pubchemqcr"),
+    "extxyz": ("extxyz",),
+}
+CONTENT_NAMES = {"sqlite": "an ASE database (SQLite)", "lmdb": "an LMDB file", "extxyz": "an (extended) XYZ file"}
+FILE_FORMATS = ("extxyz", "asedb")  # formats whose path must be a file, not a directory
+
+
+class EmptyDatasetError(ValueError):
+    """A data file (or directory) that holds no structures at all."""
+
+    def __init__(self, path: str):
+        super().__init__(f"{path} holds no structures (an empty file?)")
+        self.path = path
+
+
 def _is_sqlite(path: Path) -> bool:
     with open(path, "rb") as handle:
         return handle.read(16) == b"SQLite format 3\x00"
+
+
+def sniff_format(path) -> str | None:
+    """What a file's first bytes say it is: "sqlite", "lmdb", "extxyz" (an atom-count line first), or None
+    (a directory, an empty file, or anything else)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    if head.startswith(b"SQLite format 3\x00"):
+        return "sqlite"
+    if head[16:20] == b"\xde\xc0\xef\xbe":  # LMDB's meta-page magic 0xBEEFC0DE (little-endian)
+        return "lmdb"
+    first = next((line.strip() for line in head.splitlines() if line.strip()), b"")
+    if first.isdigit():
+        return "extxyz"
+    return None
+
+
+def canonical_format(format: str) -> str:
+    """The name in :data:`FORMATS` of a format or one of its aliases ("xyz", "db", "oc20", ...); ValueError else."""
+    fmt = _ALIASES.get(format, format)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
+    return fmt
+
+
+def check_format(path, format: str) -> None:
+    """Raise ValueError when ``format`` cannot read ``path``: a directory for a single-file format, or a file whose
+    content is of another kind (an ASE .db given as extxyz). The message says which format would read it."""
+    path = Path(path)
+    fmt = canonical_format(format)
+    if fmt in FILE_FORMATS and path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, but format {fmt!r} reads a single file: give the file(s)")
+    kind = sniff_format(path)
+    if kind is not None and fmt not in CONTENT_READERS[kind]:
+        options = " or ".join(repr(f) for f in CONTENT_READERS[kind])
+        raise ValueError(
+            f"{path} is {CONTENT_NAMES[kind]}, not something format {fmt!r} reads: "
+            f"use format {options} (or no format, to infer it from the file name)"
+        )
 
 
 def _sniff_lmdb(path: Path) -> str:
@@ -73,7 +133,9 @@ def read(path, format: str | None = None, **options):
     Args:
         path: a file or directory, or a list of them (read one after the other).
         format: "extxyz", "aselmdb", "asedb" (SQLite .db / .json), "oc20-lmdb", "oc22-lmdb" or
-            "pubchemqcr"; inferred from the path when None.
+            "pubchemqcr"; inferred from the path when None. A given format is checked against the file's
+            first bytes (:func:`check_format`): an SQLite file read as extxyz is a ValueError naming the
+            format that reads it.
         **options: reader options; every reader takes ``skip_invalid`` (skip and count bad records
             instead of raising) and ``require`` (labels a record must have). See the reader classes:
             ExtxyzDataset (energy_key, forces_key, stress_key, molecule), AseDbDataset / AseLmdbDataset
@@ -88,6 +150,8 @@ def read(path, format: str | None = None, **options):
     """
     if isinstance(path, Sequence) and not isinstance(path, (str, bytes, os.PathLike)):
         return ConcatAtoms([read(p, format=format, **options) for p in path])
+    if format is not None:
+        check_format(path, format)
     fmt = _ALIASES.get(format, format) if format is not None else infer_format(path)
     if fmt == "extxyz":
         return ExtxyzDataset(path, **options)

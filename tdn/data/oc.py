@@ -31,7 +31,7 @@ from ase import Atoms
 from . import safe_pickle
 from .atoms import check_numbers, fixed_mask, get_energy, get_forces, get_stress, make_atoms, symbol_to_number
 from .base import AtomsDataset, decoding
-from .errors import RecordProblem
+from .errors import InvalidRecordError, RecordProblem
 from .lmdb_utils import LmdbFile, find_shards, write_lmdb
 
 
@@ -82,17 +82,20 @@ def sid_to_int(sid) -> int:
     return int(sid)
 
 
-def load_reference_energies(source) -> dict:
+def load_reference_energies(source, trusted: bool = False) -> dict:
     """Per-system reference energies (eV): a dict, or a .pkl / .json file of ``{sid: eV}``.
 
-    The pickle is read with the restricted unpickler (it only needs builtins).
+    The pickle is read with the restricted unpickler (it only needs builtins) unless ``trusted``.
     """
     if isinstance(source, Mapping):
         return dict(source)
     path = Path(source)
     if path.suffix == ".json":
         return json.loads(path.read_text())
-    return dict(safe_pickle.loads(path.read_bytes()))
+    table = safe_pickle.load_file(path, "ref_energies", trusted=trusted)  # a refused pickle names this file
+    if not isinstance(table, Mapping):
+        raise ValueError(f"{path}: ref_energies must hold a dict {{sid: eV}}, got a {type(table).__name__}")
+    return dict(table)
 
 
 def linear_reference_energy(numbers: np.ndarray, table: np.ndarray) -> float:
@@ -144,11 +147,11 @@ class OCLmdbDataset(AtomsDataset):
         self.kind = kind
         self.format = f"{kind}-lmdb"
         self.files = [LmdbFile(p) for p in find_shards(path, (".lmdb",))]
-        self.ref_energies = None if ref_energies is None else load_reference_energies(ref_energies)
+        self.trusted = bool(trusted)
+        self.ref_energies = None if ref_energies is None else load_reference_energies(ref_energies, self.trusted)
         self.linear_reference = None if linear_reference is None else load_linear_reference(linear_reference)
         self.linear_sign = -1.0 if linear_reference_mode == "subtract" else 1.0
         self.default_pbc = tuple(bool(p) for p in pbc)
-        self.trusted = bool(trusted)
         self._offsets = None
         self._groups = None
 
@@ -156,8 +159,11 @@ class OCLmdbDataset(AtomsDataset):
     def _shard_length(self, shard: LmdbFile) -> int:
         raw = shard.get(b"length")
         if raw is not None:
-            with decoding():
-                return int(safe_pickle.loads(raw, trusted=self.trusted))
+            value = safe_pickle.load_file(shard.path, "length", trusted=self.trusted, data=raw)
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                raise InvalidRecordError(str(shard.path), "length", "corrupt", f"length is {value!r}") from None
         return shard.entries()
 
     @property

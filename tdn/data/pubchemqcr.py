@@ -83,7 +83,9 @@ def step_gradient(step: dict) -> np.ndarray | None:
         return None
     if len(grad) and isinstance(grad[0], dict):
         return _per_atom(grad, ("dx", "dy", "dz"))
-    return np.asarray(grad, dtype=np.float64).reshape(-1, 3)
+    grad = np.asarray(grad, dtype=np.float64)
+    # only a flat array is reshaped: any other shape is kept, so that a shape error quotes the stored one
+    return grad.reshape(-1, 3) if grad.ndim == 1 and grad.size % 3 == 0 else grad
 
 
 def select_steps(molecule: dict, stages: Sequence[str], dedup: bool = True) -> list[tuple[str, int, dict]]:

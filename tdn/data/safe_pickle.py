@@ -161,6 +161,21 @@ def loads(data: bytes, trusted: bool = False):
     return RestrictedUnpickler(io.BytesIO(data)).load()
 
 
+def load_file(path, key: str, trusted: bool = False, data: bytes | None = None):
+    """Unpickle the file ``path`` (or ``data`` read from it under ``key``): a refused global raises
+    :class:`tdn.data.UnsafePickleError` naming the file and the key, anything else undecodable
+    :class:`tdn.data.InvalidRecordError` ("corrupt")."""
+    from .errors import InvalidRecordError, UnsafePickleError
+
+    raw = open(path, "rb").read() if data is None else data
+    try:
+        return loads(raw, trusted=trusted)
+    except UnsafePickle as problem:
+        raise UnsafePickleError(str(path), key, problem.reason, problem.detail) from None
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means the bytes are damaged
+        raise InvalidRecordError(str(path), key, "corrupt", f"{type(error).__name__}: {error}") from error
+
+
 def record_fields(obj) -> dict:
     """The field dict of a pickled Data, whatever its layout.
 

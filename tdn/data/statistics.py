@@ -7,6 +7,8 @@
     avg_num_neighbors                  mean number of incoming edges per atom at the cutoff
     e0                                 {Z: eV} per-element reference energies
     e0_method                          "least_squares", "given" or "zero"
+    e0_kind                            what the E0s are (ModelConfig.e0_kind): "isolated" (given references),
+                                       "fitted" (least squares of full rank), "fitted-rank-deficient", "none"
     mean_interaction_energy_per_atom   eV/atom: mean over structures of (E - sum_i E0[Z_i]) / N
     std_interaction_energy_per_atom    eV/atom: its standard deviation
     force_rms                          eV/Å: sqrt(mean of squared force components over all atoms)
@@ -14,8 +16,11 @@
     cutoff                             Å
 
 E0 by least squares solves ``counts @ E0 ≈ E`` over the training structures (counts[s, z] = atoms of
-element z in structure s). When every structure has the same composition (rMD17) the system is
-rank-deficient and lstsq returns its minimum-norm solution; the sum over a structure is still right.
+element z in structure s). When every structure has the same composition (rMD17, 3BPA) the system is
+rank-deficient: lstsq returns its minimum-norm solution, whose sum over the training composition is
+right but whose split between elements is arbitrary (aspirin: H, C and O all get the same value). Such
+E0s are no isolated-atom energies and do not transfer to other compositions; ``e0_kind`` says
+"fitted-rank-deficient" and :data:`RANK_DEFICIENT_ADVICE` lists the alternatives.
 """
 
 from __future__ import annotations
@@ -29,6 +34,22 @@ from pathlib import Path
 import numpy as np
 
 logger = logging.getLogger("tdn.data")
+
+E0_KINDS = {"given": "isolated", "zero": "none"}  # e0_method -> e0_kind; least squares: by the rank
+
+RANK_DEFICIENT_ADVICE = (
+    "give isolated-atom energies with data.e0={Z: eV, ...} (or an .npz / .json table of E0 per element), "
+    "or keep the fitted split: its sum is right for the training compositions but the per-element values are "
+    "arbitrary, so energies of other compositions (and atomisation energies) are not meaningful"
+)
+
+
+def composition_rank(counts: np.ndarray) -> tuple[int, int]:
+    """(rank, number of elements present) of a composition matrix counts[structure, element]."""
+    counts = np.asarray(counts, dtype=np.float64)
+    present = counts.any(axis=0) if counts.size else np.zeros(counts.shape[1:], dtype=bool)
+    used = counts[:, present]
+    return (int(np.linalg.matrix_rank(used)) if used.size else 0), int(present.sum())
 
 
 def _resolve_e0(e0, elements: list[int]) -> dict[int, float] | None:
@@ -103,6 +124,10 @@ def compute_statistics(
         method = "least_squares"
     else:
         raise ValueError(f"e0 must be 'least_squares', 'zero' or given references, got {e0!r}")
+    kind = E0_KINDS.get(method, "fitted")
+    rank, present = composition_rank(counts[np.isfinite(energies)])
+    if method == "least_squares" and rank < present:
+        kind = "fitted-rank-deficient"
 
     interaction = (energies - counts @ e0_values) / natoms
     interaction = interaction[np.isfinite(interaction)]
@@ -113,6 +138,8 @@ def compute_statistics(
         "avg_num_neighbors": num_edges / float(natoms.sum()),
         "e0": {int(z): float(v) for z, v in zip(all_elements, e0_values)},
         "e0_method": method,
+        "e0_kind": kind,
+        "e0_rank": rank,
         "mean_interaction_energy_per_atom": float(interaction.mean()) if interaction.size else float("nan"),
         "std_interaction_energy_per_atom": float(interaction.std()) if interaction.size else float("nan"),
         "force_rms": float(np.sqrt(force_sq / force_n)) if force_n else float("nan"),

@@ -17,6 +17,12 @@ DEFAULT_TP_WEIGHTS = {"cg": "path", "cp": "shared", "gaunt": "degree", "grid": "
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
+# What the model's atomic_energies (E0) are: "isolated" (isolated-atom energies or a per-element table given by
+# the user), "fitted" (least squares over the training compositions, full rank), "fitted-rank-deficient" (least
+# squares on too few distinct compositions: the per-element split is arbitrary, only sums over the training
+# compositions are meaningful), "none" (all zero on purpose), "unknown" (files written before this was recorded).
+E0_KINDS = ("isolated", "fitted", "fitted-rank-deficient", "none", "unknown")
+
 PRESETS: dict[str, dict[str, Any]] = {
     # MACE-medium widths: 128 channels, hidden features l <= 1, spherical harmonics and messages l <= 3,
     # correlation 3, 2 layers, 5 Å cutoff, 8 Bessel functions, radial MLP 64 x 3.
@@ -64,6 +70,7 @@ class ModelConfig:
     residual_first: bool = False  # self-connection in the first layer too (MACE: no)
     avg_num_neighbors: float = 1.0  # messages are divided by it; set from the training data
     atomic_energies: list[float] | None = None  # E0 per element (eV), aligned with elements; None: zeros
+    e0_kind: str = "unknown"  # what atomic_energies are: one of E0_KINDS
     scale: float = 1.0  # interaction energy per atom = scale * readouts + shift
     shift: float = 0.0
     dtype: str = "float32"  # float32 | float64
@@ -120,6 +127,8 @@ class ModelConfig:
             raise ValueError(
                 f"atomic_energies has {len(self.atomic_energies)} values for {len(self.elements)} elements"
             )
+        if self.e0_kind not in E0_KINDS:
+            raise ValueError(f"e0_kind must be one of {E0_KINDS}, got {self.e0_kind!r}")
         self.scale, self.shift = float(self.scale), float(self.shift)
         if isinstance(self.dtype, torch.dtype):
             self.dtype = {v: k for k, v in DTYPES.items()}.get(self.dtype, str(self.dtype))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from . import resolvers
 from .ema import EMA
-from .errors import ConfigError
+from .errors import ConfigError, NonFiniteLossError
 from .losses import LossConfig, PotentialLoss
 from .metrics import METRICS, GenericMetrics, MetricSet, PubChemQCRMetrics, S2EFMetrics
 from .resolvers import CONF_DIR
@@ -48,6 +48,7 @@ __all__ = [
     "GenericMetrics",
     "LossConfig",
     "MetricSet",
+    "NonFiniteLossError",
     "PotentialLoss",
     "PotentialModule",
     "PubChemQCRMetrics",

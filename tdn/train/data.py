@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import TDNDataModule
+from ..data import EmptyDatasetError, InvalidRecordError, TDNDataModule
+from ..data.formats import CONTENT_NAMES, CONTENT_READERS, canonical_format, check_format, sniff_format
 from ..data.sampler import pack_batches
 from .errors import ConfigError
 
@@ -56,6 +57,36 @@ def check_paths(data: Mapping[str, Any]) -> None:
     for key, path in checks:
         if not Path(path).exists():
             raise ConfigError(f"{key}: no such file or directory: {path}")
+    fmt = data.get("format")
+    for key in PATH_KEYS:
+        for path in _paths(data.get(key)):
+            check_path_format(f"data.{key}", path, fmt)
+
+
+def check_path_format(key: str, path: str, fmt: str | None) -> None:
+    """A ConfigError when ``data.format`` cannot read ``path`` (a directory for a file format, a file of another
+    kind), saying which ``data.format`` would."""
+    if fmt is None:
+        return
+    try:
+        canonical_format(fmt)
+    except ValueError as exc:
+        raise ConfigError(f"data.format: {exc}") from None
+    try:
+        check_format(path, fmt)
+    except IsADirectoryError:
+        raise ConfigError(
+            f"{key}: {path} is a directory, but data.format={fmt} reads single files: give the file itself, or a "
+            f"list of files ({key}=[a.xyz,b.xyz])"
+        ) from None
+    except ValueError:
+        kind = sniff_format(path)
+        readers = CONTENT_READERS.get(kind or "", ())
+        raise ConfigError(
+            f"{key}: {path} is {CONTENT_NAMES.get(kind or '', 'another format')}, but data.format={fmt} "
+            f"(the format was not guessed from the file): set data.format={readers[0] if readers else 'null'}, "
+            "or data.format=null to infer each file's format from its name"
+        ) from None
 
 
 def datamodule_kwargs(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -169,14 +200,30 @@ def build_datamodule(data: Mapping[str, Any], stats_file: Path | None = None) ->
     try:
         datamodule = TrainingDataModule(**kwargs)
         datamodule.setup()  # opens the files and splits them (nothing is decoded yet)
+    except EmptyDatasetError as exc:
+        key = next((f"data.{k}" for k in PATH_KEYS if exc.path in _resolved(data.get(k))), "data")
+        raise ConfigError(f"{key}: {exc}; give a file with structures in it") from None
+    except InvalidRecordError:
+        raise  # a bad record: reported with its file, key and the skip_invalid hint
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        raise ConfigError(f"data: {exc}") from None
     except (TypeError, ValueError) as exc:  # an unknown key in the data group, a bad value, splits that do not fit
         raise ConfigError(f"data: {exc}") from exc
     return datamodule
 
 
-def check_elements(datamodule: TrainingDataModule, elements: Sequence[int], stats: Mapping[str, Any]) -> None:
+def _resolved(value: Any) -> set[str]:
+    return {p for path in _paths(value) for p in (path, str(Path(path)), str(Path(path).resolve()))}
+
+
+def check_elements(
+    datamodule: TrainingDataModule,
+    elements: Sequence[int],
+    stats: Mapping[str, Any],
+    init_from: str | None = None,
+) -> None:
     """Every element of the training split, and of the val/test splits when small enough to scan, is in the
-    model: a ConfigError naming the elements and the split otherwise."""
+    model: a ConfigError naming the elements and the split otherwise (with ``init_from``, the model of that file)."""
     from ase.data import chemical_symbols
 
     known = {int(z) for z in elements}
@@ -189,6 +236,12 @@ def check_elements(datamodule: TrainingDataModule, elements: Sequence[int], stat
         missing = sorted(present - known)
         if missing:
             names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in missing)
+            if init_from:
+                raise ConfigError(
+                    f"element(s) {names} appear in the {name} data but the model of init_from={init_from} knows only "
+                    f"{sorted(known)}: fine-tuning keeps the file's elements (model.* is not used). Leave out the "
+                    "structures with these elements, or train a new model without init_from"
+                )
             raise ConfigError(
                 f"element(s) {names} appear in the {name} data but not in the model's elements {sorted(known)}; "
                 "add them to model.elements (or leave model.elements to the training data statistics)"

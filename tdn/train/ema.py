@@ -32,6 +32,18 @@ class EMA(nn.Module):
         self.module.eval()
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("last_step", torch.full((), -1, dtype=torch.long))
+        # Host copies of the two buffers: reading a buffer on a GPU every step would be a device-to-host sync.
+        # The buffers stay the truth that checkpoints carry; the copies are re-read once after a state dict load.
+        self._host: tuple[int, int] | None = (0, -1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._host = None  # read back from the loaded buffers at the next update
+
+    def _counters(self) -> tuple[int, int]:
+        if self._host is None:
+            self._host = (int(self.num_updates), int(self.last_step))  # once after a load, not per step
+        return self._host
 
     def train(self, mode: bool = True) -> EMA:
         super().train(mode)
@@ -39,16 +51,18 @@ class EMA(nn.Module):
         return self
 
     def current_decay(self) -> float:
-        n = int(self.num_updates) + 1
+        n = self._counters()[0] + 1
         return min(self.decay, (1.0 + n) / (10.0 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int | None = None) -> None:
         """Fold the current weights of ``model`` in; with ``step``, at most once per optimizer step."""
+        num_updates, last_step = self._counters()
         if step is not None:
-            if int(self.last_step) == step:
+            if last_step == step:
                 return
-            self.last_step.fill_(step)
+            last_step = int(step)
+            self.last_step.fill_(last_step)
         weight = 1.0 - self.current_decay()
         ema_params = list(self.module.parameters())
         params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
@@ -56,7 +70,8 @@ class EMA(nn.Module):
             torch._foreach_lerp_(ema_params, params, weight)
         for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
             ema_buffer.copy_(buffer)
-        self.num_updates += 1
+        self.num_updates.fill_(num_updates + 1)
+        self._host = (num_updates + 1, last_step)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

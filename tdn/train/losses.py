@@ -21,22 +21,36 @@ TERMS = ("energy", "forces", "stress")
 KINDS = ("mse", "mae", "huber", "l2mae")
 
 
-def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, delta: float) -> torch.Tensor:
-    """Mean of the chosen pointwise loss over all elements (0 for empty input).
+def elementwise_loss(
+    pred: torch.Tensor, target: torch.Tensor, kind: str, delta: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean of the chosen pointwise loss over all elements of the rows where ``mask`` [rows] is True (all rows when
+    ``mask`` is None); 0 when no row counts.
 
     ``l2mae`` (fairchem's force loss) is the mean over rows of the Euclidean norm of the error of each row (a force
-    vector, a flattened stress); for an energy (one value per row) it is the MAE.
+    vector, a flattened stress); for an energy (one value per row) it is the MAE. Masked rows are weighted out, not
+    selected: a boolean index would have a data-dependent shape, i.e. a device-to-host sync on a GPU.
     """
     if pred.numel() == 0:
         return pred.sum() * 0.0
+    rows = pred.shape[0]
+    diff = pred - target
+    if mask is not None:
+        # where, not a product: a NaN in a row that does not count must not leak into the loss
+        diff = torch.where(mask.view(rows, *([1] * (diff.dim() - 1))), diff, torch.zeros_like(diff))
     if kind == "l2mae":
-        diff = (pred - target).reshape(pred.shape[0], -1)
-        return torch.linalg.vector_norm(diff, dim=-1).mean()
+        per_row = torch.linalg.vector_norm(diff.reshape(rows, -1), dim=-1)
+        return per_row.mean() if mask is None else per_row.sum() / mask.sum().clamp_min(1)
     if kind == "mse":
-        return F.mse_loss(pred, target)
-    if kind == "mae":
-        return F.l1_loss(pred, target)
-    return F.huber_loss(pred, target, delta=delta)
+        pointwise = diff.square()
+    elif kind == "mae":
+        pointwise = diff.abs()
+    else:
+        pointwise = F.huber_loss(diff, torch.zeros_like(diff), reduction="none", delta=delta)
+    if mask is None:
+        return pointwise.mean()
+    per_row_elements = diff.numel() // rows
+    return pointwise.sum() / (mask.sum() * per_row_elements).clamp_min(1)
 
 
 @dataclass
@@ -113,7 +127,9 @@ def num_atoms_per_graph(batch: Any, num_graphs: int) -> torch.Tensor:
     index = getattr(batch, "batch", None)
     if index is None:
         return torch.full((num_graphs,), batch.pos.shape[0], dtype=torch.long, device=batch.pos.device)
-    return torch.bincount(index, minlength=num_graphs)
+    # index_add into a known size: bincount sizes its output from the data (a device-to-host sync on a GPU)
+    counts = torch.zeros(num_graphs, dtype=torch.long, device=index.device)
+    return counts.index_add_(0, index, torch.ones_like(index))
 
 
 class PotentialLoss(torch.nn.Module):
@@ -147,20 +163,20 @@ class PotentialLoss(torch.nn.Module):
             if pred.get("forces") is None:
                 raise RuntimeError("the forces loss needs the model to compute forces")
             f_pred, f_ref = pred["forces"], batch.forces.to(dtype)
+            free = None
             if c.forces_free_atoms_only and getattr(batch, "fixed", None) is not None:
                 free = ~batch.fixed.view(-1).bool()
-                f_pred, f_ref = f_pred[free], f_ref[free]
-            parts["forces"] = elementwise_loss(f_pred, f_ref, c.kind_of("forces"), c.huber_delta)
+            parts["forces"] = elementwise_loss(f_pred, f_ref, c.kind_of("forces"), c.huber_delta, free)
 
         if weights["stress"] > 0:
             if pred.get("stress") is None:
                 raise RuntimeError("the stress loss needs the model to compute stress")
             has = getattr(batch, "has_stress", None)
             has = torch.ones(energy.shape[0], dtype=torch.bool, device=energy.device) if has is None else has
-            has = has.view(-1).bool()
-            s_pred = pred["stress"][has]
-            s_ref = batch.stress.view(-1, 3, 3).to(dtype)[has]
-            parts["stress"] = elementwise_loss(s_pred, s_ref, c.kind_of("stress"), c.huber_delta)
+            s_ref = batch.stress.view(-1, 3, 3).to(dtype)
+            parts["stress"] = elementwise_loss(
+                pred["stress"], s_ref, c.kind_of("stress"), c.huber_delta, has.view(-1).bool()
+            )
 
         total = energy.new_zeros(())
         for term, value in parts.items():

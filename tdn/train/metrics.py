@@ -28,6 +28,13 @@ EWT_THRESHOLD = 0.02  # eV
 FWT_THRESHOLD = 0.03  # eV/Å
 
 
+def _masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``values`` with the rows where ``mask`` [rows] is False set to 0. Rows are weighted out, never selected:
+    a boolean index has a data-dependent shape, i.e. a device-to-host sync on a GPU."""
+    shape = (values.shape[0],) + (1,) * (values.dim() - 1)
+    return torch.where(mask.view(shape), values, torch.zeros_like(values))
+
+
 def _graph_index(batch: Any, num_atoms: int, device: torch.device) -> torch.Tensor:
     index = getattr(batch, "batch", None)
     return torch.zeros(num_atoms, dtype=torch.long, device=device) if index is None else index
@@ -47,7 +54,9 @@ class SumMetric(Metric):
 
     def _add(self, **values: torch.Tensor | float) -> None:
         for name, value in values.items():
-            setattr(self, name, getattr(self, name) + torch.as_tensor(value, dtype=torch.float64))
+            state = getattr(self, name)
+            # on the state's device: a Python number becomes a tensor there, never a transfer of a tensor
+            setattr(self, name, state + torch.as_tensor(value, dtype=torch.float64, device=state.device))
 
     @staticmethod
     def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -78,8 +87,8 @@ class GenericMetrics(SumMetric):
         if pred.get("stress") is not None and getattr(batch, "stress", None) is not None:
             has = getattr(batch, "has_stress", None)
             has = torch.ones_like(err, dtype=torch.bool) if has is None else has.view(-1).bool()
-            s_err = (pred["stress"].detach().double() - batch.stress.view(-1, 3, 3).double())[has]
-            self._add(s_abs=s_err.abs().sum(), s_sq=s_err.square().sum(), n_s=s_err.numel())
+            s_err = _masked(pred["stress"].detach().double() - batch.stress.view(-1, 3, 3).double(), has)
+            self._add(s_abs=s_err.abs().sum(), s_sq=s_err.square().sum(), n_s=has.sum() * 9)
 
     def compute(self) -> dict[str, torch.Tensor]:
         out = {
@@ -109,20 +118,21 @@ class S2EFMetrics(SumMetric):
         free = torch.ones(forces.shape[0], dtype=torch.bool, device=forces.device)
         if fixed is not None:
             free = ~fixed.view(-1).bool()
-        graph = _graph_index(batch, forces.shape[0], forces.device)[free]
-        f_err = (forces - target).abs()[free]  # [N_free, 3]
-        cosine = torch.nn.functional.cosine_similarity(forces[free], target[free], dim=-1)  # [N_free]
+        graph = _graph_index(batch, forces.shape[0], forces.device)
+        f_err = _masked((forces - target).abs(), free)  # [N, 3]; 0 on fixed atoms
+        cosine = _masked(torch.nn.functional.cosine_similarity(forces, target, dim=-1), free)  # [N]
         max_f_err = e_err.new_zeros(e_err.shape).scatter_reduce(
             0, graph, f_err.amax(dim=-1), "amax", include_self=True
-        )  # [B]; a structure without free atoms counts as within the force threshold
+        )  # [B]; errors are >= 0, so the zeros of fixed atoms never win; no free atoms: within the threshold
+        num_free = free.sum()
         e_ok, f_ok = e_err < EWT_THRESHOLD, max_f_err < FWT_THRESHOLD
         self._add(
             e_abs=e_err.sum(),
             n_graphs=e_err.numel(),
             f_abs=f_err.sum(),
-            n_f=f_err.numel(),
+            n_f=num_free * 3,
             cos=cosine.sum(),
-            n_atoms=cosine.numel(),
+            n_atoms=num_free,
             ewt=e_ok.sum(),
             fwt=f_ok.sum(),
             efwt=(e_ok & f_ok).sum(),

@@ -29,7 +29,8 @@ class PotentialModule(L.LightningModule):
         optimizer / lr_scheduler: see :mod:`tdn.train.optim`.
         ema: ``{enabled, decay, warmup}``; when enabled the average is what validation, test and export use.
         metrics: metric families for validation and test (``generic``, ``s2ef``, ``pubchemqcr``).
-        compute_stress: "auto" (when the loss needs it or the batch carries stress labels), True or False.
+        compute_stress: "auto" (when the loss needs it, or in validation and test when the batch carries stress
+            labels), True or False.
         seed: the global RNGs are re-seeded from ``(seed, epoch)`` at the start of every training epoch, so that the
             data order (and anything else random) of an epoch does not depend on what ran before it: a run resumed
             from an end-of-epoch checkpoint continues exactly as the uninterrupted run would.
@@ -73,6 +74,10 @@ class PotentialModule(L.LightningModule):
         self.test_results: dict[str, float] = {}
         self._plateau: tuple[torch.optim.lr_scheduler.ReduceLROnPlateau, str] | None = None
         self._plateau_state: dict[str, Any] | None = None
+        # [epoch, batch, step, loss] of the first non-finite training loss, kept on the device: checking the loss on
+        # the host every step would be a sync (callbacks.NonFiniteLossGuard reads it at intervals). Not a buffer:
+        # DDP would overwrite every rank's record with rank 0's at each forward.
+        self._nonfinite: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------------------ helpers
     @property
@@ -80,17 +85,34 @@ class PotentialModule(L.LightningModule):
         """What validation, test and export use: the EMA of the weights when enabled."""
         return self.ema.module if self.ema is not None else self.model
 
-    def _wants_stress(self, batch: Any) -> bool:
+    def wants_stress(self, batch: Any, training: bool = False) -> bool:
+        """Whether to compute the stress: decided from the config and from flags read on the CPU, never from a
+        tensor on the device (that would be a sync per step)."""
         if self.compute_stress != "auto":
             return bool(self.compute_stress)
         if self.loss_config.uses("stress"):
             return True
+        if training:
+            return False  # the loss does not use it and training reports nothing else
+        flag = getattr(batch, "stress_labelled", None)  # set by on_before_batch_transfer
+        if flag is not None:
+            return bool(flag)
         has = getattr(batch, "has_stress", None)
         return has is not None and bool(has.any())
 
     def _forward(self, model: torch.nn.Module, batch: Any, training: bool) -> dict[str, torch.Tensor | None]:
         # training: keep the graph of the forces (and stress) so that their loss can be backpropagated
-        return model(batch, compute_forces=True, compute_stress=self._wants_stress(batch), training=training)
+        stress = self.wants_stress(batch, training)
+        return model(batch, compute_forces=True, compute_stress=stress, training=training)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Flags the steps need, read while the batch is still on the CPU (on a GPU each read would be a sync)."""
+        if hasattr(batch, "num_graphs"):
+            has = getattr(batch, "has_stress", None)
+            padding = getattr(batch, "padding", None)
+            batch.stress_labelled = has is not None and bool(has.any())
+            batch.all_padding = padding is not None and bool(padding.all())
+        return batch
 
     @staticmethod
     def _num_graphs(batch: Any) -> int:
@@ -116,6 +138,7 @@ class PotentialModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         pred = self._forward(self.model, batch, training=True)
         loss, parts = self.loss_fn(pred, batch, self.current_epoch)
+        self.record_nonfinite(loss, batch_idx)
         size = self._num_graphs(batch)
         self.log("loss", loss, on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=size)
         self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
@@ -123,14 +146,34 @@ class PotentialModule(L.LightningModule):
             self.log(f"train/loss_{term}", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
         return loss
 
+    @torch.no_grad()
+    def record_nonfinite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        """Remember (on the device, without a sync) where the loss first stopped being finite."""
+        record = self.nonfinite_record(loss.device)
+        here = torch.empty_like(record)
+        here[0], here[1], here[2] = self.current_epoch, batch_idx, self.global_step  # fills, not copies
+        here[3] = loss.detach()
+        first = (record[0] < 0) & ~torch.isfinite(here[3])
+        record.copy_(torch.where(first, here, record))
+
+    def nonfinite_record(self, device: torch.device | None = None) -> torch.Tensor:
+        """[epoch, batch, step, loss] (float64) of the first non-finite training loss; epoch -1 while there is none."""
+        device = self.device if device is None else device
+        if self._nonfinite is None or self._nonfinite.device != device:
+            self._nonfinite = torch.full((4,), -1.0, dtype=torch.float64, device=device)
+        return self._nonfinite
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
             self.ema.update(self.model, step=self.trainer.global_step)
 
     # ------------------------------------------------------------------------------------------------ evaluation
     def _evaluate(self, batch: Any, metrics: MetricSet, mean_loss: MeanLoss) -> torch.Tensor | None:
-        padding = getattr(batch, "padding", None)
-        if padding is not None and bool(padding.all()):
+        all_padding = getattr(batch, "all_padding", None)  # set by on_before_batch_transfer
+        if all_padding is None:
+            padding = getattr(batch, "padding", None)
+            all_padding = padding is not None and bool(padding.all())
+        if all_padding:
             return None  # a batch repeated only to give every rank the same number of batches
         pred = self._forward(self.eval_model, batch, training=False)
         loss, _ = self.loss_fn(pred, batch, self.current_epoch)

@@ -6,11 +6,15 @@
 - ``${tdn.precision:DTYPE}`` / ``${tdn.model_dtype:DTYPE}``: the Lightning precision and the model's weight dtype for
   the run's ``dtype`` (float32 | float64 | bf16-mixed).
 - ``${tdn.root:}``: the repository root (where ``conf/`` and ``datasets/`` live in an editable install).
+- ``${tdn.run_id:}``: a short id, fixed for the process, that makes default run directories unique (see
+  :func:`run_id`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +48,17 @@ def _training_data_stats(name: str) -> Any:
     return _stats_provider(name)
 
 
+def run_id() -> str:
+    """A short id for a run: ``TDN_RUN_ID`` when set, else the launcher's job id when the processes of one run are
+    started by SLURM or torchrun (they must share one directory), else 6 random hex digits (runs started in the same
+    second differ). Registered with a cache, as Hydra's ``now``: one config resolves it once."""
+    for name in ("TDN_RUN_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        value = os.environ.get(name, "")
+        if value and value != "none":
+            return value
+    return secrets.token_hex(3)
+
+
 def register() -> None:
     """Register the resolvers (idempotent)."""
     resolvers = {
@@ -51,9 +66,10 @@ def register() -> None:
         "tdn.precision": _lookup(PRECISIONS, "precision"),
         "tdn.model_dtype": _lookup(MODEL_DTYPES, "model_dtype"),
         "tdn.root": lambda: str(ROOT),
+        "tdn.run_id": run_id,
     }
     for name, fn in resolvers.items():
-        OmegaConf.register_new_resolver(name, fn, replace=True, use_cache=False)
+        OmegaConf.register_new_resolver(name, fn, replace=True, use_cache=name == "tdn.run_id")
 
 
 @contextlib.contextmanager

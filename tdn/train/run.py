@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,18 +19,23 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from .. import models
-from ..io import load_model
+from ..data.statistics import RANK_DEFICIENT_ADVICE
+from ..io import ModelFileError, check_finite, load_model, refused_global
+from .callbacks import NonFiniteLossGuard
+from .checks import check_options
+from .csvlog import RunCSVLogger
 from .data import TrainingDataModule, build_datamodule, check_elements
 from .errors import ConfigError
 from .export import export_model, reproduction_error
 from .module import PotentialModule
 from .plot import plot_learning_curve
 from .resolvers import MODEL_DTYPES, training_data_stats
+from .rundir import RunDirRecord, check_run_dir, clear_outputs, is_launcher_child, recorded, resumes_here
 
 logger = logging.getLogger("tdn.train")
 
@@ -37,9 +43,11 @@ TOP_LEVEL_REQUIRED = ("model", "data", "trainer", "training_module", "checkpoint
 QUIET_WARNINGS = (  # Lightning's hints that do not apply here
     ".*does not have many workers.*",
     ".*module\\(s\\) in eval mode.*",  # the EMA copy is meant to stay in eval mode
-    ".*overridden `on_after_batch_transfer`.*",  # the dtype cast is the module's, on purpose
-    ".*Experiment logs directory .* exists and is not empty.*",  # the run directory holds more than the CSV log
+    ".*overridden `on_(before|after)_batch_transfer`.*",  # the dtype cast and CPU-side flags are the module's
+    ".*Experiment logs directory .* exists and is not empty.*",  # the run directory is checked by tdn.train.rundir
+    ".*Checkpoint directory .* exists and is not empty.*",  # ... and holds checkpoints only when resuming in place
 )
+STATS_E0 = "${training_data_stats:e0}"  # how conf/model takes the E0s from the training data
 
 
 @dataclass
@@ -83,7 +91,10 @@ def build_model(cfg: DictConfig, datamodule: TrainingDataModule) -> torch.nn.Mod
         path = Path(cfg.init_from)
         if not path.is_file():
             raise ConfigError(f"init_from: no such model file: {path}")
-        model = load_model(path, dtype=dtype)
+        try:
+            model = load_model(path, dtype=dtype)
+        except ModelFileError as exc:
+            raise ConfigError(f"init_from: {exc}") from None
         logger.info("fine-tuning from %s (its architecture, E0s and weights; model.* settings are not used)", path)
         return model
     with training_data_stats(_stats_provider(datamodule)):
@@ -94,6 +105,7 @@ def build_model(cfg: DictConfig, datamodule: TrainingDataModule) -> torch.nn.Mod
                 raise exc.__cause__ from None
             raise ConfigError(f"model: {exc}") from exc
     values = {k: v for k, v in values.items() if v is not None}
+    values.setdefault("e0_kind", e0_kind(cfg, datamodule))
     if values.get("scale") is not None and not float(values["scale"]) > 0:
         logger.warning("model.scale = %s (no force signal in the training data?): using 1.0", values["scale"])
         values["scale"] = 1.0
@@ -110,6 +122,31 @@ def build_model(cfg: DictConfig, datamodule: TrainingDataModule) -> torch.nn.Mod
         raise ConfigError(f"model: {exc}") from exc
 
 
+def e0_kind(cfg: DictConfig, datamodule: TrainingDataModule) -> str:
+    """What the model's E0s will be (:data:`tdn.models.config.E0_KINDS`): from the statistics when
+    ``model.atomic_energies`` takes them from the training data, "isolated" when the user gives them, else "none"."""
+    raw = OmegaConf.to_container(cfg.model, resolve=False).get("atomic_energies")  # interpolations as written
+    if raw is None:
+        return "none"
+    if isinstance(raw, str) and raw.replace(" ", "") == STATS_E0:
+        return str(datamodule.statistics().get("e0_kind", "unknown"))
+    return "isolated"
+
+
+def warn_rank_deficient(cfg: DictConfig, model: torch.nn.Module, stats: dict[str, Any]) -> None:
+    """The warning (once per run) when the model's E0s are a rank-deficient least-squares fit."""
+    if cfg.get("init_from") or model.config.e0_kind != "fitted-rank-deficient":
+        return
+    logger.warning(
+        "E0 fit: the training data has only %d independent composition(s) for %d elements, so the least-squares "
+        "E0s (%s) are not isolated-atom energies. Options: %s",
+        stats.get("e0_rank", 0),
+        len(model.config.elements),
+        ", ".join(f"Z={z}: {e:.6g} eV" for z, e in zip(model.config.elements, model.config.atomic_energies)),
+        RANK_DEFICIENT_ADVICE,
+    )
+
+
 def build_module(cfg: DictConfig, model: torch.nn.Module) -> PotentialModule:
     tm = _container(cfg, "training_module")
     unknown = sorted(set(tm) - {"loss", "optimizer", "lr_scheduler", "ema", "metrics", "compute_stress"})
@@ -123,6 +160,7 @@ def build_module(cfg: DictConfig, model: torch.nn.Module) -> PotentialModule:
 
 def build_trainer(cfg: DictConfig, output_dir: Path) -> tuple[L.Trainer, ModelCheckpoint]:
     trainer_kwargs = _container(cfg, "trainer")
+    keep_history = resumes_here(output_dir, cfg.get("ckpt_path"))  # metrics.csv continues the resumed run's
     checkpoint = ModelCheckpoint(
         dirpath=output_dir / "checkpoints",
         filename="best",
@@ -133,10 +171,11 @@ def build_trainer(cfg: DictConfig, output_dir: Path) -> tuple[L.Trainer, ModelCh
         auto_insert_metric_name=False,
     )
     loggers = [
-        CSVLogger(save_dir=str(output_dir), name="", version=""),
+        RunCSVLogger(output_dir, keep_history=keep_history),
         TensorBoardLogger(save_dir=str(output_dir), name="tensorboard", version="", default_hp_metric=False),
     ]
-    callbacks = [checkpoint, LearningRateMonitor(logging_interval="epoch")]
+    guard = NonFiniteLossGuard(every=int(trainer_kwargs.get("log_every_n_steps") or 50))
+    callbacks = [guard, checkpoint, LearningRateMonitor(logging_interval="epoch")]
     try:
         trainer = L.Trainer(
             default_root_dir=str(output_dir),
@@ -155,6 +194,7 @@ def check_config(cfg: DictConfig) -> None:
     missing = [k for k in TOP_LEVEL_REQUIRED if k not in cfg]
     if missing:
         raise ConfigError(f"config is missing section(s) {missing}")
+    check_options(cfg)
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path: no such checkpoint: {cfg.ckpt_path}")
     if cfg.get("init_from") and not Path(cfg.init_from).is_file():
@@ -165,10 +205,31 @@ def check_config(cfg: DictConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------------- the run
 def train(cfg: DictConfig, output_dir: str | Path) -> RunResult:
-    """Train, test and export as ``cfg`` says, writing everything under ``output_dir``."""
+    """Train, test and export as ``cfg`` says, writing everything under ``output_dir``.
+
+    ``output_dir`` must be new or empty, unless ``cfg.ckpt_path`` is a checkpoint of the run in it (resume) or
+    ``cfg.overwrite`` is set (its previous outputs are replaced). A run that fails before writing a checkpoint
+    removes what it created.
+    """
     output_dir = Path(output_dir)
+    record = recorded(output_dir) or RunDirRecord(output_dir)  # the command line's was taken before Hydra wrote
+    try:
+        check_config(cfg)
+        check_run_dir(output_dir, cfg)
+        if cfg.get("overwrite") and not resumes_here(output_dir, cfg.get("ckpt_path")) and not is_launcher_child():
+            removed = clear_outputs(output_dir)
+            record.before -= set(removed)
+            if removed:
+                logger.warning("overwrite=true: removed the previous run's %s from %s", ", ".join(removed), output_dir)
+        return _train(cfg, output_dir)
+    except BaseException:
+        if not is_launcher_child():
+            record.clean_up()
+        raise
+
+
+def _train(cfg: DictConfig, output_dir: Path) -> RunResult:
     output_dir.mkdir(parents=True, exist_ok=True)
-    check_config(cfg)
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
         os.environ["OMP_NUM_THREADS"] = str(int(cfg.cpu_threads))  # Lightning's DDP and child processes keep it
@@ -184,7 +245,8 @@ def train(cfg: DictConfig, output_dir: str | Path) -> RunResult:
             f"the neighbour lists use cutoff {datamodule.cutoff} Å but the model was built for {model.config.cutoff} Å"
             f" (with init_from, set cutoff={model.config.cutoff})"
         )
-    check_elements(datamodule, model.config.elements, stats)
+    check_elements(datamodule, model.config.elements, stats, init_from=cfg.get("init_from"))
+    warn_rank_deficient(cfg, model, stats)
     module = build_module(cfg, model)
     trainer, checkpoint = build_trainer(cfg, output_dir)
     result = RunResult(output_dir=output_dir)
@@ -195,12 +257,18 @@ def train(cfg: DictConfig, output_dir: str | Path) -> RunResult:
     with warnings.catch_warnings():
         for message in QUIET_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path") or None)
+        try:  # a checkpoint is loaded as data only: pickled code in it is refused
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path") or None, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ConfigError(
+                f"ckpt_path: {cfg.ckpt_path} holds pickled Python objects, which tdn refuses to load "
+                f"({refused_global(exc)})"
+            ) from None
 
         result.last_checkpoint = _existing(output_dir / "checkpoints" / "last.ckpt")
         result.best_checkpoint = _existing(checkpoint.best_model_path)
         if result.best_checkpoint is not None:  # test and export the best weights (and their EMA)
-            state = torch.load(result.best_checkpoint, map_location=module.device, weights_only=False)
+            state = torch.load(result.best_checkpoint, map_location=module.device, weights_only=True)
             module.load_state_dict(state["state_dict"])
         if cfg.get("test", True) and datamodule.has_split("test"):
             trainer.test(module, datamodule=datamodule, verbose=False)
@@ -224,6 +292,7 @@ def _finish(cfg: DictConfig, module: PotentialModule, datamodule: TrainingDataMo
         result.learning_curve = plot_learning_curve(metrics_csv, out / "learning_curve.png")
     if cfg.get("export", True):
         model = module.export_model()
+        check_finite(model, what=f"model of {result.best_checkpoint or 'the last epoch'}")  # never export NaN
         result.model_path = export_model(model, out / "model.pt")
         batch = next(iter(datamodule.val_dataloader()))
         result.export_error = reproduction_error(model, result.model_path, module.on_after_batch_transfer(batch, 0))
