@@ -1,5 +1,6 @@
 """``tdn-train``: the Hydra entry point. ``tdn-train --help`` lists the config groups; ``--cfg job`` prints the
-composed config. The config tree is the repository's ``conf/`` (an editable install is the supported layout).
+composed config. The config tree ships with the package (``tdn/conf``, the repository's ``conf/``); a user's own
+config directory layers on top with ``tdn-train --config-dir my_conf ...``.
 
 A user's mistake (a bad option, a bad file, a bad record, a run directory that holds another run, a loss that
 stopped being finite) is reported in one or two lines on stderr, without a traceback, and the exit status is 2
@@ -26,8 +27,8 @@ LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
 def _check_conf_dir() -> None:
     if not (CONF_DIR / "train.yaml").is_file():
         sys.exit(
-            f"tdn-train: no config tree at {CONF_DIR}; install tdn from its repository with `pip install -e .` "
-            "so that conf/ sits next to the package"
+            f"tdn-train: no config tree at {CONF_DIR}: the installation is incomplete; reinstall tdn "
+            "(pip install tdn, or pip install -e . in a checkout)"
         )
 
 

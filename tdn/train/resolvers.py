@@ -5,7 +5,8 @@
   Only resolvable inside :func:`training_data_stats`; this is how dataset statistics reach the model, never typed.
 - ``${tdn.precision:DTYPE}`` / ``${tdn.model_dtype:DTYPE}``: the Lightning precision and the model's weight dtype for
   the run's ``dtype`` (float32 | float64 | bf16-mixed).
-- ``${tdn.root:}``: the repository root (where ``conf/`` and ``datasets/`` live in an editable install).
+- ``${tdn.sample:}``: the bundled sample data, shipped inside the package (``tdn/sample``, in the repository a link
+  to ``datasets/sample``).
 - ``${tdn.run_id:}``: a short id, fixed for the process, that makes default run directories unique (see
   :func:`run_id`).
 """
@@ -21,8 +22,11 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = ROOT / "conf"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+# Shipped inside the package, so that a wheel (not only an editable checkout) finds them; in the repository
+# tdn/conf and tdn/sample are links to the top-level conf/ and datasets/sample/.
+CONF_DIR = PACKAGE_DIR / "conf"
+SAMPLE_DIR = PACKAGE_DIR / "sample"
 
 PRECISIONS = {"float32": "32-true", "float64": "64-true", "bf16-mixed": "bf16-mixed"}
 MODEL_DTYPES = {"float32": "float32", "float64": "float64", "bf16-mixed": "float32"}
@@ -65,7 +69,7 @@ def register() -> None:
         "training_data_stats": _training_data_stats,
         "tdn.precision": _lookup(PRECISIONS, "precision"),
         "tdn.model_dtype": _lookup(MODEL_DTYPES, "model_dtype"),
-        "tdn.root": lambda: str(ROOT),
+        "tdn.sample": lambda: str(SAMPLE_DIR),
         "tdn.run_id": run_id,
     }
     for name, fn in resolvers.items():
