@@ -160,4 +160,5 @@ def test_bad_training_options(tmp_path):
 
 
 def test_conf_dir_is_the_repository_one():
-    assert CONF_DIR == Path(__file__).resolve().parents[1] / "conf"
+    """The package's config tree is the repository's conf/ (tdn/conf links to it), not a copy that could drift."""
+    assert CONF_DIR.resolve() == Path(__file__).resolve().parents[1] / "conf"
