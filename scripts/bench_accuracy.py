@@ -17,7 +17,17 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # one thread: on a shared machine two threads were ~7x slower
 
+from pathlib import Path  # noqa: E402
+
 from tdn.bench.accuracy import main  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
+DEFAULTS = {  # this checkout's layout: the reference data beside it, the published tables and page inside it
+    "data_root": REPO.parent / "shared" / "data",
+    "out": REPO / "docs" / "benchmarks",
+    "work_dir": REPO / "outputs" / "bench_accuracy",
+    "doc": REPO / "docs" / "accuracy.md",
+}
+
 if __name__ == "__main__":
-    main()
+    main(defaults=DEFAULTS)

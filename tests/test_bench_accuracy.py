@@ -11,7 +11,7 @@ import pytest
 from tdn.bench import accuracy, expressivity
 from tdn.train import compose
 
-DATA = accuracy.DEFAULT_DATA_ROOT
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # the reference data beside the checkout
 needs_data = pytest.mark.skipif(not (DATA / "acac" / "train_300K.xyz").is_file(),
                                 reason="real reference data (../shared/data) not present")
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -86,7 +86,8 @@ def test_targets() -> None:
 def test_accuracy_quick_and_resume(tmp_path: Path) -> None:
     """A real (tiny) training run through the Hydra config on AcAc, with its extra 600 K test set, then a rerun
     that reuses it."""
-    args = ["acac", "--quick", "--backends", "cp", "--out", str(tmp_path), "--work-dir", str(tmp_path / "work")]
+    args = ["acac", "--quick", "--backends", "cp", "--out", str(tmp_path), "--work-dir", str(tmp_path / "work"),
+            "--data-root", str(DATA)]
     result = accuracy.main(args)
     (row,) = result["rows"]
     assert "error" not in row, row.get("error")

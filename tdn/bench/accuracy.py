@@ -33,8 +33,6 @@ import torch
 
 from . import common
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data"
 BACKENDS = ("cg", "cp", "gaunt", "grid")
 VARIANTS = {  # variant name -> tp overrides
     "cg": ["tp=cg"],
@@ -316,11 +314,11 @@ def run_table(table: str, variants: Sequence[str], budget: Budget, data_root: Pa
     specs = datasets(table, data_root, molecules, budget)
     missing = [str(p) for d in specs for p in _data_paths(d) if not Path(p).exists()]
     if missing:
-        raise FileNotFoundError(f"data not found: {missing} (give --data-root; default {DEFAULT_DATA_ROOT})")
+        raise FileNotFoundError(f"data not found: {missing} (give --data-root; it was {data_root})")
     torch.set_num_threads(budget.threads)
     result: dict[str, Any] = {
         "meta": common.run_metadata("cpu", packages=("lightning", "e3nn", "hydra-core")),
-        "table": table, "budget": asdict(budget), "variants": list(variants),
+        "table": table, "budget": asdict(budget), "variants": list(variants), "data_root": str(data_root),
         "command": command or f"python scripts/bench_accuracy.py {table}",
         # runs of the same budget from earlier commands (other molecules, backends or seeds) stay in the table
         "rows": [r for r in previous if r.get("budget_key") == budget.key()],
@@ -551,7 +549,9 @@ def markdown_report(result: dict[str, Any], name: str, command: str) -> str:
         f"torch {meta['versions']['torch']}, lightning {meta['versions'].get('lightning')}",
         f"- command: `{command}`",
         *budget_lines(result),
-        "- one run = `tdn-train " + " ".join(_shown(o) for o in result["rows"][0].get("overrides", [])) + "` (per row: "
+        "- one run = `tdn-train "
+        + " ".join(_shown(o, result.get("data_root")) for o in result["rows"][0].get("overrides", []))
+        + "` (per row: "
         "its dataset and `tp=`); errors on the exported model (EMA weights of the best validation epoch)"
         if result["rows"] and "overrides" in result["rows"][0] else "",
         "",
@@ -564,9 +564,9 @@ def markdown_report(result: dict[str, Any], name: str, command: str) -> str:
     return "\n".join(lines)
 
 
-def _shown(override: str) -> str:
-    """Overrides with the data root shortened for the report."""
-    return override.replace(str(DEFAULT_DATA_ROOT), "../shared/data")
+def _shown(override: str, data_root: str | None) -> str:
+    """Overrides with the data root shortened to ``<data-root>`` for the report."""
+    return override.replace(data_root, "<data-root>") if data_root else override
 
 
 def write_plot(result: dict[str, Any], path: Path) -> Path:
@@ -657,19 +657,12 @@ def update_doc_section(doc: Path | None, name: str, text: str) -> bool:
     return True
 
 
-def default_doc(out_dir: Path) -> Path | None:
-    """docs/accuracy.md when the outputs go to docs/benchmarks (the published tables), else None."""
-    if Path(out_dir).resolve() == (REPO_ROOT / "docs" / "benchmarks").resolve():
-        return REPO_ROOT / "docs" / "accuracy.md"
-    return None
-
-
-def report_written(written: dict[str, Path], out_dir: Path, name: str, block: str) -> None:
-    """Print the files written, and put ``block`` in the ``name`` section of docs/accuracy.md when ``out_dir`` holds
-    the published tables (see :func:`default_doc`)."""
+def report_written(written: dict[str, Path], doc: Path | None, name: str, block: str) -> None:
+    """Print the files written, and put ``block`` in the ``name`` section of ``doc`` (the published accuracy page,
+    given with ``--doc``)."""
     print("wrote " + ", ".join(str(p) for p in written.values()), flush=True)
-    if update_doc_section(default_doc(out_dir), name, block):
-        print(f"updated the {name} section of docs/accuracy.md", flush=True)
+    if update_doc_section(doc, name, block):
+        print(f"updated the {name} section of {doc}", flush=True)
 
 
 def doc_block(result: dict[str, Any], name: str) -> str:
@@ -691,7 +684,10 @@ def doc_block(result: dict[str, Any], name: str) -> str:
 # ------------------------------------------------------------------------------------------------- command line
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None, defaults: dict[str, Path] | None = None) -> argparse.Namespace:
+    """Command-line options; ``defaults`` (from the script: paths of the checkout) fill ``--data-root``, ``--out``,
+    ``--work-dir`` and ``--doc``, which are otherwise required (installed code knows no repository layout)."""
+    defaults = defaults or {}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", choices=TABLES, help="which table to (re)compute")
     parser.add_argument("--backends", nargs="+", choices=sorted(VARIANTS), default=list(BACKENDS),
@@ -701,10 +697,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
     parser.add_argument("--quick", action="store_true", help="the 'quick' budget (a smoke test: seconds per run)")
     parser.add_argument("--steps", type=int, default=None, help="override the budget's optimiser steps")
-    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "benchmarks")
-    parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / "outputs" / "bench_accuracy",
-                        help="run directories (checkpoints, logs, exported models)")
+    for option, help_text in (("data-root", "folder of the reference data (rmd17/, 3bpa/, acac/, oxides/)"),
+                              ("out", "output folder of the tables"),
+                              ("work-dir", "run directories (checkpoints, logs, exported models)")):
+        default = defaults.get(option.replace("-", "_"))
+        parser.add_argument(f"--{option}", type=Path, default=default, required=default is None, help=help_text)
+    parser.add_argument("--doc", type=Path, default=None,
+                        help="markdown page whose section of this table is rewritten (default: the script's published "
+                             "page when --out is its published folder, else none)")
     parser.add_argument("--name", default=None, help="output name (default accuracy_<table>[_quick])")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the runs (initialisation, data order, train/val split); rows of several seeds "
@@ -714,10 +714,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None, defaults: dict[str, Path] | None = None) -> dict[str, Any]:
     import sys
 
-    args = parse_args(argv)
+    args = parse_args(argv, defaults)
     budget = BUDGETS["quick" if args.quick else args.budget]
     if args.steps is not None:
         budget = Budget(**{**asdict(budget), "steps": args.steps})
@@ -726,7 +726,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = run_table(args.table, args.backends, budget, args.data_root, args.out, args.work_dir, args.molecules,
                        name, args.resume, log=lambda line: print(line, flush=True), command=command, seed=args.seed)
     written = write_outputs(result, args.out, name, command)
-    report_written(written, args.out, name, doc_block(result, name))
+    doc = args.doc
+    if doc is None and defaults and "doc" in defaults and Path(args.out).resolve() == Path(defaults["out"]).resolve():
+        doc = defaults["doc"]  # the published tables: keep their page in step
+    report_written(written, doc, name, doc_block(result, name))
     return result
 
 
