@@ -350,3 +350,17 @@ def test_loaded_tables_survive_dtype_casts():
     for cast in (tp.double, tp.float, tp.double):
         cast()
         assert torch.equal(tp.x_factor, state["x_factor"].to(tp.x_factor.dtype))
+
+
+@pytest.mark.parametrize("kind", ["cg", "cp", "gaunt", "grid"])
+@pytest.mark.parametrize("fused", [None, False])
+def test_no_edges(kind, fused):
+    """A structure with no pair inside the cutoff (an isolated atom): zero messages, no error, gradients defined."""
+    tp = tdn.tp.build(kind, lmax=2, channels=3, weights=tdn.tp.backend(kind).default_weights)
+    x = torch.randn(4, 3, 9, requires_grad=True)
+    none = torch.zeros(0, dtype=torch.long)
+    out = tp.conv(x, torch.zeros(0, 9), torch.zeros(0, 3, tp.num_weights), none, none, fused=fused)
+    assert out.shape == (4, 3, 9) and out.abs().max() == 0
+    (grad,) = torch.autograd.grad(out.sum(), x, allow_unused=True, materialize_grads=True)
+    assert grad.abs().max() == 0
+    assert tp(torch.zeros(0, 3, 9), torch.zeros(0, 9), torch.zeros(0, 3, tp.num_weights)).shape == (0, 3, 9)

@@ -86,7 +86,7 @@ def _weighted_inputs(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def _edge_table(y: torch.Tensor, path_table: torch.Tensor, d_out: int) -> torch.Tensor:
     """``T[e, (p, i), k] = sum_j M_p[k, i, j] y[e, j]`` -> ``[E, P * d_in, d_out]``."""
-    return (y @ path_table).view(y.shape[0], -1, d_out)
+    return (y @ path_table).view(y.shape[0], path_table.shape[1] // d_out, d_out)
 
 
 class _ChunkedPathConv(torch.autograd.Function):

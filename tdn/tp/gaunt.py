@@ -165,6 +165,8 @@ class GauntProduct(GauntSupport, TensorProduct):
         return torch.fft.irfft(spectrum, n=self.n_phi, dim=-1, norm="forward")  # [..., theta, phi], real
 
     def product(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:  # no edges: an FFT of an empty batch is an error in some FFT libraries (MKL)
+            return (x @ x.new_zeros(x.shape[2], self.dims[2])) * self.expand_weights(w)  # [0, C, d_out], in the graph
         # FFTs and complex views exist for float32 / float64 only: half-precision inputs (a bf16 model, or bf16
         # features under CUDA autocast) are widened here, with autocast off, and the result handed back narrow.
         dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
