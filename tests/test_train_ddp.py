@@ -17,9 +17,9 @@ import torch
 import tdn
 from tdn.data import TDNDataModule
 from tdn.train.metrics import MetricSet
-from tdn.train.resolvers import ROOT
+from tdn.train.resolvers import SAMPLE_DIR
 
-MOLECULES = ROOT / "datasets" / "sample" / "molecules.xyz"
+MOLECULES = SAMPLE_DIR / "molecules.xyz"
 
 
 @pytest.mark.slow

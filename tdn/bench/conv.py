@@ -168,25 +168,38 @@ def measure_cell(impl: str, lmax: int, channels: int, cfg: ConvBenchConfig, band
 
 
 def run(cfg: ConvBenchConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Measure every cell, writing the JSON after each row; the table and plot at the end, or with the rows measured
+    so far when interrupted (KeyboardInterrupt, e.g. a time limit)."""
     meta = common.run_metadata(cfg.device, packages=("e3nn", "triton"))
     bandwidth = common.copy_bandwidth(cfg.device)
     meta["copy_bandwidth"] = bandwidth
-    rows = []
-    for lmax, channels in cfg.cells:
-        for impl in cfg.impls:
-            row, err = common.attempt(
-                lambda i=impl, L=lmax, C=channels: measure_cell(i, L, C, cfg, bandwidth["gb_per_s"]), cfg.device
-            )
-            row = row or {"impl": impl, "lmax": lmax, "channels": channels, "error": err}
-            print(progress_line(row), flush=True)
-            rows.append(row)
-    add_speedups(rows)
+    rows: list[dict[str, Any]] = []
     result = {"meta": meta, "config": asdict(cfg), "rows": rows}
     out = Path(out_dir)
-    common.write_json(out / f"{cfg.name}.json", result)
-    common.write_text(out / f"{cfg.name}.md", markdown_report(result))
-    plot(result, out / f"{cfg.name}.png")
+    try:
+        for lmax, channels in cfg.cells:
+            for impl in cfg.impls:
+                row, err = common.attempt(
+                    lambda i=impl, L=lmax, C=channels: measure_cell(i, L, C, cfg, bandwidth["gb_per_s"]), cfg.device
+                )
+                row = row or {"impl": impl, "lmax": lmax, "channels": channels, "error": err}
+                print(progress_line(row), flush=True)
+                rows.append(row)
+                common.write_json(out / f"{cfg.name}.json", result)
+    except KeyboardInterrupt:
+        if rows:
+            result["interrupted"] = True
+            write_results(result, out, cfg.name)
+        raise
+    write_results(result, out, cfg.name)
     return result
+
+
+def write_results(result: dict[str, Any], out: Path, name: str) -> None:
+    add_speedups(result["rows"])
+    common.write_json(out / f"{name}.json", result)
+    common.write_text(out / f"{name}.md", markdown_report(result))
+    plot(result, out / f"{name}.png")
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> None:
@@ -256,6 +269,8 @@ def markdown_report(result: dict[str, Any]) -> str:
         lines.append("- fused / chunked vs the PyTorch reference, relative error: " + ", ".join(errors))
     skipped = sorted({r["skipped"] for r in rows if "skipped" in r})
     lines += [f"- skipped: {s}" for s in skipped]
+    if result.get("interrupted"):
+        lines.append("- interrupted before the end (e.g. a time limit): only the rows above were measured")
     return "\n".join(lines) + "\n"
 
 

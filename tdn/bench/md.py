@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,8 @@ class MDBenchConfig:
     name: str = "md_cpu"
     notes: list[str] = field(default_factory=list)
 
+
+OnRow = Callable[[dict[str, Any]], None]
 
 # ------------------------------------------------------------------------------------------------- systems
 
@@ -138,9 +140,9 @@ def model_config(cfg: MDBenchConfig, backend: str) -> dict[str, Any]:
     return {**PRESETS[cfg.preset], "tp": backend, "elements": [29], "avg_num_neighbors": cfg.avg_num_neighbors}
 
 
-def bench_tdn(cfg: MDBenchConfig, workdir: Path) -> list[dict[str, Any]]:
+def bench_tdn(cfg: MDBenchConfig, workdir: Path, on_row: OnRow | None = None) -> list[dict[str, Any]]:
     """One row per (backend, dtype, size): the calculator's energy+forces call, and for ``cfg.engine_backends``
-    also a whole MD step of the device-resident engine."""
+    also a whole MD step of the device-resident engine. ``on_row`` sees every row as soon as it is measured."""
     from .. import save_model
     from ..models import build_model
 
@@ -150,6 +152,8 @@ def bench_tdn(cfg: MDBenchConfig, workdir: Path) -> list[dict[str, Any]]:
         model, err = common.attempt(lambda b=backend: build_model(**model_config(cfg, b)), "cpu")
         if err is not None:
             rows.append({"impl": f"tdn-{backend}", "err": f"build: {err}"})
+            if on_row is not None:
+                on_row(rows[-1])
             continue
         path = workdir / f"tdn_{backend}.pt"
         save_model(model, path)
@@ -159,11 +163,14 @@ def bench_tdn(cfg: MDBenchConfig, workdir: Path) -> list[dict[str, Any]]:
             cells.append((f"tdn-{backend} engine", _engine_cell))
         for impl, cell in cells:
             for dtype in cfg.dtypes:
-                rows += _size_sweep(impl, backend, dtype, lambda n, d=dtype, c=cell, p=path: c(p, n, d, cfg), cfg)
+                rows += _size_sweep(impl, backend, dtype, lambda n, d=dtype, c=cell, p=path: c(p, n, d, cfg), cfg,
+                                    on_row)  # fmt: skip
     return rows
 
 
-def _size_sweep(impl: str, backend: str, dtype: str, measure_size, cfg: MDBenchConfig) -> list[dict[str, Any]]:
+def _size_sweep(
+    impl: str, backend: str, dtype: str, measure_size, cfg: MDBenchConfig, on_row: OnRow | None = None
+) -> list[dict[str, Any]]:
     """Rows for every size; after an out-of-memory error the larger sizes are skipped."""
     rows, oom_at = [], None
     for natoms in cfg.sizes:
@@ -178,6 +185,8 @@ def _size_sweep(impl: str, backend: str, dtype: str, measure_size, cfg: MDBenchC
             common.free_memory(cfg.device)
         _print_row(row)
         rows.append(row)
+        if on_row is not None:
+            on_row(row)
     return rows
 
 
@@ -225,8 +234,11 @@ def mace_widths(cfg: MDBenchConfig) -> dict[str, Any]:
     }
 
 
-def bench_mace(cfg: MDBenchConfig, workdir: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows of the reference, measured by the worker in a child process; notes say what was skipped."""
+def bench_mace(
+    cfg: MDBenchConfig, workdir: Path, on_row: OnRow | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of the reference, measured by the worker in a child process; notes say what was skipped. The worker's
+    rows are read as it prints them (``on_row`` sees each at once), so a run stopped early keeps what was measured."""
     if not cfg.references:
         return [], []
     job = {
@@ -247,22 +259,26 @@ def bench_mace(cfg: MDBenchConfig, workdir: Path) -> tuple[list[dict[str, Any]],
     env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"  # mace-torch pickles whole models
     if cfg.mace_pythonpath:
         env["PYTHONPATH"] = cfg.mace_pythonpath
-    proc = subprocess.run(
-        [cfg.mace_python, str(WORKER), json.dumps(job)], capture_output=True, text=True, env=env, cwd=workdir
-    )
     rows, notes = [], []
-    for line in proc.stdout.splitlines():
-        if line.startswith("ROW "):
-            row = json.loads(line[4:])
-            _print_row(row)
-            rows.append(row)
-        elif line.startswith("NOTE "):
-            notes.append(line[5:])
-        elif line.startswith("VERSIONS "):
-            notes.append("reference versions: " + line[9:])
-    if proc.returncode != 0:
-        tail = " ".join(proc.stderr.strip().splitlines()[-3:])[:400]
-        notes.append(f"mace worker exited with {proc.returncode}: {tail}")
+    with tempfile.TemporaryFile("w+") as stderr:  # a file, not a pipe: a chatty stderr cannot block the worker
+        with subprocess.Popen([cfg.mace_python, str(WORKER), json.dumps(job)], stdout=subprocess.PIPE,
+                              stderr=stderr, text=True, env=env, cwd=workdir) as proc:  # fmt: skip
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                if line.startswith("ROW "):
+                    row = json.loads(line[4:])
+                    _print_row(row)
+                    rows.append(row)
+                    if on_row is not None:
+                        on_row(row)
+                elif line.startswith("NOTE "):
+                    notes.append(line[5:])
+                elif line.startswith("VERSIONS "):
+                    notes.append("reference versions: " + line[9:])
+        if proc.returncode != 0:
+            stderr.seek(0)
+            tail = " ".join(stderr.read().strip().splitlines()[-3:])[:400]
+            notes.append(f"mace worker exited with {proc.returncode}: {tail}")
     return rows, notes
 
 
@@ -270,20 +286,34 @@ def bench_mace(cfg: MDBenchConfig, workdir: Path) -> tuple[list[dict[str, Any]],
 
 
 def run(cfg: MDBenchConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Measure, writing ``NAME.json`` after every row (a run stopped by a time limit keeps its rows) and the
+    markdown and PNG at the end, or with what was measured when interrupted (KeyboardInterrupt)."""
     meta = common.run_metadata(cfg.device, packages=("ase", "torch-geometric", "e3nn"))
     if hasattr(os, "getloadavg"):
         meta["load_average_1min"] = round(os.getloadavg()[0], 2)
-    with tempfile.TemporaryDirectory(prefix="tdn_bench_md_") as tmp:
-        rows = bench_tdn(cfg, Path(tmp))
-        mace_rows, notes = bench_mace(cfg, Path(tmp))
-    result = {
+    out_dir = Path(out_dir)
+    result: dict[str, Any] = {
         "meta": meta,
         "config": asdict(cfg),
         "model": {"preset": cfg.preset, **model_config(cfg, "<backend>"), "mace": mace_widths(cfg)},
-        "rows": rows + mace_rows,
-        "notes": cfg.notes + notes,
+        "rows": [],
+        "notes": list(cfg.notes),
     }
-    write_results(result, Path(out_dir), cfg.name)
+
+    def record(row: dict[str, Any]) -> None:
+        result["rows"].append(row)
+        common.write_json(out_dir / f"{cfg.name}.json", result)
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="tdn_bench_md_") as tmp:
+            bench_tdn(cfg, Path(tmp), record)
+            _, notes = bench_mace(cfg, Path(tmp), record)
+            result["notes"] += notes
+    except KeyboardInterrupt:
+        result["notes"].append("interrupted before the end (e.g. a time limit): only the rows above were measured")
+        write_results(result, out_dir, cfg.name)
+        raise
+    write_results(result, out_dir, cfg.name)
     return result
 
 

@@ -254,7 +254,11 @@ def main(argv: Sequence[str] | None = None, command: str = "python scripts/profi
     args = parse_args(argv)
     device = torch.device(args.device)
     name = args.name or f"profile_{device.type}"
-    runs = []
+    runs: list[dict[str, Any]] = []
+    argv_text = " ".join(sys.argv[1:] if argv is None else argv)
+    result = {"meta": common.run_metadata(device), "command": f"{command} {argv_text}".strip(), "runs": runs}
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tdn_profile_") as tmp:
         for backend in args.backends:
             for natoms in args.natoms:
@@ -262,10 +266,7 @@ def main(argv: Sequence[str] | None = None, command: str = "python scripts/profi
                 print(f"{backend:>6} {natoms:>7} atoms: {run['step_ms']:.1f} ms/step "
                       + ", ".join(f"{k} {v:.1f}" for k, v in run["phases_ms"].items()), flush=True)  # fmt: skip
                 runs.append(run)
-    argv_text = " ".join(sys.argv[1:] if argv is None else argv)
-    result = {"meta": common.run_metadata(device), "command": f"{command} {argv_text}".strip(), "runs": runs}
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
+                common.write_json(out / f"{name}.json", result)  # a run stopped by a time limit keeps its rows
     common.write_json(out / f"{name}.json", result)
     common.write_text(out / f"{name}.md", markdown_report(result))
     plot(result, out / f"{name}.png")

@@ -581,19 +581,27 @@ def run(cfg: BenchConfig, out_dir: str | Path | None = None, log: Callable[[str]
     result: dict[str, Any] = {"meta": meta, "rows": []}
     json_path = Path(out_dir) / f"{cfg.name}.json" if out_dir is not None else None
     lost: str | None = None
-    for cell, variant in [(c, v) for c in cfg.cells for v in main] + [(c, v) for c in cfg.cells for v in last]:
-        if lost:
-            row = {**base_row(variant, cell), "errors": {"skipped": lost}}
-        else:
-            row = measure(variant, cell, cfg, gbps)
-            common.free_memory(cfg.device)
-            if row.get("errors") and not common.device_alive(cfg.device):
-                lost = f"device unusable after {variant.name} at {cell.label}: {row['errors']}"[:300]
-        result["rows"].append(row)
-        log(progress_line(row))
-        if json_path is not None:
+    try:
+        for cell, variant in [(c, v) for c in cfg.cells for v in main] + [(c, v) for c in cfg.cells for v in last]:
+            if lost:
+                row = {**base_row(variant, cell), "errors": {"skipped": lost}}
+            else:
+                row = measure(variant, cell, cfg, gbps)
+                common.free_memory(cfg.device)
+                if row.get("errors") and not common.device_alive(cfg.device):
+                    lost = f"device unusable after {variant.name} at {cell.label}: {row['errors']}"[:300]
+            result["rows"].append(row)
+            log(progress_line(row))
+            if json_path is not None:
+                add_speedups(result["rows"])
+                common.write_json(json_path, result)
+    except KeyboardInterrupt:  # e.g. a time limit: the table and plot of what was measured
+        if out_dir is not None and result["rows"]:
             add_speedups(result["rows"])
-            common.write_json(json_path, result)
+            result["targets"] = evaluate_targets(result["rows"], cfg)
+            note = "interrupted before the end: only these rows were measured"
+            write_outputs(result, Path(out_dir), cfg.name, [note])
+        raise
     add_speedups(result["rows"])
     result["targets"] = evaluate_targets(result["rows"], cfg)
     if out_dir is not None:
