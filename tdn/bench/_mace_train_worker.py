@@ -14,7 +14,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from _mace_worker import build_model, describe, note, time_steps  # the sibling script (this folder is sys.path[0])
+
+# the sibling script (this folder is sys.path[0])
+from _mace_worker import announce_mace, build_model, describe, time_steps
 
 # then drop this folder from the path: its profile.py would shadow the standard library's (imported by torch._dynamo)
 sys.path = [p for p in sys.path if not p or Path(p).resolve() != Path(__file__).resolve().parent]
@@ -74,16 +76,8 @@ def measure(job: dict[str, Any], widths: dict[str, Any], dtype: str) -> dict[str
 
 
 def main(job: dict[str, Any]) -> None:
-    torch.set_num_threads(job["threads"])
-    try:
-        import e3nn
-        import mace
-        from mace import data, tools  # noqa: F401
-    except Exception as err:  # noqa: BLE001 - any import failure means no reference
-        note(f"mace-torch reference skipped: cannot import it ({type(err).__name__}: {err})")
+    if not announce_mace(job["threads"]):
         return
-    versions = {"mace-torch": getattr(mace, "__version__", "?"), "e3nn": e3nn.__version__}
-    print("VERSIONS " + json.dumps(versions), flush=True)
     for size_job in job["jobs"]:
         for dtype in job["dtypes"]:
             row: dict[str, Any] = {"impl": "mace-e3nn", "size": size_job["size"], "dtype": dtype}

@@ -121,14 +121,25 @@ def describe(error: BaseException) -> str:
     return f"{'OOM' if oom else type(error).__name__}: {text}"[:300]
 
 
-def main(job: dict[str, Any]) -> None:
-    torch.set_num_threads(job["threads"])
+def announce_mace(threads: int) -> bool:
+    """Set the torch threads, import mace-torch and print its ``VERSIONS``; False (with a note) if it cannot be
+    imported here."""
+    torch.set_num_threads(threads)
     try:
         import e3nn
         import mace
+        from mace import data, tools  # noqa: F401
         from mace.calculators import MACECalculator  # noqa: F401
     except Exception as err:  # noqa: BLE001 - any import failure means no reference
         note(f"mace-torch reference skipped: cannot import it ({type(err).__name__}: {err})")
+        return False
+    versions = {"mace-torch": getattr(mace, "__version__", "?"), "e3nn": e3nn.__version__}
+    print("VERSIONS " + json.dumps(versions), flush=True)
+    return True
+
+
+def main(job: dict[str, Any]) -> None:
+    if not announce_mace(job["threads"]):
         return
     variants = []
     if "mace-e3nn" in job["references"]:
@@ -143,10 +154,6 @@ def main(job: dict[str, Any]) -> None:
                 variants.append(("mace-cueq", True))
         except Exception as err:  # noqa: BLE001
             note(f"mace-cueq skipped: cuequivariance_torch not importable ({type(err).__name__})")
-    print(
-        "VERSIONS " + json.dumps({"mace-torch": getattr(mace, "__version__", "?"), "e3nn": e3nn.__version__}),
-        flush=True,
-    )
     model_path = f"{job['workdir']}/mace_reference.model"
     build_model(job["widths"], model_path)
     for impl, cueq in variants:
