@@ -4,6 +4,7 @@ results and a summary in which every step is ok, and never writes into docs/benc
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import tarfile
@@ -33,8 +34,10 @@ def step_status(summary: str) -> dict[str, str]:
 def test_dry_run_packs_every_step(tmp_path):
     before = sorted(p.name for p in (ROOT / "docs" / "benchmarks").iterdir())
     out = tmp_path / "out"  # given relative to the caller's directory, which the script leaves
+    # limits x4 and a 20-minute budget: the plumbing is under test, not the speed of a CPU shared with other tests
+    env = {**os.environ, "GPU_CHECK_BUDGET": "1200", "GPU_CHECK_DRY_SCALE": "4"}
     run = subprocess.run(["bash", str(SCRIPT), "out", "--dry-run"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=600)  # fmt: skip
+                         timeout=1500, env=env)  # fmt: skip
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.tar.gz", "summary.txt"]  # few files come back
 
