@@ -1,13 +1,22 @@
 """ASE calculator for tdn models: energy, free_energy, energies, forces, stress.
 
-The MD step is designed not to be dominated by Python and host-side work:
+An MD step is designed not to be dominated by Python and host-side work, and to make the host wait for the device
+only once:
 
 * the neighbour list is built with a skin (``cutoff + skin``), on the model's device (see ``neighbor_list``), and
-  reused until some atom has moved more than ``skin / 2`` (or the cell, the atomic numbers or pbc changed);
-  between rebuilds a step only selects, on the device, the cached candidate pairs inside the cutoff;
-* the tensors that do not change between steps (atomic numbers, batch vector, cell, pbc) are built once
-  and cached; a step copies only the positions to the device and the results back;
-* the model's parameters are frozen, so autograd only follows the positions (and the strain for stress).
+  reused until some atom has moved more than ``skin / 2`` (or the cell, the atomic numbers or pbc changed), which
+  is measured on the host from the positions ASE hands over (no device work);
+* between rebuilds the model gets ALL the candidate pairs, the same ``edge_index`` tensor at every step (as
+  :class:`tdn.dynamics.TorchDynamics`): the radial envelope is exactly zero at ``r >= cutoff`` and the radial MLP
+  maps 0 to 0, so pairs beyond the cutoff contribute exactly nothing. No per-step ``nonzero`` selection, and what
+  is derived from ``edge_index`` (the fused convolution's edge sort, :func:`tdn._cache.cached_on`) is reused;
+* what does not change between steps (atomic numbers, cell, pbc, shift vectors) is cached on the device; a step
+  copies the positions there (non-blocking, through pinned memory on CUDA) and brings the results back in ONE
+  transfer: energy, per-atom energies, forces, stress and the shortest pair distance, packed into one buffer;
+* that distance (candidate pairs, periodic images included) guards against atoms on top of each other, which give
+  NaN energies and forces: closer than :data:`MIN_DISTANCE` raises :class:`AtomsTooCloseError` naming the pair;
+* shift vectors are computed without matmuls (:func:`tdn.data.neighbors.rows_times_matrix`): exact whatever
+  ``torch.set_float32_matmul_precision`` says; the model's parameters are frozen (autograd follows the positions).
 
 Usage, as with MACE's calculator::
 
@@ -54,11 +63,16 @@ def validate_atoms(atoms: Atoms, elements: Sequence[int]) -> None:
     check_cell(np.asarray(atoms.cell), atoms.pbc)
 
 
+class GeometryError(ValueError):
+    """Positions the model cannot evaluate: non-finite coordinates, or atoms on top of each other
+    (:class:`AtomsTooCloseError`). In an MD run: the run blew up."""
+
+
 def check_positions(positions: np.ndarray) -> None:
     finite = np.isfinite(positions).all(axis=1)
     if not finite.all():
         bad = np.flatnonzero(~finite)
-        raise ValueError(
+        raise GeometryError(
             f"non-finite position of atom {bad[0]}: {positions[bad[0]].tolist()}"
             + (f" (and {len(bad) - 1} more atoms: {bad[1:6].tolist()}...)" if len(bad) > 1 else "")
         )
@@ -89,6 +103,47 @@ def check_cell(cell: np.ndarray, pbc: np.ndarray) -> None:
             )
     if pbc.all() and abs(np.linalg.det(cell)) < 1e-8:
         raise ValueError(f"fully periodic cell has zero volume: {cell.tolist()}")
+
+
+# ------------------------------------------------------------------------------------------------ close atoms
+#: Å. Atoms closer than this are an error: no physical structure has them (the shortest bond, H2, is 0.74 Å), and
+#: two atoms on top of each other give NaN energies and forces.
+MIN_DISTANCE = 0.1
+
+
+class AtomsTooCloseError(GeometryError):
+    """Two atoms (or an atom and a periodic image) closer than :data:`MIN_DISTANCE`: ``i``, ``j``, ``distance`` (Å),
+    ``shift`` (the image's cell shift), ``structure`` (its index in a batch) and ``step`` (of an MD run) or None."""
+
+    def __init__(self, i: int, j: int, distance: float, shift: Sequence[int], structure: int | None = None,
+                 step: int | None = None) -> None:  # fmt: skip
+        shift = [int(s) for s in shift]
+        if i == j:
+            which = f"atom {i} and its own periodic image {shift}"
+        else:
+            which = f"atoms {i} and {j}" + (f" (periodic image {shift})" if any(shift) else "")
+        where = "" if structure is None else f"structure {structure}: "
+        where += "" if step is None else f"step {step}: "
+        super().__init__(
+            f"{where}{which} are {distance:.3g} Å apart, closer than {MIN_DISTANCE:g} Å: atoms on top of each other "
+            "give NaN energies and forces; fix the structure (a duplicated atom? a cell too small?)"
+        )
+        self.i, self.j, self.distance, self.shift, self.structure, self.step = i, j, distance, shift, structure, step
+
+
+def closest_pair_error(d2: torch.Tensor, edge_index: torch.Tensor, unit_shifts: torch.Tensor, offset: int = 0,
+                       **where: int) -> AtomsTooCloseError:  # fmt: skip
+    """The error naming the edge of least squared length ``d2 [E]`` (atom indices minus ``offset``); ``where``:
+    ``structure`` or ``step``. Host syncs: for an error path only."""
+    e = int(torch.argmin(d2))
+    i, j = (int(v) - offset for v in edge_index[:, e].tolist())
+    return AtomsTooCloseError(i, j, float(d2[e]) ** 0.5, unit_shifts[e].round().long().tolist(), **where)
+
+
+def pair_distances_squared(pos: torch.Tensor, edge_index: torch.Tensor, shift_vectors: torch.Tensor) -> torch.Tensor:
+    """``|pos[j] - pos[i] + shift|^2`` per edge ``[E]``."""
+    vectors = pos.index_select(0, edge_index[1]) - pos.index_select(0, edge_index[0]) + shift_vectors
+    return vectors.square().sum(dim=1)
 
 
 # ------------------------------------------------------------------------------------------------ neighbours
@@ -124,6 +179,15 @@ def neighbor_list(
     return torch.stack([sender, receiver]), shifts.to(pos.dtype)
 
 
+def shift_vectors(unit_shifts: torch.Tensor, cell: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``unit_shifts [E, 3] @ cell`` in Å (``cell [3, 3]``, or ``[E, 3, 3]``: each edge's own), computed in float64
+    without a matmul (no TF32 whatever the matmul precision setting), in ``dtype`` (default: the shifts')."""
+    from .data.neighbors import rows_times_matrix  # here: tdn.data is not imported with tdn
+
+    vectors = rows_times_matrix(unit_shifts.to(torch.float64), cell.to(torch.float64).reshape(-1, 3, 3).squeeze(0))
+    return vectors.to(unit_shifts.dtype if dtype is None else dtype)
+
+
 @dataclass
 class _System:
     """The parts of the input that stay fixed between MD steps, as device tensors."""
@@ -132,16 +196,17 @@ class _System:
     pbc: np.ndarray
     cell: np.ndarray
     graph: Data  # atomic_numbers, cell, pbc, batch, ptr, natoms; pos and edges are set per call
+    element_index: torch.Tensor  # [N], the model's element rows
 
 
 @dataclass
 class _Neighbors:
     """Candidate pairs within ``cutoff + skin`` of the positions ``reference``."""
 
-    reference: torch.Tensor  # [N, 3]
+    reference: np.ndarray  # [N, 3] float64, host: the displacement check needs no device work
     edge_index: torch.Tensor  # [2, E]
     unit_shifts: torch.Tensor  # [E, 3]
-    shift_vectors: torch.Tensor  # [E, 3] unit_shifts @ cell, Å
+    shift_vectors: torch.Tensor  # [E, 3] unit_shifts @ cell, Å, model dtype
 
 
 class TDNCalculator(Calculator):
@@ -160,6 +225,7 @@ class TDNCalculator(Calculator):
 
     Properties: ``energy``, ``free_energy`` (the same, eV), ``energies`` (per atom, eV), ``forces`` (eV/Å),
     ``stress`` (Voigt, eV/Å^3, ASE sign; fully periodic cells only, otherwise PropertyNotImplementedError).
+    Atoms closer than :data:`MIN_DISTANCE` raise :class:`AtomsTooCloseError`.
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
@@ -185,17 +251,23 @@ class TDNCalculator(Calculator):
         self.device = torch.device(device)
         self.dtype = DTYPES[default_dtype]
         self.skin = float(skin)
-        self.model = _load_model(model_path, self.device, self.dtype)
+        self.model = prepare_model(model_path, self.device, self.dtype)
         self.cutoff = float(self.model.config.cutoff)
         self.elements = list(self.model.config.elements)
         if compile:
-            _compile_energy(self.model)
+            compile_energy(self.model)
         # Caches that check themselves (atomic numbers, pbc and cell compared, displacement measured), so they
         # survive ASE's reset() on every new geometry (older ASE versions call it from get_property).
         self._system: _System | None = None
         self._neighbors: _Neighbors | None = None
         self.neighbor_list_builds = 0  # how often the list was (re)built: for tests and diagnostics
-        self.num_edges = 0  # edges within the cutoff at the last call
+        self.num_edges = 0  # pairs given to the model at the last call: within cutoff + skin
+
+    @property
+    def e0_kind(self) -> str:
+        """What the model's per-element reference energies (E0) are (``ModelConfig.e0_kind``: "isolated",
+        "fitted", ...), ``"unknown"`` for a model that does not record it."""
+        return str(getattr(self.model.config, "e0_kind", "unknown"))
 
     # ---------------------------------------------------------------------------------------------- ASE API
     def calculate(
@@ -211,8 +283,19 @@ class TDNCalculator(Calculator):
         if want_stress and not atoms.pbc.all():
             raise PropertyNotImplementedError(f"stress needs a fully periodic cell, got pbc={atoms.pbc.tolist()}")
         graph = self._prepare(atoms)
-        out = self.model(graph, compute_forces=True, compute_stress=want_stress)
-        self.results = _to_numpy(out, 0, 0, len(atoms), with_stress=want_stress)
+        nb = self._neighbors
+        if want_stress:
+            out = self.model(graph, compute_forces=True, compute_stress=True)
+        else:  # the energy network directly, with the cached shift vectors (as TorchDynamics)
+            out = _energy_and_forces(self.model, graph.pos, self._system.element_index, nb.edge_index,
+                                     nb.shift_vectors, graph.batch, 1)  # fmt: skip
+        with torch.no_grad():
+            d2 = pair_distances_squared(graph.pos, nb.edge_index, nb.shift_vectors)
+            closest = torch.cat([d2, d2.new_full((1,), torch.inf)]).amin().view(1)
+        host = _fetch(out, want_stress, closest)
+        if host["closest"][0] < MIN_DISTANCE**2:
+            raise closest_pair_error(d2, nb.edge_index, nb.unit_shifts)
+        self.results = _results(host, 0, 0, len(atoms), want_stress)
 
     # ---------------------------------------------------------------------------------------------- batches
     def calculate_batch(
@@ -225,7 +308,8 @@ class TDNCalculator(Calculator):
 
         Each dict has ``energy``, ``free_energy``, ``energies``, ``forces`` and, when ``"stress"`` is in
         ``properties`` and the structure is fully periodic, ``stress`` (Voigt). Invalid input raises before
-        the model runs, naming the structure and the atom.
+        the model runs, naming the structure and the atom; atoms closer than :data:`MIN_DISTANCE` raise
+        :class:`AtomsTooCloseError` naming the structure and the pair.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -241,16 +325,31 @@ class TDNCalculator(Calculator):
             chunk = structures[start : start + batch_size]
             batch = Batch.from_data_list([self._graph_fresh(atoms) for atoms in chunk])
             stress = want_stress and any(atoms.pbc.all() for atoms in chunk)
-            out = self.model(batch, compute_forces=True, compute_stress=stress)
-            ptr = batch.ptr.tolist()
+            edge_graph = batch.batch.index_select(0, batch.edge_index[0])
+            shifts = shift_vectors(batch.unit_shifts, batch.cell64.index_select(0, edge_graph), self.dtype)
+            if stress:
+                out = self.model(batch, compute_forces=True, compute_stress=True)
+            else:
+                out = _energy_and_forces(self.model, batch.pos, self.model.element_index(batch.atomic_numbers),
+                                         batch.edge_index, shifts, batch.batch, len(chunk))  # fmt: skip
+            with torch.no_grad():
+                d2 = pair_distances_squared(batch.pos, batch.edge_index, shifts)
+                closest = d2.new_full((len(chunk),), torch.inf).scatter_reduce(0, edge_graph, d2, "amin")
+            host = _fetch(out, stress, closest)
+            ptr = np.cumsum([0] + [len(atoms) for atoms in chunk]).tolist()  # batch.ptr, without a device read
             for b, atoms in enumerate(chunk):
-                results.append(_to_numpy(out, b, ptr[b], ptr[b + 1], with_stress=stress and atoms.pbc.all()))
+                if host["closest"][b] < MIN_DISTANCE**2:
+                    d2 = torch.where(edge_graph == b, d2, torch.inf)
+                    raise closest_pair_error(d2, batch.edge_index, batch.unit_shifts, ptr[b], structure=start + b)
+                results.append(_results(host, b, ptr[b], ptr[b + 1], stress and atoms.pbc.all()))
         return results
 
     # ---------------------------------------------------------------------------------------------- internals
     def _prepare(self, atoms: Atoms) -> Data:
-        """The model input for ``atoms``, reusing cached tensors and the neighbour list where still valid."""
-        positions = atoms.positions
+        """The model input for ``atoms``, reusing cached tensors and the neighbour list where still valid: the
+        candidate pairs within ``cutoff + skin`` (``edge_index``, ``unit_shifts``), the same tensors between
+        rebuilds."""
+        positions = np.asarray(atoms.positions, dtype=np.float64)
         system = self._system
         if system is None or not _same_system(system, atoms):
             validate_atoms(atoms, self.elements)
@@ -259,16 +358,31 @@ class TDNCalculator(Calculator):
         else:
             check_positions(positions)
         graph = system.graph
-        pos = torch.from_numpy(np.ascontiguousarray(positions)).to(device=self.device, dtype=self.dtype)
+        pos = self._upload(positions)
         neighbors = self._neighbors
-        if neighbors is None or self._moved_too_far(pos, neighbors.reference):
-            neighbors = self._neighbors = self._build_neighbors(pos, graph.cell, graph.pbc)
+        if neighbors is None or self._moved_too_far(positions, neighbors.reference):
+            neighbors = self._neighbors = self._build_neighbors(pos, positions, system)
         graph.pos = pos
-        graph.edge_index, graph.unit_shifts = self._select_edges(pos, neighbors)
-        self.num_edges = graph.edge_index.shape[1]
+        graph.edge_index, graph.unit_shifts = neighbors.edge_index, neighbors.unit_shifts
+        self.num_edges = neighbors.edge_index.shape[1]
         return graph
 
+    def _upload(self, positions: np.ndarray) -> torch.Tensor:
+        """Positions as a new device tensor in the model dtype; on CUDA through pinned memory, non-blocking."""
+        host = torch.from_numpy(np.ascontiguousarray(positions))
+        if self.device.type == "cuda":
+            # The caching host allocator keeps a pinned block until the copies queued from it are done.
+            staging = torch.empty(host.shape, dtype=self.dtype, pin_memory=True)
+            staging.copy_(host)
+            return staging.to(self.device, non_blocking=True)
+        return host.to(device=self.device, dtype=self.dtype, copy=True)  # a copy: ASE may change its array
+
     def _make_system(self, atoms: Atoms) -> _System:
+        graph = self._make_graph(atoms)
+        element_index = self.model.element_index(graph.atomic_numbers)  # once per system: it checks the elements
+        return _System(atoms.numbers.copy(), atoms.pbc.copy(), np.array(atoms.cell), graph, element_index)
+
+    def _make_graph(self, atoms: Atoms) -> Data:
         n = len(atoms)
         device = self.device
         # As tdn.data.atoms_to_graph: a molecule's dummy box is zeroed so that it cannot leak into the model.
@@ -281,31 +395,23 @@ class TDNCalculator(Calculator):
             ptr=torch.tensor([0, n], device=device),
             natoms=torch.tensor([n], device=device),
         )
-        return _System(atoms.numbers.copy(), atoms.pbc.copy(), np.array(atoms.cell), graph)
+        graph.cell64 = torch.from_numpy(cell).to(device).view(1, 3, 3)  # the exact cell, for the shift vectors
+        return graph
 
-    def _moved_too_far(self, pos: torch.Tensor, reference: torch.Tensor) -> bool:
-        if pos.shape != reference.shape:
-            return True
-        max_sq = ((pos - reference) ** 2).sum(dim=1).max()
-        return bool(max_sq > (0.5 * self.skin) ** 2)
+    def _moved_too_far(self, positions: np.ndarray, reference: np.ndarray) -> bool:
+        moved = positions - reference if positions.shape == reference.shape else np.full((1, 3), np.inf)
+        return float(np.einsum("ij,ij->i", moved, moved).max(initial=0.0)) > (0.5 * self.skin) ** 2
 
-    def _build_neighbors(self, pos: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor) -> _Neighbors:
-        edge_index, unit_shifts = neighbor_list(pos, cell, pbc, self.cutoff + self.skin, self.neighbor_list)
+    def _build_neighbors(self, pos: torch.Tensor, positions: np.ndarray, system: _System) -> _Neighbors:
+        graph = system.graph
+        edge_index, unit_shifts = neighbor_list(pos, graph.cell, graph.pbc, self.cutoff + self.skin, self.neighbor_list)
         self.neighbor_list_builds += 1
-        return _Neighbors(pos.clone(), edge_index, unit_shifts, unit_shifts @ cell.view(3, 3))
-
-    def _select_edges(self, pos: torch.Tensor, nb: _Neighbors) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached candidate pairs that are within the cutoff at ``pos``."""
-        if self.skin == 0:
-            return nb.edge_index, nb.unit_shifts
-        sender, receiver = nb.edge_index
-        vectors = pos.index_select(0, receiver) - pos.index_select(0, sender) + nb.shift_vectors  # [E, 3]
-        keep = ((vectors * vectors).sum(dim=1) < self.cutoff**2).nonzero().squeeze(1)
-        return nb.edge_index.index_select(1, keep), nb.unit_shifts.index_select(0, keep)
+        vectors = shift_vectors(unit_shifts, graph.cell64, self.dtype)
+        return _Neighbors(positions.copy(), edge_index, unit_shifts, vectors)
 
     def _graph_fresh(self, atoms: Atoms) -> Data:
         """A stand-alone graph with its own neighbour list (batched evaluation)."""
-        graph = self._make_system(atoms).graph
+        graph = self._make_graph(atoms)
         graph.pos = torch.as_tensor(atoms.positions, device=self.device).to(self.dtype)
         graph.edge_index, graph.unit_shifts = neighbor_list(
             graph.pos, graph.cell, graph.pbc, self.cutoff, self.neighbor_list
@@ -315,7 +421,9 @@ class TDNCalculator(Calculator):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _load_model(model_path: str | Path | nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def prepare_model(model_path: str | Path | nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The model of a file (``tdn.save_model``) or a model object, on ``device`` in ``dtype``, in eval mode with
+    frozen parameters (autograd then follows only the positions and the strain)."""
     if isinstance(model_path, nn.Module):
         model = model_path.to(device=device, dtype=dtype)
     else:
@@ -331,7 +439,7 @@ def _load_model(model_path: str | Path | nn.Module, device: torch.device, dtype:
     return model
 
 
-def _compile_energy(model: nn.Module) -> None:
+def compile_energy(model: nn.Module) -> None:
     """Replace ``model.node_energies`` by its ``torch.compile`` d version (forces stay autograd outside)."""
     try:
         model.node_energies = torch.compile(model.node_energies, dynamic=True)
@@ -348,15 +456,48 @@ def _same_system(system: _System, atoms: Atoms) -> bool:
     )
 
 
-def _to_numpy(out: dict[str, torch.Tensor | None], b: int, start: int, stop: int, with_stress: bool) -> dict[str, Any]:
-    """Results of graph ``b`` (atoms ``start:stop``) as float64 numpy, ASE conventions."""
-    energy = float(out["energy"][b].detach())
+def _energy_and_forces(model: nn.Module, pos: torch.Tensor, element_index: torch.Tensor, edge_index: torch.Tensor,
+                       edge_shift: torch.Tensor, batch: torch.Tensor, num_graphs: int) -> dict[str, Any]:  # fmt: skip
+    """``energy [B]``, ``node_energy [N]`` and ``forces [N, 3]`` from the model's energy network (no stress)."""
+    pos = pos.detach().requires_grad_(True)
+    with torch.enable_grad():
+        node_energy = model.node_energies(pos, element_index, edge_index, edge_shift)
+        grad = None
+        if node_energy.requires_grad:  # False only without any edge
+            (grad,) = torch.autograd.grad(node_energy.sum(), pos, allow_unused=True)
+    node_energy = node_energy.detach()
+    energy = node_energy.new_zeros(num_graphs).index_add_(0, batch, node_energy)
+    forces = torch.zeros_like(pos) if grad is None else grad.neg()
+    return {"energy": energy, "node_energy": node_energy, "forces": forces.detach(), "stress": None}
+
+
+def _fetch(out: dict[str, torch.Tensor | None], with_stress: bool, closest: torch.Tensor) -> dict[str, np.ndarray]:
+    """The results as float64 numpy arrays, brought to the host in ONE transfer (one sync on an accelerator):
+    ``energy [B]``, ``node_energy [N]``, ``forces [N, 3]``, ``stress [B, 3, 3]`` (with_stress) and ``closest [B]``
+    (the shortest squared pair distance)."""
+    names = ("energy", "node_energy", "forces") + (("stress",) if with_stress else ())
+    parts = {**{name: out[name] for name in names}, "closest": closest}
+    with torch.no_grad():
+        dtype = torch.promote_types(out["forces"].dtype, closest.dtype)
+        flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in parts.values()])
+    host = np.asarray(flat.cpu().numpy(), dtype=np.float64)
+    arrays, offset = {}, 0
+    for key, tensor in parts.items():
+        size = tensor.numel()
+        arrays[key] = host[offset : offset + size].reshape(tensor.shape)
+        offset += size
+    return arrays
+
+
+def _results(host: dict[str, np.ndarray], b: int, start: int, stop: int, with_stress: bool) -> dict[str, Any]:
+    """Results of graph ``b`` (atoms ``start:stop``), ASE conventions."""
+    energy = float(host["energy"][b])
     results: dict[str, Any] = {
         "energy": energy,
         "free_energy": energy,
-        "energies": out["node_energy"][start:stop].detach().cpu().double().numpy(),
-        "forces": out["forces"][start:stop].detach().cpu().double().numpy(),
+        "energies": host["node_energy"][start:stop].copy(),
+        "forces": host["forces"][start:stop].copy(),
     }
     if with_stress:
-        results["stress"] = full_3x3_to_voigt_6_stress(out["stress"][b].detach().cpu().double().numpy())
+        results["stress"] = full_3x3_to_voigt_6_stress(host["stress"][b])
     return results

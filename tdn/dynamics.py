@@ -32,6 +32,9 @@ device tensors and integrates in torch, so that on an accelerator a step queues 
   times the rebuilds of the exact rule (rebuild once ``d > skin/2``, a host look at every step), 3 times for
   the hot hydrogens; ``safety = 1`` missed under Langevin noise.
   ``skin = 0`` rebuilds before every force evaluation (a host sync per step).
+* **Atoms on top of each other.** Every check also reads the shortest candidate-pair distance (in the same
+  transfer); below :data:`tdn.calculator.MIN_DISTANCE` the energy is NaN or meaningless from there on, and the run
+  raises :class:`tdn.calculator.AtomsTooCloseError` naming the pair and the step.
 * **Host traffic.** Energies and temperature stay on the device; they are copied (a few scalars, one transfer)
   only at log steps; :meth:`TorchDynamics.sync_atoms` copies positions, momenta, energy and forces into the ASE
   ``Atoms`` for observers such as a trajectory writer.
@@ -61,7 +64,18 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 from torch import nn
 
-from .calculator import DTYPES, TDNCalculator, _compile_energy, _load_model, neighbor_list, validate_atoms
+from .calculator import (
+    DTYPES,
+    MIN_DISTANCE,
+    TDNCalculator,
+    closest_pair_error,
+    compile_energy,
+    neighbor_list,
+    pair_distances_squared,
+    prepare_model,
+    shift_vectors,
+    validate_atoms,
+)
 
 ENSEMBLES = ("nve", "nvt-langevin")
 STATE_DTYPE = torch.float64  # positions, velocities, forces: see the module docstring
@@ -106,7 +120,7 @@ class TorchDynamics:
         neighbor_list: ``"auto"``, ``"torch"`` or ``"vesin"``, see :func:`tdn.calculator.neighbor_list`.
         check_interval: at most this many steps between looks at the displacements (a host sync each).
         safety: factor on the predicted displacement in the rebuild rule (module docstring); 0 disables it.
-        compile: ``torch.compile`` the model's energy function (:func:`tdn.calculator._compile_energy`).
+        compile: ``torch.compile`` the model's energy function (:func:`tdn.calculator.compile_energy`).
 
     Attributes: ``positions``, ``velocities`` (Å per ASE time unit), ``masses`` ``[N, 1]``, ``forces`` (float64
     device tensors), ``energy`` (device scalar, eV), ``nsteps``, ``neighbor_list_builds``, ``missed_rebuilds``.
@@ -163,13 +177,13 @@ class TorchDynamics:
                     raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
                 dtype = DTYPES[dtype]
             self.device, self.dtype = torch.device("cpu" if device is None else device), dtype
-            self.model = _load_model(model, self.device, self.dtype)
+            self.model = prepare_model(model, self.device, self.dtype)
         self.skin = 0.5 if skin is None else float(skin)
         self.neighbor_list = "auto" if neighbor_list is None else neighbor_list
         if self.skin < 0:
             raise ValueError(f"skin must be >= 0, got {self.skin}")
         if compile:
-            _compile_energy(self.model)
+            compile_energy(self.model)
         self.cutoff = float(self.model.config.cutoff)
         validate_atoms(atoms, list(self.model.config.elements))
         masses = atoms.get_masses()
@@ -243,7 +257,9 @@ class TorchDynamics:
             self.positions, self.cell, self.pbc, self.cutoff + self.skin, self.neighbor_list
         )
         self.edge_index = edge_index
-        self.edge_shift = (unit_shifts.to(STATE_DTYPE) @ self.cell).to(self.dtype)  # [E, 3] Å, fixed until rebuilt
+        self._unit_shifts = unit_shifts
+        self._edge_shift_state = shift_vectors(unit_shifts, self.cell, STATE_DTYPE)  # [E, 3] Å, fixed until rebuilt
+        self.edge_shift = self._edge_shift_state.to(self.dtype)
         self.num_edges = edge_index.shape[1]
         self._reference.copy_(self.positions)
         self._peak.zero_()
@@ -302,13 +318,24 @@ class TorchDynamics:
 
     # ---------------------------------------------------------------------------------------------- checks
     def _fetch(self) -> list[float]:
-        """One device-to-host copy: peak^2, d^2, v^2, a^2 (maxima over atoms), Epot, Ekin."""
+        """One device-to-host copy: peak^2, d^2, v^2, a^2 (maxima over atoms), Epot, Ekin and the shortest squared
+        distance of a candidate pair (inf without pairs)."""
         with torch.no_grad():
             d2 = (self.positions - self._reference).square().sum(dim=1).max()
             v2 = self.velocities.square().sum(dim=1).max()
             a2 = (self.forces / self.masses).square().sum(dim=1).max()
-            values = torch.stack([self._peak, d2, v2, a2, self.energy.to(STATE_DTYPE), self.kinetic_energy()])
+            closest = torch.cat([self._pair_distances_squared(), self._peak.new_full((1,), math.inf)]).amin()
+            values = torch.stack([self._peak, d2, v2, a2, self.energy.to(STATE_DTYPE), self.kinetic_energy(), closest])
         return values.tolist()
+
+    def _pair_distances_squared(self) -> torch.Tensor:
+        return pair_distances_squared(self.positions, self.edge_index, self._edge_shift_state)  # [E]
+
+    def _assert_apart(self, closest2: float) -> None:
+        """Atoms on top of each other make the energy and forces NaN or meaningless from here on: stop."""
+        if closest2 < MIN_DISTANCE**2:
+            d2 = self._pair_distances_squared()
+            raise closest_pair_error(d2, self.edge_index, self._unit_shifts, step=self.nsteps)
 
     def _steps_that_fit(self, d: float, v: float, a: float) -> float:
         """Largest K with ``d + safety (v K dt + a (K dt)^2 / 2) <= skin / 2`` (inf when nothing moves)."""
@@ -326,6 +353,7 @@ class TorchDynamics:
         window_start, self._last_check = self._last_check, self.nsteps
         if self.skin == 0:  # rebuilt at every evaluation: nothing to decide, no periodic checks needed
             self._next_check = sys.maxsize
+            self._assert_apart(values[6])
             return values
         peak2, d2, v2, a2 = values[:4]
         half = 0.5 * self.skin
@@ -350,6 +378,7 @@ class TorchDynamics:
             if self._steps_that_fit(math.sqrt(d2), v, a) < max(1, int(fresh) // 2):
                 self._rebuild()  # the current forces used a list that was still exact: no re-evaluation
                 d2 = 0.0
+        self._assert_apart(values[6])
         fit = self._steps_that_fit(math.sqrt(d2), math.sqrt(v2), math.sqrt(a2))
         self._interval = int(max(1, min(self.check_interval, fit)))
         self._next_check = self.nsteps + self._interval

@@ -7,22 +7,35 @@ BAOAB barostat). Writes a trajectory (extxyz or ASE .traj), a thermo log, and a 
 
 ``--engine torch`` runs NVE and Langevin NVT with :class:`tdn.dynamics.TorchDynamics` instead (the step stays on
 the model's device); the log, trajectory and PNG are written by the same code.
+
+Input mistakes (a missing or unreadable file, a frame out of range, a bad option value, a non-empty output
+directory without ``--overwrite``) end with one or two lines naming the file or option and the fix, exit code 2,
+before anything is written; ``--debug`` shows the traceback. A run that blows up (temperature above
+``--max-temperature``, total energy drifting by more than ``--max-energy-drift`` eV/atom) is warned about, or
+stopped with exit code 1 under ``--stop-on-blowup`` (see :mod:`tdn.md_checks`).
 """
 
 from __future__ import annotations
 
-import argparse
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 import numpy as np
 from ase import Atoms, units
-from ase.io import Trajectory, read, write
+from ase.io import Trajectory, write
 from ase.md.md import MolecularDynamics
 from ase.md.velocitydistribution import Stationary, ZeroRotation
+
+from .md_checks import (
+    BlowupLimits,
+    BlowupMonitor,
+    MDBlowupError,
+    UsageError,
+    check_output_dir,
+    clear_outputs,
+)
 
 try:  # ASE >= 3.29; MaxwellBoltzmannDistribution is deprecated there
     from ase.md.velocitydistribution import thermalize_momenta
@@ -255,6 +268,7 @@ class MDResult:
     log: Path
     trajectory: Path
     png: Path | None
+    blowups: list[tuple[int, str]] = field(default_factory=list)  # (step, message) of every limit passed
 
 
 def run_md(
@@ -269,30 +283,51 @@ def run_md(
     progress: bool = True,
     plot: bool = True,
     engine: str = "ase",
+    overwrite: bool = False,
+    limits: BlowupLimits | None = None,
 ) -> MDResult:
     """Run ``steps`` MD steps of ``atoms`` (calculator attached) and write log, trajectory and thermo PNG.
 
     ``engine``: ``"ase"`` (ASE's integrators) or ``"torch"`` (:class:`tdn.dynamics.TorchDynamics`), see
-    :func:`build_dynamics`."""
+    :func:`build_dynamics`. ``output_dir`` must be empty or new unless ``overwrite`` (then the files of an earlier
+    run are replaced; :class:`tdn.md_checks.UsageError` otherwise). ``limits`` (default: warn only, default limits)
+    are checked at every log step: :class:`tdn.md_checks.MDBlowupWarning`, or :class:`tdn.md_checks.MDBlowupError`
+    with ``limits.stop``; a geometry the model cannot evaluate any more (atoms on top of each other) also raises
+    MDBlowupError. The files written up to then stay."""
+    from .calculator import GeometryError
+
     if traj_format not in TRAJ_FORMATS:
         raise ValueError(f"traj_format must be one of {TRAJ_FORMATS}, got {traj_format!r}")
     if steps < 0 or traj_interval < 1 or log_interval < 1:
         raise ValueError("steps must be >= 0 and the intervals >= 1")
     out = Path(output_dir)
+    check_output_dir(out, overwrite)
+    limits = limits or BlowupLimits()
+    max_temperature, max_drift = limits.resolved(settings.ensemble, settings.temperature, atoms.get_temperature())
+    try:
+        dyn = build_dynamics(atoms, settings, engine)  # before anything is written: it checks the settings
+    except ValueError as err:  # a setting or a structure the integrator cannot take: the user's to fix
+        raise UsageError(str(err)) from err
     out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        clear_outputs(out)
     log_path, traj_path = out / "md.log", out / f"trajectory.{traj_format}"
-    dyn = build_dynamics(atoms, settings, engine)
     traj = TrajectoryWriter(traj_path, atoms)
+    monitor = BlowupMonitor(dyn, atoms, max_temperature, max_drift, stop=limits.stop)
     bar = _progress_bar(steps, progress)
     with open(log_path, "w") as log_fh:
         logger = ThermoLogger(dyn, atoms, log_fh, settings.ensemble)
         dyn.attach(logger, interval=log_interval)
         dyn.attach(traj, interval=traj_interval)
+        dyn.attach(monitor, interval=log_interval)  # after the logger: the log has the step that stops a run
         if bar is not None:
             dyn.attach(lambda: bar.update(dyn.nsteps - bar.n), interval=log_interval)
         start = time.perf_counter()
         try:
             dyn.run(steps)
+        except GeometryError as err:
+            where = "" if getattr(err, "step", None) is not None else f"step {dyn.nsteps + 1}: "  # the step under way
+            raise MDBlowupError(f"{where}{err}\n  the run blew up{monitor.hint()}") from err
         finally:
             wall = time.perf_counter() - start
             if bar is not None:
@@ -302,7 +337,8 @@ def run_md(
     png = out / "thermo.png" if plot else None
     if png is not None:
         plot_thermo(log_path, png)
-    return MDResult(steps, wall, steps / wall if wall > 0 else float("nan"), log_path, traj_path, png)
+    rate = steps / wall if wall > 0 else float("nan")
+    return MDResult(steps, wall, rate, log_path, traj_path, png, monitor.events)
 
 
 def _progress_bar(steps: int, enabled: bool):
@@ -313,109 +349,5 @@ def _progress_bar(steps: int, enabled: bool):
     return tqdm(total=steps, unit="step", desc="tdn-md", dynamic_ncols=True, mininterval=0.5)
 
 
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="tdn-md",
-        description="Molecular dynamics with an exported tdn model (ASE integrators). Writes OUTPUT_DIR/md.log "
-        "(step, time, Epot, Ekin, Etot, T, steps/s; + volume and pressure for NPT), OUTPUT_DIR/trajectory.extxyz "
-        "(or .traj) and OUTPUT_DIR/thermo.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("structure", help="input structure, any format ase.io.read knows (extxyz, cif, POSCAR, .traj)")
-    p.add_argument("--model", required=True, help="model file written by tdn.save_model / tdn-train's export")
-    p.add_argument("--index", default="-1", help="frame of the structure file to start from")
-    p.add_argument("-o", "--output-dir", default="md_out", help="directory for log, trajectory and PNG")
-    g = p.add_argument_group("integrator")
-    g.add_argument(
-        "--ensemble",
-        choices=ENSEMBLES,
-        default="nve",
-        help="nve: velocity Verlet; nvt-langevin; nvt-nose-hoover: Nosé–Hoover chain; npt-iso: isotropic "
-        "MTK; npt: full-cell MTK; npt-langevin: Langevin BAOAB with a Langevin-Hoover barostat",
-    )
-    g.add_argument(
-        "--engine",
-        choices=ENGINES,
-        default="ase",
-        help="ase: ASE's integrators calling the model; torch: tdn.dynamics.TorchDynamics, state and step on the "
-        "model's device (nve and nvt-langevin only)",
-    )
-    g.add_argument("--steps", type=int, default=1000, help="number of MD steps")
-    g.add_argument("--timestep", type=float, default=1.0, help="time step in fs")
-    g.add_argument("--temperature", type=float, default=300.0, help="thermostat target in K")
-    g.add_argument(
-        "--init-temperature",
-        type=float,
-        default=None,
-        help="Maxwell-Boltzmann velocities at this temperature in K; None: --temperature; a negative value "
-        "keeps the velocities stored in the structure file",
-    )
-    g.add_argument("--friction", type=float, default=0.01, help="Langevin friction in 1/fs")
-    g.add_argument("--tdamp", type=float, default=100.0, help="Nosé–Hoover / MTK thermostat time in fs")
-    g.add_argument("--pressure", type=float, default=0.0, help="barostat target pressure in GPa")
-    g.add_argument("--pdamp", type=float, default=1000.0, help="barostat time in fs")
-    g.add_argument("--seed", type=int, default=0, help="seed for initial velocities and Langevin noise")
-    c = p.add_argument_group("calculator")
-    c.add_argument("--device", default=_default_device(), help="torch device: cpu, cuda, cuda:1")
-    c.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="model precision")
-    c.add_argument("--skin", type=float, default=0.5, help="neighbour-list skin in Å (rebuilt after skin/2 moves)")
-    c.add_argument("--compile", action="store_true", help="torch.compile the model (experimental)")
-    o = p.add_argument_group("output")
-    o.add_argument("--traj-format", choices=TRAJ_FORMATS, default="extxyz", help="trajectory file format")
-    o.add_argument("--traj-interval", type=int, default=10, help="write a frame every this many steps")
-    o.add_argument("--log-interval", type=int, default=10, help="write a log line every this many steps")
-    o.add_argument("--no-progress", action="store_true", help="no progress bar")
-    o.add_argument("--no-plot", action="store_true", help="no thermo PNG")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .calculator import TDNCalculator
-
-    atoms = read(args.structure, index=args.index)
-    if not isinstance(atoms, Atoms):
-        raise ValueError(f"--index {args.index!r} must select one frame of {args.structure}")
-    settings = MDSettings(
-        ensemble=args.ensemble,
-        timestep=args.timestep,
-        temperature=args.temperature,
-        friction=args.friction,
-        tdamp=args.tdamp,
-        pressure=args.pressure,
-        pdamp=args.pdamp,
-        seed=args.seed,
-    )
-    atoms.calc = TDNCalculator(
-        args.model, device=args.device, default_dtype=args.dtype, compile=args.compile, skin=args.skin
-    )
-    init_t = args.temperature if args.init_temperature is None else args.init_temperature
-    if init_t >= 0:
-        initialise_velocities(atoms, init_t, args.seed)
-    result = run_md(
-        atoms,
-        settings,
-        args.steps,
-        args.output_dir,
-        traj_format=args.traj_format,
-        traj_interval=args.traj_interval,
-        log_interval=args.log_interval,
-        progress=not args.no_progress,
-        plot=not args.no_plot,
-        engine=args.engine,
-    )
-    print(
-        f"tdn-md: {result.steps} steps in {result.wall_s:.1f} s ({result.steps_per_s:.1f} steps/s); "
-        f"log {result.log}, trajectory {result.trajectory}" + (f", plot {result.png}" if result.png else "")
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+# The command line lives in tdn.md_cli; ``tdn-md`` is ``tdn.md:main``.
+from .md_cli import build_parser, main  # noqa: E402, F401

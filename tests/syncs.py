@@ -1,5 +1,6 @@
 """``count_syncs()``: count, on any machine, the operations of a block of code that make the host wait for an
-accelerator (a CUDA device-to-host synchronisation).
+accelerator (a CUDA device-to-host synchronisation). ``matmul_calls()``: record the matmul-family calls of a block
+(each may run in TF32 on a GPU under ``torch.set_float32_matmul_precision("high")``) and who made them.
 
 Usage (test modules import it as ``from syncs import count_syncs``; pytest puts tests/ on ``sys.path``)::
 
@@ -32,6 +33,8 @@ too, so host data is best kept in numpy; C++ code that reads a raw data pointer 
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -173,3 +176,45 @@ def count_syncs() -> Iterator[SyncCount]:
     state = _State()
     with _Dispatch(state), _Function(state):
         yield state.result
+
+
+# torch functions and Tensor methods that reach a matmul kernel (TF32 on a GPU when allowed), by name.
+MATMULS = frozenset(
+    {"matmul", "__matmul__", "__rmatmul__", "__imatmul__", "mm", "bmm", "mv", "dot", "vdot", "inner", "einsum",
+     "tensordot", "linear", "addmm", "addbmm", "baddbmm", "addmv", "chain_matmul", "multi_dot"}
+)  # fmt: skip
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+@dataclass
+class MatmulCall:
+    """One matmul-family call: the function's ``name`` and the ``caller`` (``path:line`` of the first frame outside
+    torch and this helper)."""
+
+    name: str
+    caller: str
+
+
+class _Matmuls(TorchFunctionMode):
+    def __init__(self, calls: list[MatmulCall]) -> None:
+        super().__init__()
+        self.calls = calls
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in MATMULS:
+            frame = sys._getframe(1)
+            while frame is not None and (frame.f_code.co_filename.startswith(_TORCH_DIR)
+                                         or frame.f_code.co_filename == __file__):  # fmt: skip
+                frame = frame.f_back
+            caller = "?" if frame is None else f"{frame.f_code.co_filename}:{frame.f_lineno}"
+            self.calls.append(MatmulCall(name, caller))
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def matmul_calls() -> Iterator[list[MatmulCall]]:
+    """Record every matmul-family torch call made inside the ``with`` block (:data:`MATMULS`), in order."""
+    calls: list[MatmulCall] = []
+    with _Matmuls(calls):
+        yield calls

@@ -17,9 +17,10 @@ from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_s
 from ase.filters import FrechetCellFilter
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import FIRE
+from syncs import count_syncs, matmul_calls
 
 import tdn
-from tdn import TDNCalculator
+from tdn import TDNCalculator, TorchDynamics
 from tdn.md import initialise_velocities
 from tdn.models import build_model
 
@@ -250,6 +251,64 @@ def test_cell_or_species_change_rebuilds(model_file):
     energy = atoms.get_potential_energy()
     fresh.numbers[0] = 29
     assert energy == pytest.approx(fresh.get_potential_energy(), abs=1e-10)
+
+
+# --------------------------------------------------------------------------------------------- host syncs
+
+
+def test_step_between_rebuilds_syncs_once_and_reuses_the_edges(model_file, monkeypatch):
+    """Between rebuilds a step makes the host wait for the device once (the results, in one transfer), and hands
+    the model the same edge_index tensor, so that what is derived from it (the fused kernel's sort) is reused."""
+    atoms = cu_al(repeat=(2, 2, 1))
+    calc = calculator(model_file, default_dtype="float32", skin=0.6)
+    atoms.calc = calc
+    edges = []
+    node_energies = calc.model.node_energies
+    monkeypatch.setattr(calc.model, "node_energies", lambda *args: edges.append(args[2]) or node_energies(*args))
+    atoms.get_forces()
+    rng = np.random.default_rng(0)
+    for _ in range(3):  # every atom stays within 3 * sqrt(3) * 0.05 = 0.26 < skin / 2 of where the list was built
+        atoms.positions += rng.uniform(-0.05, 0.05, size=atoms.positions.shape)
+        with count_syncs() as syncs:
+            forces = atoms.get_forces()
+        assert syncs.count <= 1, syncs.events
+    assert calc.neighbor_list_builds == 1 and len(edges) == 4
+    assert all(e is edges[0] for e in edges)
+    fresh = atoms.copy()
+    fresh.calc = calculator(model_file, default_dtype="float32", skin=0.0)
+    assert np.abs(forces - fresh.get_forces()).max() < 1e-5
+    with count_syncs() as syncs:
+        atoms.get_stress()  # the model's own forward (strain derivative): one transfer too
+    assert syncs.count <= 1, syncs.events
+
+
+def test_e0_kind_is_the_models(model_file):
+    calc = calculator(model_file)
+    assert isinstance(calc.e0_kind, str)
+    calc.model.config.e0_kind = "isolated"
+    assert calc.e0_kind == "isolated"
+
+
+def test_geometry_never_uses_a_matmul(model_file):
+    """A float32 matmul may run in TF32 on a GPU (about 5e-4 relative error): the shift vectors, the neighbour lists
+    and the distance checks of the calculator and the MD engine use elementwise products instead."""
+    ours = ("tdn/calculator.py", "tdn/dynamics.py", "tdn/data/neighbors.py")
+    atoms = triclinic()
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        with matmul_calls() as calls:
+            for method in ("torch", "vesin"):
+                atoms.calc = calculator(model_file, default_dtype="float32", neighbor_list=method)
+                atoms.get_forces()
+                atoms.get_stress()
+                atoms.calc.calculate_batch([atoms, molecule("H2O")])
+            TorchDynamics(calculator(model_file, default_dtype="float32", neighbor_list="torch"), atoms).run(3)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert calls, "the model itself does use matmuls: the recorder must see them"
+    mine = [c for c in calls if c.caller.replace("\\", "/").rsplit(":", 1)[0].endswith(ours)]
+    assert not mine, mine
 
 
 # --------------------------------------------------------------------------------------------- batches

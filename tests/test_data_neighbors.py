@@ -8,6 +8,7 @@ import torch
 from ase import Atoms
 from ase.build import bulk, fcc111, molecule
 from ase.neighborlist import neighbor_list as ase_neighbor_list
+from syncs import matmul_calls
 
 from tdn.data import neighbors
 from tdn.data.neighbors import _brute_force, neighbor_list, neighbor_list_torch
@@ -214,6 +215,26 @@ def test_sort_without_packed_keys(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(capped, torch_list(atoms, 5.0, max_neighbors=12)))
 
 
+def test_torch_list_geometry_never_uses_a_matmul():
+    """A float32 matmul may run in TF32 on a GPU (about 5e-4 relative error, enough to bin atoms wrongly and miss
+    pairs near the cutoff): fractional coordinates and shifts are elementwise products and sums."""
+    slab = fcc111("Pt", size=(2, 2, 3), vacuum=5.0)
+    cases = [(atoms, cutoff) for atoms, cutoff in random_cases(7, 12)] + [(slab, 6.0), (molecule("CH3CH2OH"), 3.0)]
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        with matmul_calls() as calls:
+            for atoms, cutoff in cases:
+                torch_list(atoms, cutoff, dtype=torch.float32)
+            results = [torch_list(atoms, cutoff) for atoms, cutoff in cases]  # float64: comparable with ASE's
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert not calls, calls
+    for (atoms, cutoff), result in zip(cases, results):
+        assert edge_set(*result) == reference(atoms, cutoff), (atoms.cell.array, atoms.pbc, cutoff)
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_torch_neighbor_list_on_gpu():
     atoms = bulk("Cu", "fcc", a=3.6) * (4, 4, 4)

@@ -5,9 +5,14 @@ and its vector is ``pos[j] - pos[i] + S @ cell``. Every pair closer than the cut
 directions; an atom is its own neighbour only through a non-zero shift (small periodic cells).
 Edges are sorted by (sender, receiver, shift) so results are reproducible.
 
-``neighbor_list`` runs on the CPU with vesin (numpy in, numpy out). ``neighbor_list_torch`` is a
-pure-torch version for tensors on any device (a GPU during MD): a vectorised, linear-scaling cell
-list (see its docstring); ``_brute_force`` is the O(N^2) reference it is tested against.
+``neighbor_list`` runs on the CPU with vesin (numpy in, numpy out); inputs vesin's cell list would crash
+or crawl on (see :func:`vesin_suits`) go to the torch list instead. ``neighbor_list_torch`` is a
+pure-torch version for tensors on any device (a GPU during MD): a vectorised, linear-scaling cell list
+(see its docstring); ``_brute_force`` is the O(N^2) reference it is tested against.
+
+Torch geometry (fractional coordinates, shifts times the cell) uses elementwise products and sums
+(:func:`rows_times_matrix`), never a matmul, which may run in TF32 on a GPU (``"high"`` float32 matmul
+precision: ~5e-4 relative error, enough to misplace atoms in bins and miss pairs near the cutoff).
 """
 
 from __future__ import annotations
@@ -49,8 +54,48 @@ def _cap_order(receiver: np.ndarray, sender: np.ndarray, d2: np.ndarray, shifts:
     return np.sort(order[rank < max_neighbors])
 
 
+def rows_times_matrix(rows: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """``rows @ matrix`` for ``rows [..., 3]`` and ``matrix [3, 3]`` (or broadcastable ``[..., 3, 3]``) as an
+    elementwise multiply and sum: full precision whatever the float32 matmul setting (no TF32)."""
+    return (rows.unsqueeze(-1) * matrix).sum(dim=-2)
+
+
+# vesin's CPU cell list caps its cells at this many by scaling the cells per axis down together: a thin axis then
+# gets zero cells and the process dies of SIGFPE (vesin 0.6: a flat molecule ~5e5 Å long, a 1e6 x 3 x 3 Å cell).
+_VESIN_MAX_CELLS = 1e5
+# With mixed periodicity its time grows as cells x cells along the non-periodic axes (measured: ~0.1 s at this
+# product, minutes for a wire with one atom 3e4 Å away); the torch list stays linear.
+_VESIN_MIXED_WORK = 1e6
+
+
+def vesin_suits(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> bool:
+    """Whether vesin's CPU cell list handles these atoms safely and fast, by redoing its choice of cells: per axis
+    ``max(trunc(width / cutoff), 1)``, ``width`` the cell's perpendicular width (periodic) or the atoms' extent.
+    Above ``_VESIN_MAX_CELLS`` vesin rescales them keeping their ratios: ``False`` when an axis would keep fewer than
+    two (zero crashes), and for mixed periodicity above ``_VESIN_MIXED_WORK``. The torch list takes those cases.
+    """
+    full = _complete_cell(cell, pbc.tolist())
+    inverse = np.linalg.inv(full)
+    heights = 1.0 / np.linalg.norm(inverse, axis=0)
+    frac = positions @ inverse  # along a non-periodic axis: Å along the completed cell's unit vector
+    extent = frac.max(axis=0) - frac.min(axis=0)
+    cells = np.maximum(np.trunc(np.where(pbc, heights, extent) / cutoff), 1.0)
+    if not np.isfinite(cells).all():
+        return False
+    if pbc.any() and not pbc.all() and np.prod(cells) * np.prod(cells[~pbc]) > _VESIN_MIXED_WORK:
+        return False
+    if np.prod(cells) <= _VESIN_MAX_CELLS:
+        return True
+    ratio_xy, ratio_yz = cells[0] / cells[1], cells[1] / cells[2]
+    z = np.cbrt(_VESIN_MAX_CELLS / (ratio_xy * ratio_yz * ratio_yz))
+    y = ratio_yz * np.trunc(z)
+    x = ratio_xy * np.trunc(y)
+    return min(x, y, z) >= 2.0
+
+
 def neighbor_list(positions, cell, pbc, cutoff: float, max_neighbors: int | None = None):
-    """All pairs closer than ``cutoff``, on the CPU (vesin).
+    """All pairs closer than ``cutoff``, on the CPU (vesin; the torch list where vesin would crash or crawl,
+    see :func:`vesin_suits`).
 
     Args:
         positions: [N,3] Å.
@@ -76,6 +121,13 @@ def neighbor_list(positions, cell, pbc, cutoff: float, max_neighbors: int | None
         return empty, empty.copy(), np.zeros((0, 3), dtype=np.int64)
     if pbc.any():
         _check_cell(cell, pbc)
+    if not np.isfinite(pos).all():
+        raise ValueError("non-finite positions: the neighbour list needs finite coordinates")
+    if not vesin_suits(pos, cell, pbc, float(cutoff)):
+        sender, receiver, shifts = neighbor_list_torch(
+            torch.from_numpy(pos), torch.from_numpy(cell), torch.from_numpy(pbc), cutoff, max_neighbors
+        )
+        return sender.numpy(), receiver.numpy(), shifts.round().long().numpy()
     box = cell if pbc.any() else np.zeros((3, 3))
     calculator = vesin.NeighborList(cutoff=float(cutoff), full_list=True)
     i, j, shifts = calculator.compute(points=pos, box=box, periodic=pbc.tolist(), quantities="ijS")
@@ -206,10 +258,10 @@ def _cell_list(
     offsets, periodic = ints[: 3 * m].view(m, 3), ints[3 * m :].bool()
 
     # Wrap the periodic fractional coordinates into [0, 1); remember by how many cells (``wrap``).
-    frac = pos @ inv
+    frac = rows_times_matrix(pos, inv)
     wrap = torch.where(periodic, torch.floor(frac), torch.zeros_like(frac))
     frac = frac - wrap
-    wrapped = pos - wrap @ cell
+    wrapped = pos - rows_times_matrix(wrap, cell)
     # Bin coordinates, stored + p so that moved ones stay >= 0, and the place of each atom in its bin.
     columns, inside = [], []
     for k in range(3):
@@ -287,7 +339,7 @@ def _cell_list(
         for k in range(3):
             if pbc[k]:
                 image[:, :, k] = moved_bins(bins[start:stop, k, None], offsets[None, :, k], k)[1]
-        base = (wrapped[start:stop, None, :] - image.to(dtype) @ cell).reshape(-1, 3)
+        base = (wrapped[start:stop, None, :] - rows_times_matrix(image.to(dtype), cell)).reshape(-1, 3)
         image_code = ((image + bound_t) * digit_t).sum(dim=2).add_(wrap_code[start:stop, None]).reshape(-1)
         # Expand each (atom, offset) into the run of atoms of that bin; keep those within the cutoff.
         sz = size[start:stop].reshape(-1)
@@ -345,15 +397,15 @@ def _brute_force(positions: torch.Tensor, cell, pbc, cutoff: float, max_pairs_pe
         _check_cell(cell_host, np.array(pbc))
     inv_host = np.linalg.inv(_complete_cell(cell_host, pbc))
     inv = torch.tensor(inv_host, dtype=dtype, device=device)
-    frac = pos @ inv
+    frac = rows_times_matrix(pos, inv)
     wrap = torch.where(torch.tensor(pbc, device=device), torch.floor(frac), torch.zeros_like(frac))
-    wrapped = pos - wrap @ cell
+    wrapped = pos - rows_times_matrix(wrap, cell)
     # Wrapped fractional differences along k lie in (-1, 1) and a vector no longer than the cutoff
     # has |fractional component k| <= cutoff * |reciprocal vector k|, so |S_k| <= ceil(that).
     recip = np.linalg.norm(inv_host, axis=0)
     ranges = [range(-(r := math.ceil(cutoff * recip[k])), r + 1) if pbc[k] else range(1) for k in range(3)]
     shifts = torch.tensor(list(itertools.product(*ranges)), dtype=dtype, device=device)
-    shift_vectors = shifts @ cell
+    shift_vectors = rows_times_matrix(shifts, cell)
     zero_shift = (shifts == 0).all(dim=1)
     m = shifts.shape[0]
     chunk = max(1, max_pairs_per_chunk // max(1, n * m))
