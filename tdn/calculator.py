@@ -28,7 +28,6 @@ Usage, as with MACE's calculator::
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,154 +37,23 @@ import numpy as np
 import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
-from ase.data import chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress
 from torch import nn
 from torch_geometric.data import Batch, Data
 
-from .models import UnknownElementError
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-AXES = "abc"
-
-
-# ------------------------------------------------------------------------------------------------ validation
-def validate_atoms(atoms: Atoms, elements: Sequence[int]) -> None:
-    """Reject input the model cannot evaluate, with a message naming the atom, element or cell vector.
-
-    Empty Atoms, non-finite positions, atomic numbers the model was not built for (a KeyError), a periodic
-    direction with a zero or non-finite cell vector, or a fully periodic cell of zero volume.
-    """
-    if len(atoms) == 0:
-        raise ValueError("the Atoms object is empty: nothing to evaluate")
-    check_positions(atoms.positions)
-    check_elements(atoms.numbers, elements)
-    check_cell(np.asarray(atoms.cell), atoms.pbc)
-
-
-class GeometryError(ValueError):
-    """Positions the model cannot evaluate: non-finite coordinates, or atoms on top of each other
-    (:class:`AtomsTooCloseError`). In an MD run: the run blew up."""
-
-
-def check_positions(positions: np.ndarray) -> None:
-    finite = np.isfinite(positions).all(axis=1)
-    if not finite.all():
-        bad = np.flatnonzero(~finite)
-        raise GeometryError(
-            f"non-finite position of atom {bad[0]}: {positions[bad[0]].tolist()}"
-            + (f" (and {len(bad) - 1} more atoms: {bad[1:6].tolist()}...)" if len(bad) > 1 else "")
-        )
-
-
-def check_elements(numbers: np.ndarray, elements: Sequence[int]) -> None:
-    known = np.isin(numbers, np.asarray(elements))
-    if not known.all():
-        first = int(np.flatnonzero(~known)[0])
-        z = int(numbers[first])
-        symbol = chemical_symbols[z] if 0 <= z < len(chemical_symbols) else "?"
-        names = [chemical_symbols[e] for e in elements]
-        raise UnknownElementError(
-            f"element {symbol} (Z={z}) of atom {first} is not one the model was built for: {names}"
-        )
-
-
-def check_cell(cell: np.ndarray, pbc: np.ndarray) -> None:
-    pbc = np.asarray(pbc, dtype=bool)
-    for axis in range(3):
-        if not pbc[axis]:
-            continue
-        vector = cell[axis]
-        if not np.isfinite(vector).all() or np.linalg.norm(vector) < 1e-8:
-            raise ValueError(
-                f"pbc is True along {AXES[axis]} but cell vector {AXES[axis]} is {vector.tolist()}: "
-                "set a cell or turn periodicity off"
-            )
-    if pbc.all() and abs(np.linalg.det(cell)) < 1e-8:
-        raise ValueError(f"fully periodic cell has zero volume: {cell.tolist()}")
-
-
-# ------------------------------------------------------------------------------------------------ close atoms
-#: Å. Atoms closer than this are an error: no physical structure has them (the shortest bond, H2, is 0.74 Å), and
-#: two atoms on top of each other give NaN energies and forces.
-MIN_DISTANCE = 0.1
-
-
-class AtomsTooCloseError(GeometryError):
-    """Two atoms (or an atom and a periodic image) closer than :data:`MIN_DISTANCE`: ``i``, ``j``, ``distance`` (Å),
-    ``shift`` (the image's cell shift), ``structure`` (its index in a batch) and ``step`` (of an MD run) or None."""
-
-    def __init__(self, i: int, j: int, distance: float, shift: Sequence[int], structure: int | None = None,
-                 step: int | None = None) -> None:  # fmt: skip
-        shift = [int(s) for s in shift]
-        if i == j:
-            which = f"atom {i} and its own periodic image {shift}"
-        else:
-            which = f"atoms {i} and {j}" + (f" (periodic image {shift})" if any(shift) else "")
-        where = "" if structure is None else f"structure {structure}: "
-        where += "" if step is None else f"step {step}: "
-        super().__init__(
-            f"{where}{which} are {distance:.3g} Å apart, closer than {MIN_DISTANCE:g} Å: atoms on top of each other "
-            "give NaN energies and forces; fix the structure (a duplicated atom? a cell too small?)"
-        )
-        self.i, self.j, self.distance, self.shift, self.structure, self.step = i, j, distance, shift, structure, step
-
-
-def closest_pair_error(d2: torch.Tensor, edge_index: torch.Tensor, unit_shifts: torch.Tensor, offset: int = 0,
-                       **where: int) -> AtomsTooCloseError:  # fmt: skip
-    """The error naming the edge of least squared length ``d2 [E]`` (atom indices minus ``offset``); ``where``:
-    ``structure`` or ``step``. Host syncs: for an error path only."""
-    e = int(torch.argmin(d2))
-    i, j = (int(v) - offset for v in edge_index[:, e].tolist())
-    return AtomsTooCloseError(i, j, float(d2[e]) ** 0.5, unit_shifts[e].round().long().tolist(), **where)
-
-
-def pair_distances_squared(pos: torch.Tensor, edge_index: torch.Tensor, shift_vectors: torch.Tensor) -> torch.Tensor:
-    """``|pos[j] - pos[i] + shift|^2`` per edge ``[E]``."""
-    vectors = pos.index_select(0, edge_index[1]) - pos.index_select(0, edge_index[0]) + shift_vectors
-    return vectors.square().sum(dim=1)
-
-
-# ------------------------------------------------------------------------------------------------ neighbours
-NEIGHBOR_LISTS = ("auto", "torch", "vesin")
-
-
-def neighbor_list(
-    pos: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, cutoff: float, method: str = "auto"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pairs within ``cutoff`` as tensors on ``pos.device``: ``edge_index [2, E]`` (sender, receiver) and
-    integer-valued ``unit_shifts [E, 3]`` in ``pos.dtype``, with ``vector = pos[j] - pos[i] + unit_shifts @ cell``.
-
-    ``method``: ``"torch"`` the pure-torch list on ``pos.device`` (:func:`tdn.data.neighbors.neighbor_list_torch`:
-    positions never leave an accelerator); ``"vesin"`` vesin's CPU cell list
-    (:func:`tdn.data.neighbors.neighbor_list`) and a copy of the edges to the device; ``"auto"``: torch on an
-    accelerator (a linear-scaling cell list, any number of atoms), vesin on the CPU. With the skin the list is
-    rebuilt only every few tens of MD steps, so its cost is spread over them.
-    """
-    from .data import neighbors
-
-    if method == "auto":
-        method = "vesin" if pos.device.type == "cpu" else "torch"
-    if method == "vesin":
-        sender, receiver, shifts = neighbors.neighbor_list(
-            pos.detach().cpu().double().numpy(),
-            cell.detach().cpu().double().view(3, 3).numpy(),
-            pbc.cpu().view(3).numpy(),
-            cutoff,
-        )
-        edge_index = torch.from_numpy(np.stack([sender, receiver])).to(pos.device)
-        return edge_index, torch.from_numpy(shifts).to(device=pos.device, dtype=pos.dtype)
-    sender, receiver, shifts = neighbors.neighbor_list_torch(pos.detach(), cell.view(3, 3), pbc.view(3), cutoff)
-    return torch.stack([sender, receiver]), shifts.to(pos.dtype)
-
-
-def shift_vectors(unit_shifts: torch.Tensor, cell: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``unit_shifts [E, 3] @ cell`` in Å (``cell [3, 3]``, or ``[E, 3, 3]``: each edge's own), computed in float64
-    without a matmul (no TF32 whatever the matmul precision setting), in ``dtype`` (default: the shifts')."""
-    from .data.neighbors import rows_times_matrix  # here: tdn.data is not imported with tdn
-
-    vectors = rows_times_matrix(unit_shifts.to(torch.float64), cell.to(torch.float64).reshape(-1, 3, 3).squeeze(0))
-    return vectors.to(unit_shifts.dtype if dtype is None else dtype)
+from .runtime import (
+    MIN_DISTANCE,
+    NEIGHBOR_LISTS,
+    check_positions,
+    closest_pair_error,
+    compile_energy,
+    model_dtype,
+    neighbor_list,
+    pair_distances_squared,
+    prepare_model,
+    shift_vectors,
+    validate_atoms,
+)
 
 
 @dataclass
@@ -241,15 +109,13 @@ class TDNCalculator(Calculator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if default_dtype not in DTYPES:
-            raise ValueError(f"default_dtype must be one of {tuple(DTYPES)}, got {default_dtype!r}")
         if skin < 0:
             raise ValueError(f"skin must be >= 0, got {skin}")
         if neighbor_list not in NEIGHBOR_LISTS:
             raise ValueError(f"neighbor_list must be one of {NEIGHBOR_LISTS}, got {neighbor_list!r}")
         self.neighbor_list = neighbor_list
         self.device = torch.device(device)
-        self.dtype = DTYPES[default_dtype]
+        self.dtype = model_dtype(default_dtype)
         self.skin = float(skin)
         self.model = prepare_model(model_path, self.device, self.dtype)
         self.cutoff = float(self.model.config.cutoff)
@@ -421,32 +287,6 @@ class TDNCalculator(Calculator):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def prepare_model(model_path: str | Path | nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The model of a file (``tdn.save_model``) or a model object, on ``device`` in ``dtype``, in eval mode with
-    frozen parameters (autograd then follows only the positions and the strain)."""
-    if isinstance(model_path, nn.Module):
-        model = model_path.to(device=device, dtype=dtype)
-    else:
-        from . import load_model
-
-        path = Path(model_path)
-        if not path.exists():
-            raise FileNotFoundError(f"model file {path} does not exist")
-        model = load_model(path, device=device, dtype=dtype)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def compile_energy(model: nn.Module) -> None:
-    """Replace ``model.node_energies`` by its ``torch.compile`` d version (forces stay autograd outside)."""
-    try:
-        model.node_energies = torch.compile(model.node_energies, dynamic=True)
-    except Exception as err:  # noqa: BLE001 - compile support differs by platform; eager always works
-        warnings.warn(f"torch.compile failed ({err!r}); running eagerly", stacklevel=3)
-
-
 def _same_system(system: _System, atoms: Atoms) -> bool:
     return (
         len(system.numbers) == len(atoms)

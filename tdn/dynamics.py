@@ -64,10 +64,10 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 from torch import nn
 
-from .calculator import (
+from .calculator import TDNCalculator
+from .runtime import (
     DTYPES,
     MIN_DISTANCE,
-    TDNCalculator,
     closest_pair_error,
     compile_energy,
     neighbor_list,

@@ -294,7 +294,7 @@ def run_md(
     are checked at every log step: :class:`tdn.md_checks.MDBlowupWarning`, or :class:`tdn.md_checks.MDBlowupError`
     with ``limits.stop``; a geometry the model cannot evaluate any more (atoms on top of each other) also raises
     MDBlowupError. The files written up to then stay."""
-    from .calculator import GeometryError
+    from .runtime import GeometryError
 
     if traj_format not in TRAJ_FORMATS:
         raise ValueError(f"traj_format must be one of {TRAJ_FORMATS}, got {traj_format!r}")

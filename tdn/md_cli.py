@@ -185,7 +185,8 @@ def _check_options(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .calculator import GeometryError, TDNCalculator, validate_atoms
+    from .calculator import TDNCalculator
+    from .runtime import GeometryError, validate_atoms
 
     _check_options(args)
     check_output_dir(args.output_dir, args.overwrite)

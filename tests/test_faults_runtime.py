@@ -22,10 +22,10 @@ from ase.io import write
 
 import tdn
 from tdn import TDNCalculator
-from tdn.calculator import AtomsTooCloseError
 from tdn.md import main, read_log
 from tdn.md_checks import BlowupMonitor, MDBlowupError, UsageError
 from tdn.models import build_model
+from tdn.runtime import AtomsTooCloseError
 
 pytestmark = [pytest.mark.usefixtures("one_thread")]
 

@@ -196,17 +196,29 @@ def fixed_mask(atoms: Atoms) -> np.ndarray:
     return mask
 
 
-def check_cell(cell: np.ndarray, pbc: np.ndarray) -> None:
-    """Periodic directions need a non-zero cell vector, and a fully periodic cell a non-zero volume."""
+AXES = "abc"
+
+
+def cell_problem(cell, pbc, tol: float = 1e-8) -> str | None:
+    """What makes ``cell`` unusable with ``pbc``, or None: a periodic direction needs a finite cell vector longer
+    than ``tol`` (Å), a fully periodic cell a volume above ``tol``. The one rule of readers, neighbour lists and
+    calculators."""
     cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
     pbc = np.asarray(pbc, dtype=bool).reshape(3)
-    if not np.all(np.isfinite(cell)):
-        raise RecordProblem("zero_cell_pbc", "non-finite cell")
-    lengths = np.linalg.norm(cell, axis=1)
-    if np.any(pbc & (lengths < 1e-8)):
-        raise RecordProblem("zero_cell_pbc", f"pbc={pbc.tolist()} but cell vector lengths {lengths.round(6).tolist()}")
-    if pbc.all() and abs(np.linalg.det(cell)) < 1e-8:
-        raise RecordProblem("zero_cell_pbc", "fully periodic cell with zero volume")
+    for axis in np.flatnonzero(pbc):
+        vector = cell[axis]
+        if not np.isfinite(vector).all() or np.linalg.norm(vector) < tol:
+            return f"pbc is True along {AXES[axis]} but cell vector {AXES[axis]} is {vector.tolist()}"
+    if pbc.all() and abs(np.linalg.det(cell)) < tol:
+        return f"fully periodic cell has zero volume: {cell.tolist()}"
+    return None
+
+
+def check_cell(cell: np.ndarray, pbc: np.ndarray) -> None:
+    """:func:`cell_problem` as a record problem (reason ``zero_cell_pbc``)."""
+    problem = cell_problem(cell, pbc)
+    if problem:
+        raise RecordProblem("zero_cell_pbc", problem)
 
 
 def validate_atoms(atoms: Atoms, require: Iterable[str] = ("energy", "forces")) -> None:

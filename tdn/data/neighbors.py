@@ -23,6 +23,8 @@ import math
 import numpy as np
 import torch
 
+from .atoms import cell_problem
+
 
 def _as_pbc(pbc) -> np.ndarray:
     arr = np.asarray(pbc, dtype=bool).reshape(-1)
@@ -34,11 +36,9 @@ def _as_pbc(pbc) -> np.ndarray:
 
 
 def _check_cell(cell: np.ndarray, pbc: np.ndarray) -> None:
-    lengths = np.linalg.norm(cell, axis=1)
-    if np.any(pbc & (lengths < 1e-12)):
-        raise ValueError(f"periodic along a zero cell vector: pbc={pbc.tolist()}, cell lengths={lengths.tolist()}")
-    if pbc.all() and abs(np.linalg.det(cell)) < 1e-12:
-        raise ValueError("fully periodic cell with zero volume")
+    problem = cell_problem(cell, pbc)
+    if problem:
+        raise ValueError(f"{problem} (a zero cell vector or volume where periodic)")
 
 
 def _sort_edges(sender, receiver, shifts) -> np.ndarray:
