@@ -9,7 +9,7 @@ device tensors and integrates in torch, so that on an accelerator a step queues 
 * **Units** as ASE: Å, eV, amu, ASE time (the user gives the time step in fs, the friction in 1/fs, T in K).
   The state is float64 whatever the model's dtype (as in the ASE path, whose integrators work in float64
   numpy): a float32 model only sees float32 positions, accumulated positions do not lose precision.
-* **Neighbour list with a skin.** Pairs within ``cutoff + skin`` are built with :func:`tdn.calculator.neighbor_list`
+* **Neighbour list with a skin.** Pairs within ``cutoff + skin`` are built with :func:`tdn.runtime.neighbor_list`
   (the pure-torch cell list on an accelerator) and ALL of them go to the model: the radial envelope is exactly
   zero at ``r >= cutoff`` and the radial MLP maps 0 to 0, so the pairs between ``cutoff`` and ``cutoff + skin``
   contribute exactly nothing (energy and forces). No per-step ``nonzero`` selection (a host sync), and the edge
@@ -33,8 +33,8 @@ device tensors and integrates in torch, so that on an accelerator a step queues 
   the hot hydrogens; ``safety = 1`` missed under Langevin noise.
   ``skin = 0`` rebuilds before every force evaluation (a host sync per step).
 * **Atoms on top of each other.** Every check also reads the shortest candidate-pair distance (in the same
-  transfer); below :data:`tdn.calculator.MIN_DISTANCE` the energy is NaN or meaningless from there on, and the run
-  raises :class:`tdn.calculator.AtomsTooCloseError` naming the pair and the step.
+  transfer); below :data:`tdn.data.atoms.MIN_DISTANCE` the energy is NaN or meaningless from there on, and the run
+  raises :class:`tdn.runtime.AtomsTooCloseError` naming the pair and the step.
 * **Host traffic.** Energies and temperature stay on the device; they are copied (a few scalars, one transfer)
   only at log steps; :meth:`TorchDynamics.sync_atoms` copies positions, momenta, energy and forces into the ASE
   ``Atoms`` for observers such as a trajectory writer.
@@ -117,10 +117,10 @@ class TorchDynamics:
         device, dtype: the model's device and precision (``"float32"`` / ``"float64"`` or a torch dtype);
             default: the model's own (a file: ``"cpu"``, ``"float32"``).
         skin: neighbour-list skin in Å (default 0.5, or the calculator's).
-        neighbor_list: ``"auto"``, ``"torch"`` or ``"vesin"``, see :func:`tdn.calculator.neighbor_list`.
+        neighbor_list: ``"auto"``, ``"torch"`` or ``"vesin"``, see :func:`tdn.runtime.neighbor_list`.
         check_interval: at most this many steps between looks at the displacements (a host sync each).
         safety: factor on the predicted displacement in the rebuild rule (module docstring); 0 disables it.
-        compile: ``torch.compile`` the model's energy function (:func:`tdn.calculator.compile_energy`).
+        compile: ``torch.compile`` the model's energy function (:func:`tdn.runtime.compile_energy`).
 
     Attributes: ``positions``, ``velocities`` (Å per ASE time unit), ``masses`` ``[N, 1]``, ``forces`` (float64
     device tensors), ``energy`` (device scalar, eV), ``nsteps``, ``neighbor_list_builds``, ``missed_rebuilds``.

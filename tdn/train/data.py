@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from ..data import EmptyDatasetError, InvalidRecordError, TDNDataModule
+from ..data import EmptyDatasetError, InvalidRecordError, TDNDataModule, read
 from ..data.formats import CONTENT_NAMES, CONTENT_READERS, canonical_format, check_format, sniff_format
 from ..data.sampler import pack_batches
 from .errors import ConfigError
+from .replay import ReplayBatchSampler, ReplayOptions
 
 logger = logging.getLogger("tdn.train")
 
@@ -152,9 +153,49 @@ class EvalBatchSampler:
 
 
 class TrainingDataModule(TDNDataModule):
-    """:class:`tdn.data.TDNDataModule` with exact (unrepeated) validation and test under DDP."""
+    """:class:`tdn.data.TDNDataModule` with exact (unrepeated) validation and test under DDP, and optional replay
+    data mixed into every training epoch (:meth:`add_replay`)."""
 
-    def _eval_loader(self, name: str) -> DataLoader:
+    replay: ReplayOptions | None = None
+
+    def add_replay(self, options: ReplayOptions) -> None:
+        """Open the replay data (split ``"replay"``) with this module's cutoff, dtype and invalid-record policy."""
+        self.setup()
+        reader_options = {**options.reader_options, "skip_invalid": self.skip_invalid}
+        paths = options.paths if len(options.paths) > 1 else options.paths[0]
+        try:
+            atoms = read(paths, format=options.format, **reader_options)
+        except EmptyDatasetError as exc:
+            raise ConfigError(f"finetune.replay.data: {exc}; give a file with structures in it") from None
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"finetune.replay: {exc}") from None
+        if len(atoms) == 0:
+            raise ConfigError(f"finetune.replay.data: no structures in {options.paths}")
+        self.datasets["replay"] = self._graphs(atoms)
+        self.replay = options
+
+    def train_dataloader(self) -> DataLoader:
+        if self.replay is None:
+            return super().train_dataloader()
+        train, natoms_t, nedges_t = self.prepared("train")
+        replay, natoms_r, nedges_r = self.prepared("replay")
+        natoms = None if natoms_t is None else np.concatenate([natoms_t, natoms_r])
+        nedges = None if nedges_t is None else np.concatenate([nedges_t, nedges_r])
+        sampler = ReplayBatchSampler(
+            natoms,
+            nedges,
+            len(train),
+            len(replay),
+            self.replay.count(len(train)),
+            batch_size=self.batch_size,
+            max_atoms=self.max_atoms,
+            max_edges=self.max_edges,
+            seed=self.seed,
+        )
+        return self._batch_loader(ConcatDataset([train, replay]), sampler)
+
+    def eval_dataloader(self, name: str) -> DataLoader:
+        """Every structure of split ``name`` once, in order, in evaluation batches (exact under DDP)."""
         dataset, natoms, nedges = self.prepared(name)
         sampler = EvalBatchSampler(
             natoms,
@@ -167,10 +208,10 @@ class TrainingDataModule(TDNDataModule):
         return self._batch_loader(_MarkPadding(dataset), sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
+        return self.eval_dataloader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
+        return self.eval_dataloader("test")
 
     def has_split(self, name: str) -> bool:
         self.setup()
@@ -222,13 +263,14 @@ def check_elements(
     stats: Mapping[str, Any],
     init_from: str | None = None,
 ) -> None:
-    """Every element of the training split, and of the val/test splits when small enough to scan, is in the
-    model: a ConfigError naming the elements and the split otherwise (with ``init_from``, the model of that file)."""
+    """Every element of the training split, and of the val/test (and replay) splits when small enough to scan, is in
+    the model: a ConfigError naming the elements and the split otherwise (with ``init_from``, the model of that file,
+    with the elements fine-tuning added)."""
     from ase.data import chemical_symbols
 
     known = {int(z) for z in elements}
     splits: list[tuple[str, set[int] | None]] = [("training", {int(z) for z in stats["elements"]})]
-    splits += [(name, datamodule.split_elements(name)) for name in ("val", "test")]
+    splits += [(name, datamodule.split_elements(name)) for name in ("val", "test", "replay")]
     for name, present in splits:
         if present is None:
             logger.info("%s split not scanned for elements (more than %d structures)", name, ELEMENT_SCAN_LIMIT)
@@ -239,8 +281,8 @@ def check_elements(
             if init_from:
                 raise ConfigError(
                     f"element(s) {names} appear in the {name} data but the model of init_from={init_from} knows only "
-                    f"{sorted(known)}: fine-tuning keeps the file's elements (model.* is not used). Leave out the "
-                    "structures with these elements, or train a new model without init_from"
+                    f"{sorted(known)}: fine-tuning adds only elements of the training data (finetune.new_elements="
+                    "true). Leave out the structures with these elements, or add training structures that have them"
                 )
             raise ConfigError(
                 f"element(s) {names} appear in the {name} data but not in the model's elements {sorted(known)}; "

@@ -12,6 +12,7 @@ import torch
 
 from .. import models
 from .ema import EMA
+from .finetune import ParamPlan, RowSteps
 from .losses import LossConfig, PotentialLoss
 from .metrics import MeanLoss, MetricSet
 from .optim import build_optimizer, build_scheduler
@@ -35,6 +36,8 @@ class PotentialModule(L.LightningModule):
             data order (and anything else random) of an epoch does not depend on what ran before it: a run resumed
             from an end-of-epoch checkpoint continues exactly as the uninterrupted run would.
         model: an already built model (e.g. loaded with ``init_from``); its config must equal ``model_config``.
+        finetune_plan: with ``init_from``, how the parameters train (:class:`tdn.train.finetune.ParamPlan`: frozen
+            parts, learning-rate factors as optimizer parameter groups, scaled steps on pretrained rows).
     """
 
     def __init__(
@@ -48,9 +51,10 @@ class PotentialModule(L.LightningModule):
         compute_stress: str | bool = "auto",
         seed: int = 0,
         model: torch.nn.Module | None = None,
+        finetune_plan: ParamPlan | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model"])
+        self.save_hyperparameters(ignore=["model", "finetune_plan"])
         self.model = model if model is not None else models.build_model(config=dict(model_config))
         self.loss_config = LossConfig.from_dict(loss or {})
         self.loss_fn = PotentialLoss(self.loss_config)
@@ -71,6 +75,8 @@ class PotentialModule(L.LightningModule):
             raise ValueError(f"compute_stress must be 'auto', true or false, got {compute_stress!r}")
         self.compute_stress = compute_stress
         self.seed = int(seed)
+        self.finetune_plan = finetune_plan
+        self._row_steps: RowSteps | None = None
         self.test_results: dict[str, float] = {}
         self._plateau: tuple[torch.optim.lr_scheduler.ReduceLROnPlateau, str] | None = None
         self._plateau_state: dict[str, Any] | None = None
@@ -217,7 +223,14 @@ class PotentialModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ optimizer
     def configure_optimizers(self) -> Any:
-        optimizer = build_optimizer(self.model.named_parameters(), self.optimizer_config)
+        plan = self.finetune_plan
+        lr_factors = plan.lr_factors if plan is not None else None
+        optimizer = build_optimizer(self.model.named_parameters(), self.optimizer_config, lr_factors=lr_factors)
+        if self._row_steps is not None:
+            self._row_steps.detach()
+        self._row_steps = plan.row_steps(self.model) if plan is not None else None
+        if self._row_steps is not None:
+            self._row_steps.attach(optimizer)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         scheduler = build_scheduler(optimizer, self.scheduler_config, total, total / max_epochs)

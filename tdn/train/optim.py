@@ -20,11 +20,17 @@ def _check_keys(section: str, values: Mapping[str, Any], known: Iterable[str]) -
         raise ValueError(f"unknown {section} option(s) {unknown}; known: {sorted(known)}")
 
 
-def build_optimizer(params: Iterable[tuple[str, nn.Parameter]], config: Mapping[str, Any]) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: Iterable[tuple[str, nn.Parameter]],
+    config: Mapping[str, Any],
+    lr_factors: Mapping[str, float] | None = None,
+) -> torch.optim.Optimizer:
     """``config``: name (adam | adamw), lr, amsgrad, weight_decay, betas, eps.
 
     Weight decay applies to weight matrices only (parameters with two or more dimensions), never to biases or
-    per-element scalars.
+    per-element scalars. ``lr_factors`` (parameter name -> factor, 1 for names it lacks) puts parameters in
+    groups that train at ``lr * factor`` (each group records its ``lr_factor``); parameters that do not require a
+    gradient are left out.
     """
     config = dict(config)
     _check_keys("optimizer", config, ("name", "lr", "amsgrad", "weight_decay", "betas", "eps"))
@@ -32,14 +38,22 @@ def build_optimizer(params: Iterable[tuple[str, nn.Parameter]], config: Mapping[
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer.name must be one of {sorted(OPTIMIZERS)}, got {name!r}")
     weight_decay = float(config.pop("weight_decay", 0.0))
-    decay, no_decay = [], []
-    for _, p in params:
+    grouped: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for param_name, p in params:
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            factor = 1.0 if lr_factors is None else float(lr_factors.get(param_name, 1.0))
+            grouped.setdefault((factor, p.ndim >= 2), []).append(p)
+    groups = []
+    for (factor, decay), members in sorted(grouped.items(), key=lambda item: (-item[0][0], not item[0][1])):
+        group: dict[str, Any] = {"params": members, "weight_decay": weight_decay if decay else 0.0}
+        if lr_factors is not None:
+            group.update(lr_factor=factor, lr=float(config.get("lr", 1e-3)) * factor)
+        groups.append(group)
     if "betas" in config:
         config["betas"] = tuple(float(b) for b in config["betas"])
-    return OPTIMIZERS[name]([g for g in groups if g["params"]], **config)
+    if not groups:
+        raise ValueError("no parameter requires a gradient: nothing to optimize")
+    return OPTIMIZERS[name](groups, **config)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_lr_ratio: float):

@@ -19,21 +19,22 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from .. import models
 from ..data.statistics import RANK_DEFICIENT_ADVICE
-from ..io import ModelFileError, check_finite, load_model, refused_global
+from ..io import check_finite, refused_global
 from .callbacks import NonFiniteLossGuard
 from .checks import check_options
-from .csvlog import RunCSVLogger
 from .data import TrainingDataModule, build_datamodule, check_elements
 from .errors import ConfigError
 from .export import export_model, reproduction_error
+from .finetune import FinetuneOptions, ParamPlan, load_for_finetuning
+from .loggers import build_loggers, check_loggers
 from .module import PotentialModule
 from .plot import plot_learning_curve
+from .replay import ReplayOptions
 from .resolvers import MODEL_DTYPES, training_data_stats
 from .rundir import RunDirRecord, check_run_dir, clear_outputs, is_launcher_child, recorded, resumes_here
 
@@ -68,6 +69,11 @@ def _container(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.to_container(cfg[key], resolve=True)
 
 
+def finetune_section(cfg: DictConfig) -> dict[str, Any]:
+    """The ``finetune`` section as plain values ({} for configs without one)."""
+    return _container(cfg, "finetune") if cfg.get("finetune") is not None else {}
+
+
 def _stats_provider(datamodule: TrainingDataModule):
     def provide(name: str) -> Any:
         stats = datamodule.statistics()
@@ -83,20 +89,22 @@ def _stats_provider(datamodule: TrainingDataModule):
 
 
 def build_model(cfg: DictConfig, datamodule: TrainingDataModule) -> torch.nn.Module:
-    """The model of ``cfg.model`` with its statistics from the training split, or the one of ``cfg.init_from``."""
+    """The model of ``cfg.model`` with its statistics from the training split, or the one of ``cfg.init_from``
+    prepared for fine-tuning (:mod:`tdn.train.finetune`)."""
+    return build_model_and_plan(cfg, datamodule)[0]
+
+
+def build_model_and_plan(cfg: DictConfig, datamodule: TrainingDataModule) -> tuple[torch.nn.Module, ParamPlan | None]:
+    """:func:`build_model`, and with ``init_from`` how the parameters train (frozen parts, learning-rate factors)."""
     dtype = MODEL_DTYPES[cfg.dtype] if cfg.dtype in MODEL_DTYPES else None
     if dtype is None:
         raise ConfigError(f"dtype must be one of {sorted(MODEL_DTYPES)}, got {cfg.dtype!r}")
     if cfg.get("init_from"):
-        path = Path(cfg.init_from)
-        if not path.is_file():
-            raise ConfigError(f"init_from: no such model file: {path}")
-        try:
-            model = load_model(path, dtype=dtype)
-        except ModelFileError as exc:
-            raise ConfigError(f"init_from: {exc}") from None
-        logger.info("fine-tuning from %s (its architecture, E0s and weights; model.* settings are not used)", path)
-        return model
+        return load_for_finetuning(cfg, datamodule, datamodule.statistics(), dtype)
+    return _new_model(cfg, datamodule), None
+
+
+def _new_model(cfg: DictConfig, datamodule: TrainingDataModule) -> torch.nn.Module:
     with training_data_stats(_stats_provider(datamodule)):
         try:
             values = _container(cfg, "model")
@@ -147,13 +155,15 @@ def warn_rank_deficient(cfg: DictConfig, model: torch.nn.Module, stats: dict[str
     )
 
 
-def build_module(cfg: DictConfig, model: torch.nn.Module) -> PotentialModule:
+def build_module(cfg: DictConfig, model: torch.nn.Module, plan: ParamPlan | None = None) -> PotentialModule:
     tm = _container(cfg, "training_module")
     unknown = sorted(set(tm) - {"loss", "optimizer", "lr_scheduler", "ema", "metrics", "compute_stress"})
     if unknown:
         raise ConfigError(f"unknown training_module option(s) {unknown}")
     try:
-        return PotentialModule(model_config=model.config.to_dict(), model=model, seed=int(cfg.seed), **tm)
+        return PotentialModule(
+            model_config=model.config.to_dict(), model=model, seed=int(cfg.seed), finetune_plan=plan, **tm
+        )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"training_module: {exc}") from exc
 
@@ -170,16 +180,13 @@ def build_trainer(cfg: DictConfig, output_dir: Path) -> tuple[L.Trainer, ModelCh
         save_last=True,
         auto_insert_metric_name=False,
     )
-    loggers = [
-        RunCSVLogger(output_dir, keep_history=keep_history),
-        TensorBoardLogger(save_dir=str(output_dir), name="tensorboard", version="", default_hp_metric=False),
-    ]
+    loggers = build_loggers(cfg, output_dir, keep_history=keep_history)
     guard = NonFiniteLossGuard(every=int(trainer_kwargs.get("log_every_n_steps") or 50))
     callbacks = [guard, checkpoint, LearningRateMonitor(logging_interval="epoch")]
     try:
         trainer = L.Trainer(
             default_root_dir=str(output_dir),
-            logger=loggers,
+            logger=loggers or False,
             callbacks=callbacks,
             use_distributed_sampler=False,  # the data module shards its balanced batches over the ranks itself
             **trainer_kwargs,
@@ -199,6 +206,13 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"ckpt_path: no such checkpoint: {cfg.ckpt_path}")
     if cfg.get("init_from") and not Path(cfg.init_from).is_file():
         raise ConfigError(f"init_from: no such model file: {cfg.init_from}")
+    finetune = finetune_section(cfg)
+    options = FinetuneOptions.from_config(finetune)
+    replay = ReplayOptions.from_config(finetune.get("replay"))
+    used = options.used_without_init_from() + (["finetune.replay.data"] if replay is not None else [])
+    if used and not cfg.get("init_from"):
+        raise ConfigError(f"{', '.join(used)} fine-tune(s) an exported model: give init_from=path/to/model.pt")
+    check_loggers(cfg)
     if cfg.dtype not in MODEL_DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(MODEL_DTYPES)}, got {cfg.dtype!r}")
 
@@ -239,7 +253,10 @@ def _train(cfg: DictConfig, output_dir: Path) -> RunResult:
     if not datamodule.has_split("val"):
         raise ConfigError("training needs a validation split: give data.val=... or data.val_size > 0")
     stats = datamodule.statistics()  # reads the training split: data errors surface here, naming file and record
-    model = build_model(cfg, datamodule)
+    replay = ReplayOptions.from_config(finetune_section(cfg).get("replay"))
+    if replay is not None:
+        datamodule.add_replay(replay)
+    model, plan = build_model_and_plan(cfg, datamodule)
     if abs(float(datamodule.cutoff) - float(model.config.cutoff)) > 1e-9:
         raise ConfigError(
             f"the neighbour lists use cutoff {datamodule.cutoff} Å but the model was built for {model.config.cutoff} Å"
@@ -247,7 +264,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> RunResult:
         )
     check_elements(datamodule, model.config.elements, stats, init_from=cfg.get("init_from"))
     warn_rank_deficient(cfg, model, stats)
-    module = build_module(cfg, model)
+    module = build_module(cfg, model, plan)
     trainer, checkpoint = build_trainer(cfg, output_dir)
     result = RunResult(output_dir=output_dir)
 
