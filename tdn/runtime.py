@@ -188,10 +188,28 @@ def prepare_model(model_path: str | Path | nn.Module, device: torch.device, dtyp
 
 
 def compile_energy(model: nn.Module) -> None:
-    """Replace ``model.node_energies`` by its ``torch.compile`` d version (forces stay autograd outside)."""
+    """Replace ``model.node_energies`` by its ``torch.compile`` d version (forces stay autograd outside).
+
+    ``torch.compile`` compiles lazily, so most failures (no C++ compiler, an unsupported op on this platform) come
+    at the first call, not here: that call, and every later one, then falls back to the eager function with one
+    warning, instead of failing inside a user's MD step.
+    """
+    eager = model.node_energies
     try:
-        model.node_energies = torch.compile(model.node_energies, dynamic=True)
+        compiled = torch.compile(eager, dynamic=True)
     except Exception as err:  # noqa: BLE001 - compile support differs by platform; eager always works
         warnings.warn(f"torch.compile failed ({err!r}); running eagerly", stacklevel=3)
+        return
+
+    def node_energies(*args, **kwargs):
+        try:
+            return compiled(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - as above, at the first call
+            warnings.warn(f"torch.compile failed at the first call ({type(err).__name__}: {err}); running eagerly",
+                          stacklevel=2)  # fmt: skip
+            model.node_energies = eager
+            return eager(*args, **kwargs)
+
+    model.node_energies = node_energies
 
 
