@@ -52,7 +52,7 @@ def test_atomic_energies_as_dict_and_dtype_object():
         (dict(elements=[1, 1]), "must not repeat"),
         (dict(elements=[0]), "1..118"),
         (dict(tp="e3nn"), "tp must be one of"),
-        (dict(tp="gaunt", paths="so3"), "needs paths='o3'"),
+        (dict(tp="gaunt", paths="so3"), r"supports paths in \('o3',\), got 'so3'"),
         (dict(paths="xyz"), "paths must be"),
         (dict(lmax_hidden=3, lmax=2), "must not exceed"),
         (dict(channels=0), "channels must be >= 1"),

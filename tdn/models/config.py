@@ -8,12 +8,13 @@ from typing import Any
 
 import torch
 
-BACKENDS = ("cg", "cp", "gaunt", "grid")
+from .. import tp as tp_backends
 
-# The weight mode each backend uses when the config does not say: cg per path (MACE's "uvu" convolution),
-# cp path-weight sharing (the TDN idea, P = 1), gaunt/grid one weight per output degree (all they support
-# besides "shared"; the per-path split of a Gaunt product is fixed by the integral).
-DEFAULT_TP_WEIGHTS = {"cg": "path", "cp": "shared", "gaunt": "degree", "grid": "degree"}
+BACKENDS = tuple(tp_backends.BACKENDS)
+
+# The weight mode each backend uses when the config does not say, as the backend declares it: cg per path (MACE's
+# "uvu" convolution), cp path-weight sharing (the TDN idea, P = 1), gaunt/grid one weight per output degree.
+DEFAULT_TP_WEIGHTS = {kind: tp_backends.backend(kind).default_weights for kind in BACKENDS}
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -88,12 +89,8 @@ class ModelConfig:
             raise ValueError(f"tp must be one of {BACKENDS}, got {self.tp!r}")
         if self.tp_weights is None:
             self.tp_weights = DEFAULT_TP_WEIGHTS[self.tp]
-        if self.paths not in ("o3", "so3"):
-            raise ValueError(f"paths must be 'o3' or 'so3', got {self.paths!r}")
-        if self.tp in ("gaunt", "grid") and self.paths != "o3":
-            raise ValueError(
-                f"tp={self.tp!r} needs paths='o3': a Gaunt product only has the l1 + l2 + l3 even couplings"
-            )
+        # the backend's own declaration of what it supports, checked in one place (tdn.tp.check_support)
+        tp_backends.check_support(self.tp, tp_backends.backend(self.tp), paths=self.paths, weights=self.tp_weights)
         for name in ("lmax", "lmax_hidden", "channels", "num_layers", "correlation", "num_bessel", "readout_mlp"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
