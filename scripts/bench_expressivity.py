@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Equivariance / expressivity report of the tensor-product backends and the CP rank-vs-error curve.
 
-    python scripts/bench_expressivity.py                        # L = 1..6 -> docs/benchmarks/expressivity.{json,md,png}
+    python scripts/bench_expressivity.py --doc docs/accuracy.md # L = 1..6 -> docs/benchmarks/expressivity.{json,md,png}
+                                                                #   and its section of docs/accuracy.md
     python scripts/bench_expressivity.py --quick --out /tmp/x   # L = 1, 2, short fits (seconds; tests)
     python scripts/bench_expressivity.py --no-curve --lmax 1 2 3
 

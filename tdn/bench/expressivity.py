@@ -210,6 +210,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="let cp fit factors that are not shipped (tol 1e-4 at L = 6 takes long)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: best on a shared machine)")
+    parser.add_argument("--doc", type=Path, default=None,
+                        help="markdown page whose expressivity section is rewritten (e.g. docs/accuracy.md)")
     return parser.parse_args(argv)
 
 
@@ -223,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = run(lmaxes, args.backends, args.quick, args.seed, args.curve, cache, args.fit_missing,
                  log=lambda line: print(line, flush=True))
     written = write_outputs(result, args.out, name)
-    report_written(written, args.out, name, doc_block(result, name))
+    report_written(written, args.doc, name, doc_block(result, name))
     return result
 
 
