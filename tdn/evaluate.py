@@ -368,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from .train.cli import user_error_message
+    from .train.cli import report_user_error
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -383,13 +383,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise
         print(f"tdn-eval: configuration error: {override_message(error)}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except Exception as error:  # noqa: BLE001 - sorted into a user's mistake or a bug below
-        report = None if debug else user_error_message(error)
-        if report is None:
-            raise
-        message, status = report
-        print(f"tdn-eval: {message}", file=sys.stderr, flush=True)
-        sys.exit(status)
+    except Exception as error:  # noqa: BLE001 - sorted into a user's mistake or a bug
+        report_user_error("tdn-eval", error, debug)
     print(summary(result), flush=True)
 
 

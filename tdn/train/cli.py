@@ -72,6 +72,17 @@ def user_error_message(error: BaseException) -> tuple[str, int] | None:
     return None
 
 
+def report_user_error(prog: str, error: BaseException, debug: bool) -> None:
+    """Exit with the one- or two-line report of a user's mistake (:func:`user_error_message`); re-raise a bug, or
+    anything under ``debug``. Call it from an ``except`` block."""
+    report = None if debug else user_error_message(error)
+    if report is None:
+        raise error  # a bug, or debug: the full traceback
+    message, status = report
+    print(f"{prog}: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
     from .run import train  # heavy imports after Hydra has parsed the command line (fast --help)
@@ -81,13 +92,8 @@ def _main(cfg: DictConfig) -> None:
     debug = bool(cfg.get("debug", False)) or os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
         train(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except Exception as error:  # noqa: BLE001 - sorted into a user's mistake or a bug below
-        report = None if debug else user_error_message(error)
-        if report is None:
-            raise
-        message, status = report
-        print(f"tdn-train: {message}", file=sys.stderr, flush=True)
-        sys.exit(status)
+    except Exception as error:  # noqa: BLE001 - sorted into a user's mistake or a bug
+        report_user_error("tdn-train", error, debug)
 
 
 def main() -> None:
