@@ -1,4 +1,5 @@
-"""ASE calculator for tdn models: energy, free_energy, energies, forces, stress.
+"""ASE calculator for tdn models: energy, free_energy, energies, forces, stress, per-atom stresses; committees of
+models (:mod:`tdn.committee`) and Grimme's D3 dispersion (:mod:`tdn.dispersion`) on top.
 
 An MD step is designed not to be dominated by Python and host-side work, and to make the host wait for the device
 only once:
@@ -16,7 +17,8 @@ only once:
 * that distance (candidate pairs, periodic images included) guards against atoms on top of each other, which give
   NaN energies and forces: closer than :data:`MIN_DISTANCE` raises :class:`AtomsTooCloseError` naming the pair;
 * shift vectors are computed without matmuls (:func:`tdn.data.neighbors.rows_times_matrix`): exact whatever
-  ``torch.set_float32_matmul_precision`` says; the model's parameters are frozen (autograd follows the positions).
+  ``torch.set_float32_matmul_precision`` says; the model's parameters are frozen (autograd follows the shift
+  vectors: forces, stress and per-atom stresses come from the edge forces ``dE/dr_e``, :mod:`tdn.edge_forces`).
 
 Usage, as with MACE's calculator::
 
@@ -28,6 +30,7 @@ Usage, as with MACE's calculator::
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +40,12 @@ import numpy as np
 import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
-from ase.stress import full_3x3_to_voigt_6_stress
 from torch import nn
-from torch_geometric.data import Batch, Data
+from torch_geometric.data import Data
 
+from .committee import COMMITTEE_PROPERTIES, check_committee, results_from_host
+from .dispersion import DEFAULT_CUTOFF, D3Dispersion
+from .edge_forces import derivatives, edge_vectors, evaluate_models, to_host
 from .runtime import (
     MIN_DISTANCE,
     NEIGHBOR_LISTS,
@@ -64,7 +69,7 @@ class _System:
     pbc: np.ndarray
     cell: np.ndarray
     graph: Data  # atomic_numbers, cell, pbc, batch, ptr, natoms; pos and edges are set per call
-    element_index: torch.Tensor  # [N], the model's element rows
+    element_index: list[torch.Tensor]  # [N] per model: its element rows (one shared tensor where elements agree)
 
 
 @dataclass
@@ -75,14 +80,21 @@ class _Neighbors:
     edge_index: torch.Tensor  # [2, E]
     unit_shifts: torch.Tensor  # [E, 3]
     shift_vectors: torch.Tensor  # [E, 3] unit_shifts @ cell, Å, model dtype
+    dispersion: tuple[torch.Tensor, ...] | None = None  # the D3 term's pairs (edge_index, unit_shifts, shifts)
+
+
+# ASE's own Calculator keywords (restart, label, atoms, directory, ...): passed on; anything else is refused.
+ASE_KEYWORDS = tuple(p for p in inspect.signature(Calculator.__init__).parameters if p not in ("self", "kwargs"))
+STRESS_PROPERTIES = ("stress", "stresses", "stress_comm", "stress_var")
 
 
 class TDNCalculator(Calculator):
-    """ASE calculator for a tdn model file (``tdn.save_model``) or a model object.
+    """ASE calculator for a tdn model file (``tdn.save_model``) or a model object, or a committee of them.
 
     Args:
         model_path: path of an exported model, or a :class:`tdn.models.TDNModel` (used in place: put in eval
-            mode, its parameters frozen, moved to ``device`` / ``default_dtype``).
+            mode, its parameters frozen, moved to ``device`` / ``default_dtype``); a list of them is a committee
+            (:mod:`tdn.committee`: same cutoff and elements; mean predictions, their variances).
         device: torch device (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
         default_dtype: ``"float32"`` (fast) or ``"float64"`` (for force/stress tests, phonons, tight relaxations).
         compile: ``torch.compile`` the model's energy function (experimental; falls back with a warning).
@@ -90,13 +102,24 @@ class TDNCalculator(Calculator):
             ``0`` rebuilds at every new geometry.
         neighbor_list: ``"auto"`` (the pure-torch cell list on an accelerator, vesin's CPU cell list on the CPU),
             ``"torch"`` or ``"vesin"`` (edges copied to the device), see :func:`neighbor_list`.
+        dispersion: ``None``, or ``"d3bj"`` (``"d3zero"``, ``"d3bjm"``, ``"d3zerom"``): add Grimme's D3 dispersion
+            (:mod:`tdn.dispersion`, torch-dftd: ``pip install tdn[d3]``) on the model's device and dtype.
+        functional: the functional whose D3 parameters to use (default ``"pbe"``; only with ``dispersion``).
+        dispersion_cutoff: the D3 cutoff in Å (default 40 Bohr = 21.2 Å; only with ``dispersion``).
+        restart, label, atoms, directory, ...: ASE's own Calculator keywords. Any other keyword is a TypeError.
 
-    Properties: ``energy``, ``free_energy`` (the same, eV), ``energies`` (per atom, eV), ``forces`` (eV/Å),
-    ``stress`` (Voigt, eV/Å^3, ASE sign; fully periodic cells only, otherwise PropertyNotImplementedError).
+    Properties: ``energy``, ``free_energy`` (the same, eV), ``energies`` (per atom, eV; without the dispersion
+    energy, which is reported as ``dispersion_energy``), ``forces`` (eV/Å), ``stress`` (Voigt, eV/Å^3, ASE sign) and
+    ``stresses`` (per atom, ``[N, 6]``, eV/Å^3, summing to ``stress``: :mod:`tdn.edge_forces`); the stresses for fully
+    periodic cells only, otherwise PropertyNotImplementedError. A committee adds ``energy_comm``, ``energy_var``,
+    ``forces_comm``, ``forces_var``, ``stress_comm``, ``stress_var`` and ``force_spread`` (:mod:`tdn.committee`).
     Atoms closer than :data:`MIN_DISTANCE` raise :class:`AtomsTooCloseError`.
+
+    Forces, stress and per-atom stresses come from ONE backward pass per model, with respect to the shift vectors
+    (the edge forces ``dE/dr_e``); the stress of a periodic cell is computed whenever it is evaluated.
     """
 
-    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress", "stresses"]
 
     def __init__(
         self,
@@ -106,8 +129,18 @@ class TDNCalculator(Calculator):
         compile: bool = False,
         skin: float = 0.5,
         neighbor_list: str = "auto",
+        dispersion: str | None = None,
+        functional: str | None = None,
+        dispersion_cutoff: float | None = None,
         **kwargs: Any,
     ) -> None:
+        unknown = sorted(set(kwargs) - set(ASE_KEYWORDS))
+        if unknown:
+            known = [p for p in inspect.signature(TDNCalculator.__init__).parameters if p not in ("self", "kwargs")]
+            raise TypeError(f"TDNCalculator got unknown keyword argument(s) {unknown}; its keywords are {known}, "
+                            f"and ASE's {list(ASE_KEYWORDS)}")  # fmt: skip
+        if dispersion is None and (functional is not None or dispersion_cutoff is not None):
+            raise ValueError("functional and dispersion_cutoff set the D3 dispersion: give dispersion='d3bj' too")
         super().__init__(**kwargs)
         if skin < 0:
             raise ValueError(f"skin must be >= 0, got {skin}")
@@ -117,11 +150,25 @@ class TDNCalculator(Calculator):
         self.device = torch.device(device)
         self.dtype = model_dtype(default_dtype)
         self.skin = float(skin)
-        self.model = prepare_model(model_path, self.device, self.dtype)
-        self.cutoff = float(self.model.config.cutoff)
-        self.elements = list(self.model.config.elements)
+        sources = list(model_path) if isinstance(model_path, (list, tuple)) else [model_path]
+        if not sources:
+            raise ValueError("model_path is an empty list: give a model file, or several for a committee")
+        self.models = [prepare_model(source, self.device, self.dtype) for source in sources]
+        check_committee(self.models, [f"model {k} ({s})" if isinstance(s, (str, Path)) else f"model {k}"
+                                      for k, s in enumerate(sources)])  # fmt: skip
+        self.cutoff = float(self.models[0].config.cutoff)
+        self.elements = list(self.models[0].config.elements)
         if compile:
-            compile_energy(self.model)
+            for model in self.models:
+                compile_energy(model)
+        self.dispersion = None
+        if dispersion is not None:
+            cutoff = DEFAULT_CUTOFF if dispersion_cutoff is None else float(dispersion_cutoff)
+            self.dispersion = D3Dispersion(dispersion, functional or "pbe", self.elements, self.device, self.dtype,
+                                           cutoff)  # fmt: skip
+        extra = (list(COMMITTEE_PROPERTIES) if len(self.models) > 1 else []) + (["dispersion_energy"] if dispersion
+                                                                                 else [])  # fmt: skip
+        self.implemented_properties = [*type(self).implemented_properties, *extra]
         # Caches that check themselves (atomic numbers, pbc and cell compared, displacement measured), so they
         # survive ASE's reset() on every new geometry (older ASE versions call it from get_property).
         self._system: _System | None = None
@@ -130,10 +177,28 @@ class TDNCalculator(Calculator):
         self.num_edges = 0  # pairs given to the model at the last call: within cutoff + skin
 
     @property
+    def model(self) -> nn.Module:
+        """The model of a single-model calculator without dispersion. A committee (see ``models``) or a calculator
+        with ``dispersion`` raises ValueError: code that runs ``calc.model`` on its own (``calculate_batch``,
+        :class:`tdn.dynamics.TorchDynamics`, the integrations) would leave the other members or the D3 term out."""
+        if len(self.models) > 1 or self.dispersion is not None:
+            what = f"a committee of {len(self.models)} models" if len(self.models) > 1 else "a model plus D3"
+            raise ValueError(f"this calculator evaluates {what}: calc.model, which runs one bare model (as "
+                             "calculate_batch and the torch MD engine do), would give other results; use the ASE "
+                             "interface (atoms.get_forces(), ...), or calc.models[k] for one member")  # fmt: skip
+        return self.models[0]
+
+    @model.setter
+    def model(self, model: nn.Module) -> None:
+        if len(self.models) != 1:
+            raise ValueError("calc.model of a committee cannot be set: set calc.models")
+        self.models = [model]
+
+    @property
     def e0_kind(self) -> str:
         """What the model's per-element reference energies (E0) are (``ModelConfig.e0_kind``: "isolated",
-        "fitted", ...), ``"unknown"`` for a model that does not record it."""
-        return str(getattr(self.model.config, "e0_kind", "unknown"))
+        "fitted", ...), ``"unknown"`` for a model that does not record it (a committee: its first member's)."""
+        return str(getattr(self.models[0].config, "e0_kind", "unknown"))
 
     # ---------------------------------------------------------------------------------------------- ASE API
     def calculate(
@@ -145,23 +210,36 @@ class TDNCalculator(Calculator):
         properties = list(properties or ["energy"])
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
-        want_stress = "stress" in properties
-        if want_stress and not atoms.pbc.all():
-            raise PropertyNotImplementedError(f"stress needs a fully periodic cell, got pbc={atoms.pbc.tolist()}")
+        periodic = bool(atoms.pbc.all())
+        stresses = [name for name in properties if name in STRESS_PROPERTIES]
+        if stresses and not periodic:
+            pbc = atoms.pbc.tolist()
+            raise PropertyNotImplementedError(f"{stresses[0]} needs a fully periodic cell, got pbc={pbc}")
         graph = self._prepare(atoms)
-        nb = self._neighbors
-        if want_stress:
-            out = self.model(graph, compute_forces=True, compute_stress=True)
-        else:  # the energy network directly, with the cached shift vectors (as TorchDynamics)
-            out = _energy_and_forces(self.model, graph.pos, self._system.element_index, nb.edge_index,
-                                     nb.shift_vectors, graph.batch, 1)  # fmt: skip
+        nb, system, n = self._neighbors, self._system, len(atoms)
+        # The energy networks directly, with the cached shift vectors (as TorchDynamics); forces, virial and
+        # per-atom virials from the edge forces of one backward pass per model.
+        out = evaluate_models(self.models, graph.pos, system.element_index, nb.edge_index, nb.shift_vectors)
+        vectors = edge_vectors(graph.pos, nb.edge_index, nb.shift_vectors)
+        per_atom = "stresses" in properties
+        tensors = {
+            "node_energy": out["node_energy"],
+            **derivatives(out["g"], vectors, nb.edge_index, n, with_virial=periodic, with_atom_virials=per_atom),
+        }
+        if self.dispersion is not None:
+            pairs, _, shifts = nb.dispersion
+            d3 = self.dispersion.evaluate(graph.atomic_numbers, graph.pos, graph.cell, pairs, shifts,
+                                          with_virial=periodic, with_atom_virials=per_atom)  # fmt: skip
+            tensors["dispersion_energy"] = d3.pop("energy")
+            tensors.update({key: value + d3[key] for key, value in tensors.items() if key in d3})  # every member
         with torch.no_grad():
             d2 = pair_distances_squared(graph.pos, nb.edge_index, nb.shift_vectors)
-            closest = torch.cat([d2, d2.new_full((1,), torch.inf)]).amin().view(1)
-        host = _fetch(out, want_stress, closest)
-        if host["closest"][0] < MIN_DISTANCE**2:
+            tensors["closest"] = torch.cat([d2, d2.new_full((1,), torch.inf)]).amin()
+        host = to_host(tensors)
+        if host["closest"] < MIN_DISTANCE**2:
             raise closest_pair_error(d2, nb.edge_index, nb.unit_shifts)
-        self.results = _results(host, 0, 0, len(atoms), want_stress)
+        volume = abs(float(np.linalg.det(system.cell))) if periodic else None
+        self.results = results_from_host(host, volume, committee=len(self.models) > 1)
 
     # ---------------------------------------------------------------------------------------------- batches
     def calculate_batch(
@@ -177,38 +255,9 @@ class TDNCalculator(Calculator):
         the model runs, naming the structure and the atom; atoms closer than :data:`MIN_DISTANCE` raise
         :class:`AtomsTooCloseError` naming the structure and the pair.
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        structures = list(structures)
-        for k, atoms in enumerate(structures):
-            try:
-                validate_atoms(atoms, self.elements)
-            except (ValueError, KeyError) as err:
-                raise type(err)(f"structure {k}: {err}") from None
-        want_stress = "stress" in properties
-        results: list[dict[str, Any]] = []
-        for start in range(0, len(structures), batch_size):
-            chunk = structures[start : start + batch_size]
-            batch = Batch.from_data_list([self._graph_fresh(atoms) for atoms in chunk])
-            stress = want_stress and any(atoms.pbc.all() for atoms in chunk)
-            edge_graph = batch.batch.index_select(0, batch.edge_index[0])
-            shifts = shift_vectors(batch.unit_shifts, batch.cell64.index_select(0, edge_graph), self.dtype)
-            if stress:
-                out = self.model(batch, compute_forces=True, compute_stress=True)
-            else:
-                out = _energy_and_forces(self.model, batch.pos, self.model.element_index(batch.atomic_numbers),
-                                         batch.edge_index, shifts, batch.batch, len(chunk))  # fmt: skip
-            with torch.no_grad():
-                d2 = pair_distances_squared(batch.pos, batch.edge_index, shifts)
-                closest = d2.new_full((len(chunk),), torch.inf).scatter_reduce(0, edge_graph, d2, "amin")
-            host = _fetch(out, stress, closest)
-            ptr = np.cumsum([0] + [len(atoms) for atoms in chunk]).tolist()  # batch.ptr, without a device read
-            for b, atoms in enumerate(chunk):
-                if host["closest"][b] < MIN_DISTANCE**2:
-                    d2 = torch.where(edge_graph == b, d2, torch.inf)
-                    raise closest_pair_error(d2, batch.edge_index, batch.unit_shifts, ptr[b], structure=start + b)
-                results.append(_results(host, b, ptr[b], ptr[b + 1], stress and atoms.pbc.all()))
-        return results
+        from .integrations.batch import evaluate_structures  # the one-graph path of the torch-sim model
+
+        return evaluate_structures(self.model, structures, properties, batch_size, self.neighbor_list)
 
     # ---------------------------------------------------------------------------------------------- internals
     def _prepare(self, atoms: Atoms) -> Data:
@@ -245,7 +294,8 @@ class TDNCalculator(Calculator):
 
     def _make_system(self, atoms: Atoms) -> _System:
         graph = self._make_graph(atoms)
-        element_index = self.model.element_index(graph.atomic_numbers)  # once per system: it checks the elements
+        # once per system (it checks the elements); cached on the tensor, so models sharing elements share it
+        element_index = [model.element_index(graph.atomic_numbers) for model in self.models]
         return _System(atoms.numbers.copy(), atoms.pbc.copy(), np.array(atoms.cell), graph, element_index)
 
     def _make_graph(self, atoms: Atoms) -> Data:
@@ -273,17 +323,9 @@ class TDNCalculator(Calculator):
         edge_index, unit_shifts = neighbor_list(pos, graph.cell, graph.pbc, self.cutoff + self.skin, self.neighbor_list)
         self.neighbor_list_builds += 1
         vectors = shift_vectors(unit_shifts, graph.cell64, self.dtype)
-        return _Neighbors(positions.copy(), edge_index, unit_shifts, vectors)
-
-    def _graph_fresh(self, atoms: Atoms) -> Data:
-        """A stand-alone graph with its own neighbour list (batched evaluation)."""
-        graph = self._make_graph(atoms)
-        graph.pos = torch.as_tensor(atoms.positions, device=self.device).to(self.dtype)
-        graph.edge_index, graph.unit_shifts = neighbor_list(
-            graph.pos, graph.cell, graph.pbc, self.cutoff, self.neighbor_list
-        )
-        del graph.batch, graph.ptr  # Batch.from_data_list makes its own
-        return graph
+        d3 = None if self.dispersion is None else self.dispersion.neighbors(pos, graph.cell, graph.pbc, graph.cell64,
+                                                                           self.skin, self.neighbor_list)
+        return _Neighbors(positions.copy(), edge_index, unit_shifts, vectors, d3)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -294,50 +336,3 @@ def _same_system(system: _System, atoms: Atoms) -> bool:
         and np.array_equal(system.pbc, atoms.pbc)
         and np.array_equal(system.cell, np.asarray(atoms.cell))
     )
-
-
-def _energy_and_forces(model: nn.Module, pos: torch.Tensor, element_index: torch.Tensor, edge_index: torch.Tensor,
-                       edge_shift: torch.Tensor, batch: torch.Tensor, num_graphs: int) -> dict[str, Any]:  # fmt: skip
-    """``energy [B]``, ``node_energy [N]`` and ``forces [N, 3]`` from the model's energy network (no stress)."""
-    pos = pos.detach().requires_grad_(True)
-    with torch.enable_grad():
-        node_energy = model.node_energies(pos, element_index, edge_index, edge_shift)
-        grad = None
-        if node_energy.requires_grad:  # False only without any edge
-            (grad,) = torch.autograd.grad(node_energy.sum(), pos, allow_unused=True)
-    node_energy = node_energy.detach()
-    energy = node_energy.new_zeros(num_graphs).index_add_(0, batch, node_energy)
-    forces = torch.zeros_like(pos) if grad is None else grad.neg()
-    return {"energy": energy, "node_energy": node_energy, "forces": forces.detach(), "stress": None}
-
-
-def _fetch(out: dict[str, torch.Tensor | None], with_stress: bool, closest: torch.Tensor) -> dict[str, np.ndarray]:
-    """The results as float64 numpy arrays, brought to the host in ONE transfer (one sync on an accelerator):
-    ``energy [B]``, ``node_energy [N]``, ``forces [N, 3]``, ``stress [B, 3, 3]`` (with_stress) and ``closest [B]``
-    (the shortest squared pair distance)."""
-    names = ("energy", "node_energy", "forces") + (("stress",) if with_stress else ())
-    parts = {**{name: out[name] for name in names}, "closest": closest}
-    with torch.no_grad():
-        dtype = torch.promote_types(out["forces"].dtype, closest.dtype)
-        flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in parts.values()])
-    host = np.asarray(flat.cpu().numpy(), dtype=np.float64)
-    arrays, offset = {}, 0
-    for key, tensor in parts.items():
-        size = tensor.numel()
-        arrays[key] = host[offset : offset + size].reshape(tensor.shape)
-        offset += size
-    return arrays
-
-
-def _results(host: dict[str, np.ndarray], b: int, start: int, stop: int, with_stress: bool) -> dict[str, Any]:
-    """Results of graph ``b`` (atoms ``start:stop``), ASE conventions."""
-    energy = float(host["energy"][b])
-    results: dict[str, Any] = {
-        "energy": energy,
-        "free_energy": energy,
-        "energies": host["node_energy"][start:stop].copy(),
-        "forces": host["forces"][start:stop].copy(),
-    }
-    if with_stress:
-        results["stress"] = full_3x3_to_voigt_6_stress(host["stress"][b])
-    return results

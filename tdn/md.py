@@ -18,9 +18,10 @@ stopped with exit code 1 under ``--stop-on-blowup`` (see :mod:`tdn.md_checks`).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 from ase import Atoms, units
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
 
 ENSEMBLES = ("nve", "nvt-langevin", "nvt-nose-hoover", "npt-iso", "npt", "npt-langevin")
 NPT_ENSEMBLES = ("npt-iso", "npt", "npt-langevin")
-ENGINES = ("ase", "torch")
+ENGINES = ("ase", "torch", "torchsim")  # torchsim: many structures at once, tdn.md_torchsim
 TRAJ_FORMATS = ("extxyz", "traj")
 LOG_COLUMNS = ("step", "time[ps]", "Epot[eV]", "Ekin[eV]", "Etot[eV]", "T[K]", "steps/s")
 NPT_LOG_COLUMNS = ("V[A^3]", "P[GPa]")
@@ -88,6 +89,8 @@ def build_dynamics(atoms: Atoms, settings: MDSettings, engine: str = "ase") -> M
     and ``dt``."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "torchsim":
+        raise ValueError("the torchsim engine runs every structure of a file at once: use tdn.md_torchsim.run_md_batch")
     if engine == "torch":
         from .calculator import TDNCalculator
         from .dynamics import TorchDynamics
@@ -162,10 +165,13 @@ class ThermoLogger:
     (the torch engine puts its results into ``atoms`` before calling it).
     """
 
-    def __init__(self, dyn: MolecularDynamics | TorchDynamics, atoms: Atoms, fh: IO[str], ensemble: str) -> None:
+    def __init__(self, dyn: MolecularDynamics | TorchDynamics, atoms: Atoms, fh: IO[str], ensemble: str,
+                 extra: Sequence[Any] = ()) -> None:  # fmt: skip
         self.dyn, self.atoms, self.fh = dyn, atoms, fh
         self.with_pressure = ensemble in NPT_ENSEMBLES
+        self.extra = list(extra)  # objects with ``columns`` and ``values()``: more columns after the standard ones
         columns = LOG_COLUMNS + (NPT_LOG_COLUMNS if self.with_pressure else ())
+        columns += tuple(name for item in self.extra for name in item.columns)
         fh.write(f"# tdn-md ensemble={ensemble} natoms={len(atoms)} timestep_fs={dyn.dt / units.fs:g}\n")
         fh.write("#" + f"{columns[0]:>13} " + " ".join(f"{c:>14}" for c in columns[1:]) + "\n")
         self._last_step, self._last_time = None, time.perf_counter()
@@ -192,6 +198,8 @@ class ThermoLogger:
         if self.with_pressure:
             pressure = -np.trace(self.atoms.get_stress(voigt=False, include_ideal_gas=True)) / 3 / units.GPa
             values += [self.atoms.get_volume(), pressure]
+        for item in self.extra:
+            values += list(item.values())
         self.fh.write(f"{step:>14d} " + " ".join(f"{v:>14.6f}" for v in values[1:]) + "\n")
         self.fh.flush()
 
@@ -285,6 +293,7 @@ def run_md(
     engine: str = "ase",
     overwrite: bool = False,
     limits: BlowupLimits | None = None,
+    monitors: Sequence[Any] = (),
 ) -> MDResult:
     """Run ``steps`` MD steps of ``atoms`` (calculator attached) and write log, trajectory and thermo PNG.
 
@@ -293,7 +302,9 @@ def run_md(
     run are replaced; :class:`tdn.md_checks.UsageError` otherwise). ``limits`` (default: warn only, default limits)
     are checked at every log step: :class:`tdn.md_checks.MDBlowupWarning`, or :class:`tdn.md_checks.MDBlowupError`
     with ``limits.stop``; a geometry the model cannot evaluate any more (atoms on top of each other) also raises
-    MDBlowupError. The files written up to then stay."""
+    MDBlowupError. The files written up to then stay. ``monitors``: observers called with the dynamics object at
+    every log step, after the blow-up check, whose ``columns`` / ``values()`` are logged (e.g.
+    :class:`tdn.md_spread.SpreadMonitor`)."""
     from .runtime import GeometryError
 
     if traj_format not in TRAJ_FORMATS:
@@ -316,10 +327,12 @@ def run_md(
     monitor = BlowupMonitor(dyn, atoms, max_temperature, max_drift, stop=limits.stop)
     bar = _progress_bar(steps, progress)
     with open(log_path, "w") as log_fh:
-        logger = ThermoLogger(dyn, atoms, log_fh, settings.ensemble)
+        logger = ThermoLogger(dyn, atoms, log_fh, settings.ensemble, extra=monitors)
         dyn.attach(logger, interval=log_interval)
         dyn.attach(traj, interval=traj_interval)
         dyn.attach(monitor, interval=log_interval)  # after the logger: the log has the step that stops a run
+        for extra in monitors:
+            dyn.attach(extra, log_interval, dyn)
         if bar is not None:
             dyn.attach(lambda: bar.update(dyn.nsteps - bar.n), interval=log_interval)
         start = time.perf_counter()

@@ -15,8 +15,10 @@ from typing import Any
 from ase import Atoms, units
 from ase.io import read
 
+from .md_spread import UNCERTAIN_NAME
+
 # Files a run writes into its output directory (all of them are replaced by a run with overwrite).
-OUTPUT_NAMES = ("md.log", "trajectory.extxyz", "trajectory.traj", "thermo.png")
+OUTPUT_NAMES = ("md.log", "trajectory.extxyz", "trajectory.traj", "thermo.png", UNCERTAIN_NAME)
 INPUT_FORMATS = "any format ase.io.read knows: extxyz, cif, POSCAR, .traj, ..."
 
 

@@ -21,6 +21,7 @@ from .md_checks import (
     check_output_dir,
     read_structure,
 )
+from .md_spread import ON_SPREAD, SPREAD_COLUMN, UNCERTAIN_NAME, SpreadMonitor, SpreadStop
 
 
 def _default_device() -> str:
@@ -39,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("structure", help="input structure, any format ase.io.read knows (extxyz, cif, POSCAR, .traj)")
     p.add_argument("--model", required=True, help="model file written by tdn.save_model / tdn-train's export")
-    p.add_argument("--index", default="-1", help="frame of the structure file to start from (negative: from the end)")
+    p.add_argument(
+        "--index",
+        default=None,
+        help="frame of the structure file to start from (negative: from the end; default: the last); with --engine "
+        "torchsim: the frames to run, one or a slice such as 0:8 (default: every frame)",
+    )
     p.add_argument("-o", "--output-dir", default="md_out", help="directory for log, trajectory and PNG")
     g = p.add_argument_group("integrator")
     g.add_argument(
@@ -54,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ENGINES,
         default="ase",
         help="ase: ASE's integrators calling the model; torch: tdn.dynamics.TorchDynamics, state and step on the "
-        "model's device (nve and nvt-langevin only)",
+        "model's device (nve and nvt-langevin only); torchsim: torch-sim's integrators on every structure of the "
+        "file at once, one subdirectory of OUTPUT_DIR per structure (tdn.md_torchsim)",
     )
     g.add_argument("--steps", type=int, default=1000, help="number of MD steps")
     g.add_argument("--timestep", type=float, default=1.0, help="time step in fs")
@@ -101,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
         "plus 3 kB T for thermostatted ensembles",
     )
     b.add_argument("--stop-on-blowup", action="store_true", help="stop the run (exit code 1) instead of warning")
+    u = p.add_argument_group("committee (uncertainty, active learning; --engine ase)")
+    u.add_argument("--committee", nargs="+", default=None, metavar="MODEL",
+                   help="further model files: with --model, a committee whose mean forces drive the run; the log gets "
+                   f"its force spread (column {SPREAD_COLUMN}: max over atoms of the force std)")  # fmt: skip
+    u.add_argument("--max-force-spread", type=float, default=None,
+                   help="at log steps where the force spread exceeds this (eV/Å), write the frame to OUTPUT_DIR/"
+                   f"{UNCERTAIN_NAME} and act as --on-spread says")  # fmt: skip
+    u.add_argument("--on-spread", choices=ON_SPREAD, default="stop",
+                   help="stop: stop the run (exit code 1); write: keep running, writing every such frame")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
@@ -119,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"tdn-md: error: {err}", file=sys.stderr)
         return 2
-    except MDBlowupError as err:
+    except (MDBlowupError, SpreadStop) as err:
         if args.debug:
             raise
         print(f"tdn-md: stopped: {err}", file=sys.stderr)
@@ -164,8 +180,13 @@ def _check_options(args: argparse.Namespace) -> None:
         ("--log-interval", args.log_interval, 1, False, ""),
         ("--max-temperature", args.max_temperature, 0, True, " K"),
         ("--max-energy-drift", args.max_energy_drift, 0, True, " eV/atom"),
+        ("--max-force-spread", args.max_force_spread, 0, True, " eV/Å"),
     ):
         check_number(option, value, low=low, strict=strict, unit=unit)
+    if args.max_force_spread is not None and not args.committee:
+        raise UsageError("--max-force-spread needs a committee: give its further models with --committee")
+    if args.committee and args.engine != "ase":
+        raise UsageError(f"--committee runs with --engine ase only: --engine {args.engine} evaluates one model")
     if args.engine == "torch":
         from .dynamics import ENSEMBLES as TORCH_ENSEMBLES
 
@@ -189,23 +210,32 @@ def _run(args: argparse.Namespace) -> int:
     from .runtime import GeometryError, validate_atoms
 
     _check_options(args)
+    if args.engine == "torchsim":  # every structure of the file at once
+        from .md_torchsim import run_from_args
+
+        return run_from_args(args)
     check_output_dir(args.output_dir, args.overwrite)
-    atoms = read_structure(args.structure, args.index)
-    frame = f"{args.structure} (frame {args.index})"
+    index = "-1" if args.index is None else args.index
+    atoms = read_structure(args.structure, index)
+    frame = f"{args.structure} (frame {index})"
     if args.ensemble in NPT_ENSEMBLES and not atoms.pbc.all():
         raise UsageError(
             f"--ensemble {args.ensemble} needs a fully periodic cell, but {frame} has pbc={atoms.pbc.tolist()}: "
             "use an NVE/NVT ensemble or a periodic structure"
         )
-    model = Path(args.model)
-    if not model.is_file():
-        raise UsageError(f"--model {model}: no such file; give a model written by tdn.save_model or tdn-train")
-    if not zipfile.is_zipfile(model):  # what torch.save (and so tdn.save_model) writes
-        raise UsageError(f"--model {model} is not a tdn model file: give one written by tdn.save_model or tdn-train")
+    paths = [Path(args.model), *map(Path, args.committee or ())]
+    for option, model in zip(["--model"] + ["--committee"] * len(paths), paths):
+        if not model.is_file():
+            raise UsageError(f"{option} {model}: no such file; give a model written by tdn.save_model or tdn-train")
+        if not zipfile.is_zipfile(model):  # what torch.save (and so tdn.save_model) writes
+            raise UsageError(f"{option} {model} is not a tdn model file: give one written by tdn.save_model or "
+                             "tdn-train")  # fmt: skip
+    model = paths[0] if len(paths) == 1 else paths
     try:
         calc = TDNCalculator(model, device=args.device, default_dtype=args.dtype, compile=args.compile, skin=args.skin)
     except Exception as err:  # noqa: BLE001 - whatever the loader found wrong, the file is the problem
-        raise UsageError(f"--model {model} cannot be loaded as a tdn model: {err}") from None
+        what = f"--model {paths[0]}" if len(paths) == 1 else f"the committee {', '.join(map(str, paths))}"
+        raise UsageError(f"{what} cannot be loaded as a tdn model: {err}") from None
     try:
         validate_atoms(atoms, calc.elements)
     except (ValueError, KeyError) as err:
@@ -229,6 +259,9 @@ def _run(args: argparse.Namespace) -> int:
     if init_t >= 0:
         initialise_velocities(atoms, init_t, args.seed)
     limits = BlowupLimits(args.max_temperature, args.max_energy_drift, args.stop_on_blowup)
+    spread = None
+    if len(paths) > 1:
+        spread = SpreadMonitor(atoms, args.max_force_spread, args.on_spread, Path(args.output_dir) / UNCERTAIN_NAME)
     result = run_md(
         atoms,
         settings,
@@ -242,6 +275,7 @@ def _run(args: argparse.Namespace) -> int:
         engine=args.engine,
         overwrite=args.overwrite,
         limits=limits,
+        **({"monitors": [spread]} if spread is not None else {}),  # the force-spread column and threshold
     )
     print(
         f"tdn-md: {result.steps} steps in {result.wall_s:.1f} s ({result.steps_per_s:.1f} steps/s); "
@@ -251,6 +285,9 @@ def _run(args: argparse.Namespace) -> int:
         first, last = result.blowups[0][0], result.blowups[-1][0]
         print(f"tdn-md: warning: the run was past its blow-up limits at {len(result.blowups)} checks, steps {first} "
               f"to {last} (see the warnings above)", file=sys.stderr)  # fmt: skip
+    if spread is not None and spread.frames:
+        print(f"tdn-md: {spread.frames} frame(s) with a force spread above {args.max_force_spread:g} eV/Å in "
+              f"{spread.path}")  # fmt: skip
     return 0
 
 

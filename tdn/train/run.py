@@ -27,6 +27,7 @@ from ..data.statistics import RANK_DEFICIENT_ADVICE
 from ..io import check_finite, refused_global
 from .callbacks import NonFiniteLossGuard
 from .checks import check_options
+from .committee import CommitteeResult, committee_size, train_committee
 from .data import TrainingDataModule, build_datamodule, check_elements
 from .errors import ConfigError
 from .export import export_model, reproduction_error
@@ -218,14 +219,19 @@ def check_config(cfg: DictConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- the run
-def train(cfg: DictConfig, output_dir: str | Path) -> RunResult:
+def train(cfg: DictConfig, output_dir: str | Path) -> RunResult | CommitteeResult:
     """Train, test and export as ``cfg`` says, writing everything under ``output_dir``.
+
+    ``committee.size > 1``: that many runs, one after the other, in ``output_dir/member_<k>``
+    (:mod:`tdn.train.committee`), returning a :class:`tdn.train.committee.CommitteeResult`.
 
     ``output_dir`` must be new or empty, unless ``cfg.ckpt_path`` is a checkpoint of the run in it (resume) or
     ``cfg.overwrite`` is set (its previous outputs are replaced). A run that fails before writing a checkpoint
     removes what it created.
     """
     output_dir = Path(output_dir)
+    if committee_size(cfg) > 1:
+        return train_committee(cfg, output_dir, train)
     record = recorded(output_dir) or RunDirRecord(output_dir)  # the command line's was taken before Hydra wrote
     try:
         check_config(cfg)

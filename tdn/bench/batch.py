@@ -1,0 +1,386 @@
+"""Batched evaluation benchmark: structure-steps per second of a tdn model through torch-sim (S systems, one model
+call per step) against a loop of :class:`tdn.TDNCalculator` calls (one call per structure), and, at MACE-medium
+widths, an NVE and a Langevin MD step of torch-sim against :class:`tdn.dynamics.TorchDynamics`.
+
+Throughput (``rows``), S rattled Cu fcc cubic supercells of ``n`` atoms each (``n`` in 32 ... 500), the same model:
+
+* ``torch-sim NVE``: one ``torch_sim`` NVE step of the whole batch (velocity Verlet; every system's neighbour list
+  rebuilt, one model call: :class:`tdn.integrations.torchsim.TDNTorchSimModel`);
+* ``calculator loop``: every structure moved by ~1e-3 Å (as an MD step moves it) and ``atoms.get_forces()``
+  from its own TDNCalculator (skin list, rebuilt only when needed): S model calls;
+* ``calculate_batch``: the same moves, then ``TDNCalculator.calculate_batch`` of all S (one graph, one call).
+
+structure-steps/s = S / (seconds per step). Engines (``engine_rows``): ms per MD step of ``N`` atoms, torch-sim's
+NVE / Langevin (BAOAB) integrators with the tdn model against TorchDynamics (velocity Verlet / ASE's Langevin
+propagator, skin neighbour list kept on the device), plus one energy+forces call of each for reference. Timings:
+median of repeated calls of ``steps_per_call`` steps after a warm-up (:func:`tdn.bench.common.time_call`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ase import Atoms, units
+
+from . import common
+from .md import cu_fcc
+
+FULL_SIZES = (32, 108, 256, 500)
+FULL_SYSTEMS = (1, 8, 64)
+LARGE_SYSTEMS = 256  # behind --large
+QUICK_SIZES = (32, 108)
+QUICK_SYSTEMS = (1, 8)
+METHODS = ("torch-sim NVE", "calculator loop", "calculate_batch")
+ENSEMBLES = ("nve", "nvt-langevin")
+
+
+@dataclass
+class BatchBenchConfig:
+    sizes: tuple[int, ...] = FULL_SIZES
+    systems: tuple[int, ...] = FULL_SYSTEMS
+    preset: str = "tiny"  # throughput model
+    backend: str = "cp"
+    dtype: str = "float32"
+    engine_preset: str | None = "mace-medium"  # None: no engine comparison
+    engine_atoms: int = 256
+    engine_steps: int = 4  # MD steps per timed call of the engine comparison
+    engine_reps: int = 5  # interleaved rounds of the engine comparison
+    steps_per_call: int = 1  # throughput: steps per timed call
+    warmup: int = 1
+    reps: int = 3
+    max_seconds: float = 10.0
+    max_atoms: int = 40_000  # S x n above this: not measured (time and memory)
+    device: str = "cpu"
+    quick: bool = False
+    name: str = "batch_cpu"
+    notes: list[str] = field(default_factory=list)
+
+
+def build(preset: str, backend: str, dtype: str, device: str = "cpu") -> torch.nn.Module:
+    from ..models import PRESETS, build_model
+    from ..runtime import model_dtype, prepare_model
+
+    torch.manual_seed(0)
+    model = build_model(**{**PRESETS[preset], "tp": backend, "elements": [29], "avg_num_neighbors": 40.0})
+    return prepare_model(model, torch.device(device), model_dtype(dtype))
+
+
+def structures(count: int, natoms: int, temperature: float = 300.0) -> list[Atoms]:
+    """``count`` rattled Cu fcc supercells of ``natoms`` atoms (different rattles), Maxwell-Boltzmann momenta."""
+    from ..md import initialise_velocities
+
+    out = []
+    for k in range(count):
+        atoms = cu_fcc(natoms, seed=k)
+        initialise_velocities(atoms, temperature, seed=k)
+        out.append(atoms)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ throughput
+def throughput_calls(model: torch.nn.Module, count: int, natoms: int, cfg: BatchBenchConfig) -> dict[str, Callable]:
+    """One zero-argument call per method, each doing ``cfg.steps_per_call`` steps of all ``count`` structures."""
+    from torch_sim.integrators import nve
+
+    from ..calculator import TDNCalculator
+    from ..integrations.torchsim import TDNTorchSimModel, state_from_atoms
+
+    k = cfg.steps_per_call
+    ts_model = TDNTorchSimModel(model, compute_stress=False)
+    dt = torch.tensor(units.fs, dtype=ts_model.dtype, device=ts_model.device)
+    init, update = nve(ts_model, dt=dt, kT=torch.tensor(300 * units.kB, dtype=ts_model.dtype, device=ts_model.device))
+    moving = structures(count, natoms)
+    start = state_from_atoms(moving, ts_model)
+    start.momenta = torch.as_tensor(np.concatenate([a.get_momenta() for a in moving]), dtype=ts_model.dtype,
+                                    device=ts_model.device)  # fmt: skip
+    holder = {"state": init(start)}
+
+    def torch_sim_steps() -> None:
+        for _ in range(k):
+            holder["state"] = update(holder["state"])
+
+    loop = structures(count, natoms)
+    for atoms in loop:
+        atoms.calc = TDNCalculator(model, device=cfg.device, default_dtype=cfg.dtype)
+    rng = np.random.default_rng(0)
+
+    def calculator_loop() -> None:
+        for _ in range(k):
+            for atoms in loop:
+                atoms.positions += rng.normal(scale=1e-3, size=atoms.positions.shape)
+                atoms.get_forces()
+
+    batch = structures(count, natoms)
+    calc = TDNCalculator(model, device=cfg.device, default_dtype=cfg.dtype)
+
+    def calculate_batch() -> None:
+        for _ in range(k):
+            for atoms in batch:
+                atoms.positions += rng.normal(scale=1e-3, size=atoms.positions.shape)
+            calc.calculate_batch(batch, batch_size=count)
+
+    return {"torch-sim NVE": torch_sim_steps, "calculator loop": calculator_loop, "calculate_batch": calculate_batch}
+
+
+def bench_throughput(cfg: BatchBenchConfig, on_row: Callable[[dict], None]) -> None:
+    model = build(cfg.preset, cfg.backend, cfg.dtype, cfg.device)
+    for count in cfg.systems:
+        for natoms in cfg.sizes:
+            base = {"systems": count, "atoms_per_system": natoms, "atoms": count * natoms}
+            if count * natoms > cfg.max_atoms:
+                for method in METHODS:
+                    on_row({**base, "method": method, "err": f"skipped: above {cfg.max_atoms} atoms in all"})
+                continue
+            calls, err = common.attempt(lambda c=count, n=natoms: throughput_calls(model, c, n, cfg), cfg.device)
+            for method in METHODS:
+                row = {**base, "method": method}
+                if err is not None:
+                    row["err"] = err
+                else:
+                    timing, terr = common.attempt(lambda f=calls[method]: common.time_call(
+                        f, cfg.device, warmup=cfg.warmup, reps=cfg.reps, max_seconds=cfg.max_seconds),
+                        cfg.device)  # fmt: skip
+                    if terr is not None:
+                        row["err"] = terr
+                    else:
+                        step_s = timing["median_ms"] / 1e3 / cfg.steps_per_call
+                        row.update(step_ms=step_s * 1e3, structure_steps_per_s=count / step_s, reps=timing["reps"])
+                on_row(row)
+            del calls
+            common.free_memory(cfg.device)
+
+
+# ------------------------------------------------------------------------------------------------ engines
+def engine_calls(model: torch.nn.Module, cfg: BatchBenchConfig, ensemble: str) -> dict[str, Callable]:
+    """torch-sim's and TorchDynamics' MD steps (and one energy+forces call of each) of one Cu fcc system."""
+    from torch_sim.integrators import nve, nvt_langevin
+
+    from ..dynamics import TorchDynamics
+    from ..integrations.torchsim import TDNTorchSimModel, state_from_atoms
+
+    k = cfg.engine_steps
+    atoms = structures(1, cfg.engine_atoms)[0]
+    ts_model = TDNTorchSimModel(model, compute_stress=False)
+    scalar = lambda v: torch.tensor(v, dtype=ts_model.dtype, device=ts_model.device)  # noqa: E731
+    dt, kT = scalar(units.fs), scalar(300 * units.kB)
+    friction = 0.01  # 1/fs, as tdn-md's default
+    if ensemble == "nve":
+        init, update = nve(ts_model, dt=dt, kT=kT)
+    else:
+        init, update = nvt_langevin(ts_model, dt=dt, kT=kT, gamma=scalar(friction / units.fs))
+    start = state_from_atoms(atoms, ts_model)
+    start.momenta = torch.as_tensor(atoms.get_momenta(), dtype=ts_model.dtype, device=ts_model.device)
+    holder = {"state": init(start)}
+
+    def torch_sim_steps() -> None:
+        for _ in range(k):
+            holder["state"] = update(holder["state"])
+
+    dyn = TorchDynamics(model, atoms.copy(), timestep=1.0, ensemble=ensemble, friction=friction)
+    return {
+        "torch-sim": torch_sim_steps,
+        "TorchDynamics": lambda: dyn.run(k),
+        "torch-sim model call": lambda: ts_model(holder["state"]),
+        "TorchDynamics evaluate": dyn.evaluate,
+    }
+
+
+def bench_engines(cfg: BatchBenchConfig, on_row: Callable[[dict], None]) -> None:
+    """The engines' calls INTERLEAVED (one call of each in turn, ``engine_reps`` rounds after a warm-up): load from
+    other jobs on a shared machine then hits both alike. Median and minimum ms per step."""
+    if cfg.engine_preset is None:
+        return
+    model = build(cfg.engine_preset, cfg.backend, cfg.dtype, cfg.device)
+    for ensemble in ENSEMBLES:
+        names = ["torch-sim", "TorchDynamics"] + (["torch-sim model call", "TorchDynamics evaluate"]
+                                                  if ensemble == "nve" else [])  # fmt: skip
+        calls, err = common.attempt(lambda e=ensemble: engine_calls(model, cfg, e), cfg.device)
+        times: dict[str, list[float]] = {name: [] for name in names}
+        if err is None:
+            for round_ in range(cfg.warmup + cfg.engine_reps):
+                for name in names:
+                    ms, terr = common.attempt(lambda f=calls[name]: common.time_call(f, cfg.device, warmup=0, reps=1)[
+                        "median_ms"], cfg.device)  # fmt: skip
+                    if terr is not None:
+                        err = terr
+                        break
+                    if round_ >= cfg.warmup:
+                        times[name].append(ms / (1 if name.endswith(("call", "evaluate")) else cfg.engine_steps))
+                if err is not None:
+                    break
+        for name in names:
+            row: dict[str, Any] = {"engine": name, "ensemble": ensemble, "atoms": cfg.engine_atoms}
+            if err is not None:
+                row["err"] = err
+            else:
+                row.update(step_ms=float(np.median(times[name])), min_ms=min(times[name]), reps=len(times[name]))
+            on_row(row)
+
+
+# ------------------------------------------------------------------------------------------------ run + report
+def run(cfg: BatchBenchConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Throughput rows, then the engine rows; ``NAME.json`` after every row, the markdown and PNG at the end."""
+    meta = common.run_metadata(cfg.device, packages=("ase", "torch-sim-atomistic", "vesin"))
+    meta["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
+    out_dir = Path(out_dir)
+    result: dict[str, Any] = {"meta": meta, "config": asdict(cfg), "rows": [], "engine_rows": [], "notes": cfg.notes}
+
+    def record(key: str) -> Callable[[dict], None]:
+        def add(row: dict) -> None:
+            result[key].append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "reps"}), flush=True)
+            common.write_json(out_dir / f"{cfg.name}.json", result)
+
+        return add
+
+    bench_throughput(cfg, record("rows"))
+    bench_engines(cfg, record("engine_rows"))
+    write_results(result, out_dir, cfg.name)
+    return result
+
+
+def write_results(result: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
+    paths = [common.write_json(out_dir / f"{name}.json", result)]
+    paths.append(common.write_text(out_dir / f"{name}.md", markdown_report(result)))
+    try:
+        paths.append(plot(result, out_dir / f"{name}.png"))
+    except Exception as err:  # noqa: BLE001 - a broken plot must not lose the measurements
+        print(f"plot failed: {err}", file=sys.stderr)
+    return paths
+
+
+def _value(row: dict[str, Any] | None, key: str) -> str:
+    if row is None:
+        return "—"
+    if row.get("err"):
+        return "skip" if row["err"].startswith("skipped") else "err"
+    value = row.get(key)
+    return "—" if value is None else (f"{value:.3g}" if value < 1000 else f"{value:.0f}")
+
+
+def markdown_report(result: dict[str, Any]) -> str:
+    meta, cfg = result["meta"], result["config"]
+    git = meta["git"]
+    table = {(r["systems"], r["atoms_per_system"], r["method"]): r for r in result["rows"]}
+    lines = [
+        "# Batched evaluation: tdn through torch-sim against a loop of TDNCalculator calls (Cu fcc)",
+        "",
+        f"- machine: {common.machine_line(meta)}; OMP_NUM_THREADS={meta.get('omp_num_threads')}",
+        f"- date: {meta['date']}; commit {git['commit'][:12]}{' (dirty)' if git.get('dirty') else ''}",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
+        f"- throughput model: preset {cfg['preset']}, backend {cfg['backend']}, {cfg['dtype']}; median of up to "
+        f"{cfg['reps']} calls of {cfg['steps_per_call']} steps after {cfg['warmup']} warm-up",
+        "- `torch-sim NVE`: one torch-sim NVE step of all S systems (neighbour lists rebuilt, ONE model call); "
+        "`calculator loop`: per structure a ~1e-3 Å move and get_forces() from its own TDNCalculator (skin list), S "
+        "model calls; `calculate_batch`: the same moves, then TDNCalculator.calculate_batch (one graph, one call)",
+        "",
+        "## Throughput: structure-steps per second (higher is better)",
+        "",
+    ]
+    header = ["systems S", "atoms each", "atoms in all", *METHODS, "torch-sim / loop"]
+    body = []
+    for count in cfg["systems"]:
+        for natoms in cfg["sizes"]:
+            cells = [table.get((count, natoms, m)) for m in METHODS]
+            ratio = None
+            if all(c and c.get("structure_steps_per_s") for c in cells[:2]):
+                ratio = cells[0]["structure_steps_per_s"] / cells[1]["structure_steps_per_s"]
+            body.append([count, natoms, count * natoms, *[_value(c, "structure_steps_per_s") for c in cells],
+                         common.fmt_ratio(ratio)])  # fmt: skip
+    lines.append(common.markdown_table(header, body))
+    if result["engine_rows"]:
+        lines += ["", f"## One MD step: torch-sim against tdn.dynamics.TorchDynamics ({cfg['engine_atoms']} atoms Cu "
+                  f"fcc, preset {cfg['engine_preset']}, backend {cfg['backend']}, {cfg['dtype']})", "",
+                  f"ms per step: median (min) of {cfg['engine_reps']} calls of {cfg['engine_steps']} steps (the "
+                  "energy+forces rows: one call each), the engines called in turn so that load from other jobs "
+                  "hits both alike. "
+                  "torch-sim rebuilds the neighbour list at every step; TorchDynamics keeps a skin list (0.5 Å) on "
+                  "the device and checks it every few steps.", ""]  # fmt: skip
+        erows = [[r["ensemble"] if not r["engine"].endswith(("call", "evaluate")) else "energy+forces", r["engine"],
+                  f"{_value(r, 'step_ms')} ({_value(r, 'min_ms')})"] for r in result["engine_rows"]]  # fmt: skip
+        lines.append(common.markdown_table(["ensemble", "engine", "ms per step: median (min)"], erows))
+        ratios = []
+        for ensemble in ENSEMBLES:
+            rows = {r["engine"]: r for r in result["engine_rows"] if r["ensemble"] == ensemble and r.get("step_ms")}
+            if "torch-sim" in rows and "TorchDynamics" in rows:
+                ours, theirs = rows["torch-sim"], rows["TorchDynamics"]
+                ratios.append(f"{ensemble}: torch-sim / TorchDynamics = {ours['step_ms'] / theirs['step_ms']:.2f} "
+                              f"(medians), {ours['min_ms'] / theirs['min_ms']:.2f} (minima)")  # fmt: skip
+        lines += ["", "- " + "; ".join(ratios)] if ratios else []
+    errors = [f"{r.get('method') or r.get('engine')} S={r.get('systems', '')} n={r.get('atoms_per_system', '')}: "
+              f"{r['err']}" for r in result["rows"] + result["engine_rows"] if r.get("err")]  # fmt: skip
+    notes = list(result.get("notes", [])) + errors
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    cfg = result["config"]
+    table = {(r["systems"], r["atoms_per_system"], r["method"]): r for r in result["rows"]}
+    panels = {}
+    for natoms in cfg["sizes"]:
+        panels[f"{natoms} atoms per system"] = {
+            m: [table.get((s, natoms, m), {}).get("structure_steps_per_s") for s in cfg["systems"]] for m in METHODS
+        }
+    title = f"structure-steps/s vs systems per batch — {common.machine_line(result['meta'])}, {result['meta']['date']}"
+    return common.line_plot(path, [str(s) for s in cfg["systems"]], panels, ylabel="structure-steps / s", title=title)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench_batch.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output directory for NAME.json / .md / .png")
+    p.add_argument("--name", default=None, help="file name stem (default: batch_cpu[_quick])")
+    p.add_argument("--quick", action="store_true", help="smoke run (< 1 min): 1 and 8 systems of 32 and 108 atoms, "
+                   "the engine comparison with the tiny preset at 32 atoms")  # fmt: skip
+    p.add_argument("--large", action="store_true", help=f"also {LARGE_SYSTEMS} systems per batch")
+    p.add_argument("--systems", type=int, nargs="+", help=f"systems per batch (default {list(FULL_SYSTEMS)})")
+    p.add_argument("--sizes", type=int, nargs="+", help=f"atoms per system, 4 n^3 (default {list(FULL_SIZES)})")
+    p.add_argument("--preset", default="tiny", help="throughput model widths (a tdn.models.PRESETS name)")
+    p.add_argument("--engine-preset", default=None, help="engine comparison widths (default mace-medium; 'none' "
+                   "skips it)")  # fmt: skip
+    p.add_argument("--engine-atoms", type=int, default=None, help="atoms of the engine comparison (default 256)")
+    p.add_argument("--backend", default="cp", help="tensor-product backend of both models")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--device", default="cpu", help="torch device of the models (cpu, cuda)")
+    p.add_argument("--max-atoms", type=int, help="skip batches with more atoms in all (default 40000)")
+    p.add_argument("--reps", type=int)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own; --quick uses 1)")
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> BatchBenchConfig:
+    cfg = BatchBenchConfig(preset=args.preset, backend=args.backend, dtype=args.dtype, device=args.device,
+                           quick=args.quick)  # fmt: skip
+    cfg.systems = tuple(args.systems or (QUICK_SYSTEMS if args.quick else FULL_SYSTEMS))
+    if args.large and LARGE_SYSTEMS not in cfg.systems:
+        cfg.systems += (LARGE_SYSTEMS,)
+    cfg.sizes = tuple(args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES))
+    if args.quick:
+        cfg.engine_preset, cfg.engine_atoms, cfg.reps, cfg.engine_reps, cfg.max_seconds = "tiny", 32, 2, 2, 2.0
+    if args.engine_preset is not None:
+        cfg.engine_preset = None if args.engine_preset == "none" else args.engine_preset
+    if args.engine_atoms is not None:
+        cfg.engine_atoms = args.engine_atoms
+    if args.reps is not None:
+        cfg.reps = args.reps
+    if args.max_atoms is not None:
+        cfg.max_atoms = args.max_atoms
+    for natoms in (*cfg.sizes, cfg.engine_atoms):
+        cu_fcc(natoms)  # fail early on a size that is not 4 n^3
+    cfg.name = args.name or f"batch_{torch.device(args.device).type}{'_quick' if args.quick else ''}"
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    return common.cli_main(argv, parse_args, config_from_args, run)

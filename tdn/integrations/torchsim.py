@@ -1,0 +1,198 @@
+"""torch-sim glue: :class:`TDNTorchSimModel`, a ``torch_sim.models.interface.ModelInterface`` running a tdn model.
+
+A batch of S systems is ONE graph and ONE model call (:mod:`tdn.integrations.batch`): every system's neighbour list
+is built on its own and concatenated with atom offsets, on the model's device (the pure-torch cell list on an
+accelerator, vesin on the CPU). Periodic crystals, slabs and molecules may share a batch (a per-system ``pbc``).
+
+torch-sim's conventions, as read here (torch-sim-atomistic 0.3.0; older and newer releases are handled too):
+
+* ``state.cell [S, 3, 3]`` holds the cell vectors as COLUMNS; ``state.row_vector_cell`` the ASE rows. A state
+  dict's ``"cell"`` is read in the column convention too (``"row_vector_cell"`` if given wins);
+* ``state.pbc``: one bool for all systems and directions in 0.3.0, a ``[3]`` tensor in newer releases; a
+  ``[S, 3]`` tensor (one row per system, what :func:`state_from_atoms` makes for a mixed list) is understood too;
+* ``state.system_idx [N]`` (``state.batch`` in older releases), ``state.atomic_numbers [N]`` (any integer dtype);
+* units: Å, eV, amu (ASE's); ``stress [S, 3, 3]`` in eV/Å^3 with ASE's sign (``(1/V) dE/d(strain)``, what
+  ``torch_sim.quantities.get_pressure`` expects: pressure = -trace / 3); zero for a system that is not periodic
+  in all three directions.
+
+Example::
+
+    import torch_sim as ts
+    from tdn.integrations.torchsim import TDNTorchSimModel, state_from_atoms
+
+    model = TDNTorchSimModel("model.pt", device="cuda", dtype="float64")
+    state = state_from_atoms([crystal, molecule], model)     # or ts.io.atoms_to_state(..., model.device, model.dtype)
+    out = model(state)                                        # energy [2], forces [N, 3], stress [2, 3, 3]
+
+The state's dtype must be the model's (``model.dtype``), as torch-sim's integrators assume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ase import Atoms
+from torch import nn
+
+from ..runtime import NEIGHBOR_LISTS, model_dtype, prepare_model
+from .batch import build_graph, check_structures, evaluate, systems_from_tensors
+
+try:
+    from torch_sim.models.interface import ModelInterface
+    from torch_sim.state import SimState
+except ImportError as err:  # pragma: no cover - the optional extra is missing
+    raise ImportError("tdn.integrations.torchsim needs torch-sim: pip install 'tdn[torchsim]' "
+                      "(torch-sim-atomistic >= 0.3)") from err  # fmt: skip
+
+__all__ = ["TDNTorchSimModel", "state_from_atoms"]
+
+
+class TDNTorchSimModel(ModelInterface):
+    """A tdn model as a torch-sim model: ``model(state) -> {"energy" [S], "forces" [N, 3], "stress" [S, 3, 3]}``.
+
+    Args:
+        model: a model file (``tdn.save_model``) or a :class:`tdn.models.TDNModel` (used in place: eval mode, its
+            parameters frozen, moved to ``device`` / ``dtype``; :func:`tdn.runtime.prepare_model`).
+        device: torch device; default the model object's, for a file CUDA when available, else the CPU.
+        dtype: ``"float32"`` / ``"float64"`` or a torch dtype; default the model object's, for a file float32.
+        compute_forces, compute_stress: which outputs ``forward`` computes (both settable later, as torch-sim's
+            ``validate_model_outputs`` does).
+        neighbor_list: ``"auto"`` (torch on an accelerator, vesin on the CPU), ``"torch"`` or ``"vesin"``.
+
+    Outputs are detached, in the model's dtype and on its device. Input the model cannot evaluate raises before it
+    runs, naming the system: an empty system, non-finite positions, an unknown element, an unusable periodic
+    cell, a state whose dtype is not the model's, atoms closer than :data:`tdn.runtime.MIN_DISTANCE`
+    (:class:`tdn.runtime.AtomsTooCloseError`).
+    """
+
+    def __init__(
+        self,
+        model: str | Path | nn.Module,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        compute_forces: bool = True,
+        compute_stress: bool = True,
+        neighbor_list: str = "auto",
+    ) -> None:
+        super().__init__()
+        if neighbor_list not in NEIGHBOR_LISTS:
+            raise ValueError(f"neighbor_list must be one of {NEIGHBOR_LISTS}, got {neighbor_list!r}")
+        if isinstance(model, nn.Module):
+            tensor = next(iter(model.buffers()), None)
+            device = device if device is not None else (tensor.device if tensor is not None else "cpu")
+            dtype = dtype if dtype is not None else model.dtype
+        else:
+            device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+            dtype = dtype if dtype is not None else "float32"
+        self._device = torch.device(device)
+        self._dtype = model_dtype(dtype, "dtype")
+        self.model = prepare_model(model, self._device, self._dtype)
+        self.cutoff = float(self.model.config.cutoff)
+        self.elements = list(self.model.config.elements)
+        self.neighbor_list = neighbor_list
+        self._compute_forces = bool(compute_forces)
+        self._compute_stress = bool(compute_stress)
+        self._memory_scales_with = "n_atoms_x_density"
+
+    # torch-sim's ModelInterface makes these read-only; validate_model_outputs sets them, so they are settable here
+    @property
+    def compute_forces(self) -> bool:
+        return self._compute_forces
+
+    @compute_forces.setter
+    def compute_forces(self, value: bool) -> None:
+        self._compute_forces = bool(value)
+
+    @property
+    def compute_stress(self) -> bool:
+        return self._compute_stress
+
+    @compute_stress.setter
+    def compute_stress(self, value: bool) -> None:
+        self._compute_stress = bool(value)
+
+    def forward(self, state: SimState | dict[str, Any], **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Energies ``[S]`` (eV), and as configured forces ``[N, 3]`` (eV/Å) and stress ``[S, 3, 3]`` (eV/Å^3,
+        ASE sign) of every system of ``state`` (a ``SimState`` or a dict with the same fields), in one model
+        call. The state is not modified."""
+        positions, cell, pbc, numbers, system_idx = read_state(state)
+        systems = systems_from_tensors(positions, cell, pbc, numbers, system_idx, self.elements, self._dtype)
+        graph = build_graph(systems, self.cutoff, self.neighbor_list)
+        out = evaluate(self.model, systems, graph, compute_forces=self._compute_forces,
+                       compute_stress=self._compute_stress)  # fmt: skip
+        results = {"energy": out["energy"]}
+        if self._compute_forces:
+            results["forces"] = out["forces"]
+        if self._compute_stress:
+            results["stress"] = out["stress"]
+        return results
+
+
+# ------------------------------------------------------------------------------------------------ states
+def read_state(state: SimState | dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    """``positions [N, 3]``, ``cell [S, 3, 3]`` (ROWS are the cell vectors), ``pbc [S, 3]`` bool,
+    ``atomic_numbers [N]`` and ``system_idx [N]`` of a torch-sim state or state dict (see the module docstring
+    for the conventions of the different torch-sim releases)."""
+    get = state.get if isinstance(state, dict) else (lambda name, default=None: getattr(state, name, default))
+    positions = get("positions")
+    numbers = get("atomic_numbers")
+    if positions is None or numbers is None:
+        raise ValueError("the state needs positions and atomic_numbers")
+    system_idx = get("system_idx")
+    if system_idx is None:
+        system_idx = get("batch")  # torch-sim before 0.3 named it batch
+    if system_idx is None:
+        system_idx = torch.zeros(positions.shape[0], dtype=torch.long, device=positions.device)
+    cell = get("row_vector_cell")
+    if cell is None:
+        cell = get("cell")
+        if cell is None:
+            raise ValueError("the state needs a cell ([S, 3, 3], zeros for molecules)")
+        cell = cell.transpose(-1, -2)  # torch-sim keeps the cell vectors as columns
+    cell = cell.reshape(-1, 3, 3)
+    pbc = _pbc_rows(get("pbc", False), cell.shape[0], positions.device)
+    return positions, cell, pbc, numbers, system_idx
+
+
+def _pbc_rows(pbc: Any, num_systems: int, device: torch.device) -> torch.Tensor:
+    """torch-sim's ``pbc`` (a bool, a ``[3]`` tensor, or ``[S, 3]`` per system) as ``[S, 3]`` bool."""
+    rows = torch.as_tensor(pbc, dtype=torch.bool, device=device)
+    if rows.numel() == 1:
+        rows = rows.reshape(1, 1).expand(num_systems, 3)
+    elif rows.numel() == 3:
+        rows = rows.reshape(1, 3).expand(num_systems, 3)
+    elif rows.shape != (num_systems, 3):
+        raise ValueError(f"pbc must be a bool, [3] or [S, 3] = [{num_systems}, 3], got shape {list(rows.shape)}")
+    return rows
+
+
+def state_from_atoms(structures: Atoms | Sequence[Atoms], model: TDNTorchSimModel) -> SimState:
+    """ASE structures as one torch-sim ``SimState`` in the model's device and dtype (checked first: an error names
+    the structure). ``pbc`` is a bool when every structure is periodic in all or in no direction (what torch-sim
+    0.3.0's integrators and optimisers take), else a ``[S, 3]`` tensor, which :class:`TDNTorchSimModel` reads per
+    system (evaluation; torch-sim 0.3.0's integrators need the bool). The cell is stored as columns, as
+    ``torch_sim.io.atoms_to_state`` does."""
+    structures = [structures] if isinstance(structures, Atoms) else list(structures)
+    if not structures:
+        raise ValueError("no structure given")
+    check_structures(structures, model.elements)
+    device, dtype = model.device, model.dtype
+    pbc_rows = np.stack([np.asarray(a.pbc, dtype=bool) for a in structures])
+    uniform = bool(pbc_rows.all()) or not pbc_rows.any()
+    pbc: bool | torch.Tensor = bool(pbc_rows.all()) if uniform else torch.as_tensor(pbc_rows, device=device)
+    cells = np.stack([np.asarray(a.cell, dtype=np.float64).T for a in structures])
+    counts = torch.as_tensor([len(a) for a in structures], device=device)
+    return SimState(
+        positions=torch.as_tensor(np.concatenate([a.positions for a in structures]), dtype=dtype, device=device),
+        masses=torch.as_tensor(np.concatenate([a.get_masses() for a in structures]), dtype=dtype, device=device),
+        cell=torch.as_tensor(cells, dtype=dtype, device=device),
+        pbc=pbc,
+        atomic_numbers=torch.as_tensor(np.concatenate([a.numbers for a in structures]), dtype=torch.long,
+                                       device=device),  # fmt: skip
+        system_idx=torch.repeat_interleave(torch.arange(len(structures), device=device), counts),
+    )

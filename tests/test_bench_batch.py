@@ -1,0 +1,81 @@
+"""The batch and neighbour-list benchmarks: quick runs write JSON, markdown and PNG with what they measured."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("torch_sim")
+pytest.importorskip("vesin_torch")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_quick_neighbor_benchmark_writes_its_report(tmp_path):
+    from tdn.bench import neighbors
+
+    result = neighbors.main(["--quick", "--sizes", "108", "--out", str(tmp_path)])
+    stem = tmp_path / "neighbors_cpu_quick"
+    saved = json.loads(stem.with_suffix(".json").read_text())
+    assert saved["meta"]["git"]["commit"] and saved["meta"]["date"] and saved["meta"]["machine"]["cpu"]
+    timed = {row["impl"]: row for row in saved["rows"]}
+    assert set(timed) == set(neighbors.IMPLS) and timed["tdn torch"]["ms"] > 0 and timed["vesin-torch"]["ms"] > 0
+    agreement = {(row["system"], row["impl"]): row for row in result["agreement"]}
+    systems = {system for system, _ in agreement}
+    assert {"skewed triclinic 16", "small fcc primitive", "molecule C6H6", "slab (pbc TTF)"} <= systems
+    for system in systems:  # tdn's lists and vesin-torch agree with ASE everywhere, slab included
+        for impl in ("tdn torch", "tdn vesin", "vesin-torch", "vesin-torch sorted"):
+            assert agreement[(system, impl)]["agrees"], (system, impl)
+    text = stem.with_suffix(".md").read_text()
+    assert "| 108 | 4652 |" in text and "Exact agreement with ASE" in text and saved["meta"]["date"] in text
+    assert stem.with_suffix(".png").stat().st_size > 0
+
+
+def test_a_wrong_list_is_reported_as_a_mismatch():
+    from tdn.bench.neighbors import ase_triples, compare, cu_fcc
+
+    atoms = cu_fcc(108)
+    i, j, s = ase_triples(atoms, 5.0)
+    assert compare((i, j, s), (i, j, s))["agrees"]
+    report = compare((i[1:], j[1:], s[1:]), (i, j, s))
+    assert not report["agrees"] and report["missing"] == 1 and report["extra"] == 0
+    shifted = s.copy()
+    shifted[0] += 1
+    assert compare((i, j, shifted), (i, j, s))["extra"] == 1
+
+
+def test_sorted_vesin_torch_has_the_order_of_tdn():
+    from vesin_torch import NeighborList
+
+    from tdn.bench.neighbors import cu_fcc, sort_edges
+    from tdn.data.neighbors import neighbor_list_torch
+
+    atoms = cu_fcc(108)
+    pos, cell = torch.tensor(atoms.positions), torch.tensor(np.array(atoms.cell))
+    i, j, s = NeighborList(cutoff=5.0, full_list=True).compute(points=pos, box=cell, periodic=True, quantities="ijS")
+    ours = neighbor_list_torch(pos, cell, torch.tensor([True] * 3), 5.0)
+    for got, want in zip(sort_edges(i, j, s, len(atoms)), ours):
+        assert torch.equal(got.long(), want.long())
+
+
+def test_quick_batch_benchmark_writes_its_report(tmp_path):
+    from tdn.bench import batch
+
+    argv = ["--quick", "--systems", "1", "2", "--sizes", "32", "--out", str(tmp_path)]
+    batch.main(argv)
+    stem = tmp_path / "batch_cpu_quick"
+    saved = json.loads(stem.with_suffix(".json").read_text())
+    rows = {(r["systems"], r["method"]): r for r in saved["rows"]}
+    assert set(rows) == {(s, m) for s in (1, 2) for m in batch.METHODS}
+    for (systems, _), row in rows.items():
+        assert "err" not in row and row["structure_steps_per_s"] == pytest.approx(systems / row["step_ms"] * 1e3)
+    engines = {(r["engine"], r["ensemble"]) for r in saved["engine_rows"] if r.get("step_ms")}
+    assert {("torch-sim", "nve"), ("TorchDynamics", "nve"), ("torch-sim", "nvt-langevin"),
+            ("TorchDynamics", "nvt-langevin")} <= engines  # fmt: skip
+    text = stem.with_suffix(".md").read_text()
+    assert "structure-steps per second" in text and "torch-sim / TorchDynamics" in text
+    assert saved["meta"]["git"]["commit"][:12] in text
+    assert stem.with_suffix(".png").stat().st_size > 0
