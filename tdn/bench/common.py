@@ -360,6 +360,26 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def write_report(
+    result: dict[str, Any],
+    out_dir: str | os.PathLike,
+    name: str,
+    markdown: Callable[[dict[str, Any]], str],
+    plot: Callable[[dict[str, Any], Path], Path],
+) -> list[Path]:
+    """``NAME.json``, ``NAME.md`` (``markdown(result)``) and ``NAME.png`` (``plot(result, path)``) in ``out_dir``; a
+    plot that fails is reported on stderr and costs nothing else (the measurements are already written)."""
+    out_dir = Path(out_dir)
+    paths = [write_json(out_dir / f"{name}.json", result), write_text(out_dir / f"{name}.md", markdown(result))]
+    try:
+        paths.append(plot(result, out_dir / f"{name}.png"))
+    except Exception as err:  # noqa: BLE001 - a broken plot must not lose the measurements
+        import sys
+
+        print(f"plot failed: {err}", file=sys.stderr)
+    return paths
+
+
 def line_plot(
     path: str | os.PathLike,
     x_labels: Sequence[str],

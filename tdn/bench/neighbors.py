@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -260,13 +259,7 @@ def run(cfg: NeighborBenchConfig, out_dir: str | Path) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ report
 def write_results(result: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
-    paths = [common.write_json(out_dir / f"{name}.json", result)]
-    paths.append(common.write_text(out_dir / f"{name}.md", markdown_report(result)))
-    try:
-        paths.append(plot(result, out_dir / f"{name}.png"))
-    except Exception as err:  # noqa: BLE001 - a broken plot must not lose the measurements
-        print(f"plot failed: {err}", file=sys.stderr)
-    return paths
+    return common.write_report(result, out_dir, name, markdown_report, plot)
 
 
 def _impls(result: dict[str, Any]) -> list[str]:

@@ -197,13 +197,7 @@ def run(cfg: TrainBenchConfig, out_dir: str | Path) -> dict[str, Any]:
     result = {"meta": meta, "config": asdict(cfg), "molecules": list(MOLECULES),
               "models": {s: model_values(s) for s in cfg.sizes}, "rows": rows + mace_rows,
               "notes": cfg.notes + notes}  # fmt: skip
-    out = Path(out_dir)
-    common.write_json(out / f"{cfg.name}.json", result)
-    common.write_text(out / f"{cfg.name}.md", markdown_report(result))
-    try:
-        plot(result, out / f"{cfg.name}.png")
-    except Exception as err:  # noqa: BLE001 - a broken plot must not lose the measurements
-        print(f"plot failed: {err}", file=sys.stderr)
+    common.write_report(result, out_dir, cfg.name, markdown_report, plot)
     return result
 
 
