@@ -278,3 +278,29 @@ def test_relaxation_lowers_fmax_below_the_threshold(files, tmp_path, capsys):
     assert abs(relaxed[0].get_volume() - crystal.get_volume()) > 1e-3  # the cell relaxed too
     stress = relaxed[0].get_stress(voigt=False) * relaxed[0].get_volume() / len(relaxed[0])  # the cell forces
     assert np.linalg.norm(stress, axis=1).max() < 0.05
+
+
+def test_d3_dispersion_as_the_calculator_adds_it():
+    """dispersion="d3bj" adds the same D3 energy, forces and stress as TDNCalculator(dispersion="d3bj")."""
+    pytest.importorskip("torch_dftd", reason="D3 needs torch-dftd (the d3 extra)")
+    structures = mixed()
+    plain = TDNTorchSimModel(model("float64"))
+    with_d3 = TDNTorchSimModel(model("float64"), dispersion="d3bj", functional="pbe")
+    state = state_from_atoms(structures, with_d3)
+    out, bare = with_d3(state), plain(state)
+    calc = TDNCalculator(model("float64"), default_dtype="float64", dispersion="d3bj", functional="pbe")
+    start = 0
+    for k, atoms in enumerate(structures):
+        atoms = atoms.copy()
+        atoms.calc = calc
+        stop = start + len(atoms)
+        energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+        assert abs(out["energy"][k].item() - energy) <= 1e-9 * abs(energy), k
+        assert abs(out["energy"][k].item() - bare["energy"][k].item()) > 1e-4  # D3 is there at all
+        assert np.abs(out["forces"][start:stop].numpy() - forces).max() <= 1e-9 * np.abs(forces).max(), k
+        if atoms.pbc.all():
+            stress = atoms.get_stress(voigt=False)
+            assert np.abs(out["stress"][k].numpy() - stress).max() <= 1e-9 * np.abs(stress).max(), k
+        start = stop
+    with pytest.raises(ValueError, match="give dispersion='d3bj' too"):
+        TDNTorchSimModel(model("float64"), functional="pbe")

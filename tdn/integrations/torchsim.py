@@ -78,6 +78,9 @@ class TDNTorchSimModel(ModelInterface):
         compute_forces: bool = True,
         compute_stress: bool = True,
         neighbor_list: str = "auto",
+        dispersion: str | None = None,
+        functional: str | None = None,
+        dispersion_cutoff: float | None = None,
     ) -> None:
         super().__init__()
         if neighbor_list not in NEIGHBOR_LISTS:
@@ -98,6 +101,16 @@ class TDNTorchSimModel(ModelInterface):
         self._compute_forces = bool(compute_forces)
         self._compute_stress = bool(compute_stress)
         self._memory_scales_with = "n_atoms_x_density"
+        # Grimme's D3, as TDNCalculator(dispersion=..., functional=...) adds it (tdn.dispersion)
+        if dispersion is None and (functional is not None or dispersion_cutoff is not None):
+            raise ValueError("functional and dispersion_cutoff set the D3 dispersion: give dispersion='d3bj' too")
+        self.dispersion = None
+        if dispersion is not None:
+            from ..dispersion import DEFAULT_CUTOFF, D3Dispersion
+
+            cutoff = DEFAULT_CUTOFF if dispersion_cutoff is None else float(dispersion_cutoff)
+            self.dispersion = D3Dispersion(dispersion, functional or "pbe", self.elements, self._device, self._dtype,
+                                           cutoff)  # fmt: skip
 
     # torch-sim's ModelInterface makes these read-only; validate_model_outputs sets them, so they are settable here
     @property
@@ -130,7 +143,32 @@ class TDNTorchSimModel(ModelInterface):
             results["forces"] = out["forces"]
         if self._compute_stress:
             results["stress"] = out["stress"]
+        if self.dispersion is not None:
+            self._add_dispersion(systems, results)
         return results
+
+    def _add_dispersion(self, systems: Any, results: dict[str, torch.Tensor]) -> None:
+        """Add the D3 energy, forces and stress of every system (its own pairs within the D3 cutoff)."""
+        results["energy"] = results["energy"].clone()
+        for key in ("forces", "stress"):
+            if key in results:
+                results[key] = results[key].clone()
+        start = 0
+        for s, count in enumerate(systems.counts):
+            atoms = slice(start, start + count)
+            start += count
+            pos, cell64, pbc = systems.positions[atoms].detach(), systems.cell[s], systems.pbc[s]
+            cell = cell64.to(pos.dtype)
+            pairs, _, shifts = self.dispersion.neighbors(pos, cell, pbc, cell64, 0.0, self.neighbor_list)
+            periodic = bool(systems.host_pbc[s].all())
+            d3 = self.dispersion.evaluate(systems.atomic_numbers[atoms], pos, cell, pairs, shifts,
+                                          with_virial=periodic and "stress" in results)  # fmt: skip
+            results["energy"][s] += d3["energy"].to(results["energy"].dtype)
+            if "forces" in results:
+                results["forces"][atoms] += d3["forces"].to(results["forces"].dtype)
+            if "virial" in d3:
+                volume = torch.linalg.det(cell64).abs()
+                results["stress"][s] += (-d3["virial"] / volume).to(results["stress"].dtype)  # ASE sign: -W / V
 
 
 # ------------------------------------------------------------------------------------------------ states
