@@ -6,6 +6,7 @@ total-energy drift past a limit), warned as :class:`MDBlowupWarning` or stopped 
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,26 @@ INPUT_FORMATS = "any format ase.io.read knows: extxyz, cif, POSCAR, .traj, ..."
 
 class UsageError(ValueError):
     """A mistake in what the user gave ``tdn-md``: a file, a frame, an option. Its message names it and the fix."""
+
+
+def run_command(prog: str, run: Callable[[], int], debug: bool,
+                stopped: tuple[type[BaseException], ...] = ()) -> int:  # fmt: skip
+    """``run()``'s exit status, with errors as a command reports them: a :class:`UsageError` in one line and status 2,
+    a run ended by one of ``stopped`` (a blow-up, say) as "stopped" and status 1, anything else in one line and
+    status 1; ``debug`` re-raises instead (the traceback)."""
+    try:
+        return run()
+    except Exception as err:  # noqa: BLE001 - a one-line report; --debug shows the traceback
+        if debug:
+            raise
+        if isinstance(err, UsageError):
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            return 2
+        if isinstance(err, stopped):
+            print(f"{prog}: stopped: {err}", file=sys.stderr)
+            return 1
+        print(f"{prog}: error: {type(err).__name__}: {err}\n  (--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 class MDBlowupWarning(RuntimeWarning):

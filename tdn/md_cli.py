@@ -20,6 +20,7 @@ from .md_checks import (
     check_number,
     check_output_dir,
     read_structure,
+    run_command,
 )
 from .md_spread import ON_SPREAD, SPREAD_COLUMN, UNCERTAIN_NAME, SpreadMonitor, SpreadStop
 
@@ -125,26 +126,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``tdn-md``: 0 on success, 2 for a mistake in the input (one message, no traceback unless ``--debug``),
     1 for a run stopped by a blow-up or another error."""
     args = build_parser().parse_args(argv)  # argparse itself exits with 2 on unknown options and bad types
-    try:
+
+    def run() -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("always", MDBlowupWarning)
             warnings.showwarning = _WarningPrinter()
             return _run(args)
-    except UsageError as err:
-        if args.debug:
-            raise
-        print(f"tdn-md: error: {err}", file=sys.stderr)
-        return 2
-    except (MDBlowupError, SpreadStop) as err:
-        if args.debug:
-            raise
-        print(f"tdn-md: stopped: {err}", file=sys.stderr)
-        return 1
-    except Exception as err:  # noqa: BLE001 - a one-line report; --debug shows the traceback
-        if args.debug:
-            raise
-        print(f"tdn-md: error: {type(err).__name__}: {err}\n  (--debug shows the traceback)", file=sys.stderr)
-        return 1
+
+    return run_command("tdn-md", run, args.debug, stopped=(MDBlowupError, SpreadStop))
 
 
 class _WarningPrinter:

@@ -34,7 +34,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import write
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from ..md_checks import UsageError, check_number
+from ..md_checks import UsageError, check_number, run_command
 from .torchsim import TDNTorchSimModel, state_from_atoms
 
 CELL_FILTERS = ("frechet", "unit", "none")
@@ -238,18 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``tdn-relax``: 0 when done (structures that did not converge are warned about), 2 for a mistake in the
     input, 1 for another error."""
     args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except UsageError as err:
-        if args.debug:
-            raise
-        print(f"tdn-relax: error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # noqa: BLE001 - a one-line report; --debug shows the traceback
-        if args.debug:
-            raise
-        print(f"tdn-relax: error: {type(err).__name__}: {err}\n  (--debug shows the traceback)", file=sys.stderr)
-        return 1
+    return run_command("tdn-relax", lambda: _run(args), args.debug)
 
 
 def _run(args: argparse.Namespace) -> int:
