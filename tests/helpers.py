@@ -65,3 +65,13 @@ SAMPLE_DATA = [
     "data.val_size=4",
     "data.test_size=4",
 ]
+
+# A tiny model for training runs: 4 channels, l <= 1, correlation 2.
+TINY_MODEL = [
+    "model.channels=4",
+    "model.lmax=1",
+    "model.correlation=2",
+    "model.num_bessel=4",
+    "model.radial_mlp=[8]",
+    "model.readout_mlp=4",
+]

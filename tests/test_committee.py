@@ -13,7 +13,7 @@ from ase.build import bulk, molecule
 from ase.calculators.calculator import PropertyNotImplementedError
 from ase.io import read
 from ase.md.verlet import VelocityVerlet
-from helpers import SAMPLE_DATA, needs_sample, small_model
+from helpers import SAMPLE_DATA, TINY_MODEL, needs_sample, small_model
 from syncs import count_syncs
 
 import tdn
@@ -206,13 +206,8 @@ def test_md_committee_options_are_checked(member_files, structure, tmp_path, cap
 TINY_TRAINING = [
     *SAMPLE_DATA,
     "batch_size=4",
-    "model.channels=4",
-    "model.lmax=1",
+    *TINY_MODEL,
     "model.lmax_hidden=1",
-    "model.correlation=2",
-    "model.num_bessel=4",
-    "model.radial_mlp=[8]",
-    "model.readout_mlp=4",
     "epochs=1",
     "loggers=[csv]",
     "trainer.enable_progress_bar=false",

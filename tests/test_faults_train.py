@@ -21,7 +21,7 @@ from ase.build import molecule
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
-from helpers import MOLECULES, needs_sample
+from helpers import MOLECULES, TINY_MODEL, needs_sample
 
 import tdn
 import tdn.data
@@ -34,12 +34,7 @@ SMALL = [
     "data=extxyz",
     "data.val_size=4",
     "batch_size=4",
-    "model.channels=4",
-    "model.lmax=1",
-    "model.correlation=2",
-    "model.num_bessel=4",
-    "model.radial_mlp=[8]",
-    "model.readout_mlp=4",
+    *TINY_MODEL,
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
     "trainer.num_sanity_val_steps=0",

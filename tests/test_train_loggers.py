@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import SAMPLE_DATA, needs_sample
+from helpers import SAMPLE_DATA, TINY_MODEL, needs_sample
 
 from tdn.train import ConfigError, compose, train
 
@@ -16,12 +16,7 @@ pytestmark = [needs_sample, pytest.mark.usefixtures("one_thread")]
 TINY = [
     *SAMPLE_DATA,
     "batch_size=4",
-    "model.channels=4",
-    "model.lmax=1",
-    "model.correlation=2",
-    "model.num_bessel=4",
-    "model.radial_mlp=[8]",
-    "model.readout_mlp=4",
+    *TINY_MODEL,
     "epochs=1",
     "test=false",
     "export=false",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SAMPLE, SAMPLE_DATA, needs_sample
+from helpers import SAMPLE, SAMPLE_DATA, TINY_MODEL, needs_sample
 
 import tdn
 from tdn.train import compose, train
@@ -16,13 +16,8 @@ from tdn.train import compose, train
 TINY = [
     *SAMPLE_DATA,
     "batch_size=4",
-    "model.channels=4",
-    "model.lmax=1",
+    *TINY_MODEL,
     "model.lmax_hidden=1",
-    "model.correlation=2",
-    "model.num_bessel=4",
-    "model.radial_mlp=[8]",
-    "model.readout_mlp=4",
     "epochs=1",
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
