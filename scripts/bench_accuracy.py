@@ -5,6 +5,8 @@
     python scripts/bench_accuracy.py rmd17 --molecules aspirin --backends cg cp cg-shared
     python scripts/bench_accuracy.py acac                        # also 3bpa, oxides
     python scripts/bench_accuracy.py rmd17 --quick --out /tmp/x  # smoke test: a tiny model, a few steps
+    python scripts/bench_accuracy.py curves --datasets ethanol aspirin 3bpa --seeds 0 1 2 --jobs 2
+                                                                 # learning curves: error vs steps and CPU seconds
 
 Writes OUT/accuracy_<table>.{json,md,png} (default OUT: docs/benchmarks) after every run; a rerun reuses the runs
 already in the JSON at the same budget. Data: ../shared/data next to the repository (--data-root). Training goes
@@ -17,9 +19,10 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # one thread: on a shared machine two threads were ~7x slower
 
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from tdn.bench.accuracy import main  # noqa: E402
+from tdn.bench import accuracy, curves  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULTS = {  # this checkout's layout: the reference data beside it, the published tables and page inside it
@@ -30,4 +33,7 @@ DEFAULTS = {  # this checkout's layout: the reference data beside it, the publis
 }
 
 if __name__ == "__main__":
-    main(defaults=DEFAULTS)
+    if sys.argv[1:2] == ["curves"]:  # learning curves until they flatten (tdn/bench/curves.py)
+        curves.main(sys.argv[2:], defaults={k: v for k, v in DEFAULTS.items() if k != "doc"})
+    else:
+        accuracy.main(defaults=DEFAULTS)

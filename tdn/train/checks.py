@@ -39,6 +39,7 @@ OPTIONS = (
     Option("export", "bool"),
     Option("overwrite", "bool"),
     Option("debug", "bool"),
+    Option("snapshots.every_n_epochs", "int", minimum=0, example="snapshots.every_n_epochs=5"),
     Option("committee.size", "int", minimum=1, example="committee.size=5"),
     Option("data.train_size", "number", minimum=0, nullable=True),
     Option("data.val_size", "number", minimum=0, nullable=True),

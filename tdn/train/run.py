@@ -25,7 +25,7 @@ from omegaconf.errors import InterpolationResolutionError
 from .. import models
 from ..data.statistics import RANK_DEFICIENT_ADVICE
 from ..io import check_finite, refused_global
-from .callbacks import NonFiniteLossGuard
+from .callbacks import NonFiniteLossGuard, Snapshots, TrainingClock
 from .checks import check_options
 from .committee import CommitteeResult, committee_size, train_committee
 from .data import TrainingDataModule, build_datamodule, check_elements
@@ -178,12 +178,20 @@ def build_trainer(cfg: DictConfig, output_dir: Path) -> tuple[L.Trainer, ModelCh
         monitor=cfg.checkpoint.monitor,
         mode=cfg.checkpoint.mode,
         save_top_k=1,
-        save_last=True,
         auto_insert_metric_name=False,
     )
+    # last.ckpt after every epoch: Lightning's save_last rewrites it only when the monitored value improved, so a
+    # run stopped after epochs without improvement would resume from an older epoch
+    latest = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
+                             auto_insert_metric_name=False, enable_version_counter=False)
     loggers = build_loggers(cfg, output_dir, keep_history=keep_history)
     guard = NonFiniteLossGuard(every=int(trainer_kwargs.get("log_every_n_steps") or 50))
-    callbacks = [guard, checkpoint, LearningRateMonitor(logging_interval="epoch")]
+    clock = TrainingClock()
+    callbacks = [guard, clock, checkpoint, latest, LearningRateMonitor(logging_interval="epoch")]
+    snapshots = _container(cfg, "snapshots") if cfg.get("snapshots") is not None else {}
+    if snapshots.get("epochs") or snapshots.get("every_n_epochs"):
+        callbacks.insert(2, Snapshots(output_dir / "snapshots", snapshots.get("epochs") or (),
+                                      snapshots.get("every_n_epochs") or 0, clock))
     try:
         trainer = L.Trainer(
             default_root_dir=str(output_dir),

@@ -34,6 +34,7 @@ RUN_OUTPUTS = (
     "test_metrics.json",
     "model.pt",
     "learning_curve.png",
+    "snapshots",
 )
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
 

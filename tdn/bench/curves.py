@@ -1,0 +1,309 @@
+"""Learning curves of the tensor-product backends: test error against optimiser steps and against training compute,
+trained until the curves flatten, resumable and accumulating across runs of the command.
+
+    python scripts/bench_accuracy.py curves --datasets ethanol aspirin 3bpa --variants cg cp cp-degree grid \\
+        --seeds 0 1 2 --jobs 2
+
+Every run is ``tdn-train`` (a child process, one torch thread) with the overrides of :mod:`.accuracy_protocol`
+(``experiment=accuracy_cpu``, the dataset, ``tp=<variant>``, ``seed``) plus the model size, a fixed long budget of
+optimiser steps and snapshot epochs spaced geometrically (:class:`tdn.train.callbacks.Snapshots`). The run's
+:class:`tdn.train.callbacks.TrainingClock` gives the process CPU seconds (and wall seconds) of its training steps, so
+the compute axis excludes validation, snapshots and evaluation, and survives a resume. Each snapshot (EMA weights)
+is evaluated on the run's test split (the split ``tdn-train`` cuts or reads with the same data options and seed).
+
+Resumable: a run directory with a checkpoint and no exported model is resumed from ``checkpoints/last.ckpt``; a
+finished run is never retrained; snapshots already evaluated are not evaluated again. Accumulating: the results
+of every run go to ``OUT/curves_<dataset>_<size>.json`` (merged under a file lock, so two commands may run at once)
+and the table / plot are rewritten from everything in it (:mod:`.curves_report`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import common
+from .accuracy_protocol import RMD17_MOLECULES, VARIANTS, Budget, Dataset, datasets, run_overrides
+
+SIZES = {  # model size -> overrides on top of experiment=accuracy_cpu (16 channels, lmax 2, correlation 2)
+    "quick": ["model.channels=4", "model.lmax=1", "model.lmax_hidden=1", "model.num_bessel=4", "model.radial_mlp=[8]",
+              "model.readout_mlp=4", "data.eval_batch_size=4"],  # a smoke test: seconds per run
+    "small": [],
+    "large": ["model.channels=64", "model.lmax=3", "model.correlation=3"],
+}
+DATASETS = (*RMD17_MOLECULES, "3bpa")
+DEFAULT_DATASETS = ("ethanol", "aspirin", "3bpa")
+DEFAULT_VARIANTS = ("cg", "cp", "cp-degree", "grid")
+DEFAULT_STEPS = 6000  # optimiser steps of 10 structures: 64 epochs of rMD17's 950, 172 of 3BPA's 350
+SNAPSHOTS = 16  # points per curve (geometric in epochs, the last epoch included)
+
+
+@dataclass(frozen=True)
+class CurveRun:
+    """One training run of a curve table: dataset, variant, seed and model size at a budget of optimiser steps."""
+
+    dataset: Dataset
+    variant: str
+    seed: int
+    size: str
+    steps: int
+    batch_size: int = 10
+
+    @property
+    def key(self) -> str:
+        return f"{self.variant}/seed{self.seed}"
+
+    @property
+    def table(self) -> str:
+        return f"curves_{self.dataset.name.lower()}_{self.size}"
+
+    def budget(self) -> Budget:
+        return Budget("curve", steps=self.steps, batch_size=self.batch_size)
+
+    def epochs(self) -> int:
+        return max(1, math.ceil(self.steps / math.ceil(self.dataset.train_frames / self.batch_size)))
+
+    def run_dir(self, work_dir: Path) -> Path:
+        return Path(work_dir) / "curves" / f"{self.size}_steps{self.steps}" / (
+            f"{self.dataset.name.lower()}_{self.variant}_seed{self.seed}")
+
+    def overrides(self) -> list[str]:
+        """``tdn-train`` overrides of this run (without its directory)."""
+        snapshots = ",".join(str(e) for e in snapshot_epochs(self.epochs()))
+        return [*run_overrides(self.dataset, self.variant, self.budget(), self.seed), *SIZES[self.size],
+                f"snapshots.epochs=[{snapshots}]", "loggers=[csv]"]
+
+
+def snapshot_epochs(epochs: int, points: int = SNAPSHOTS) -> list[int]:
+    """About ``points`` epoch counts from 1 to ``epochs``, spaced geometrically (a log-scaled axis), last included."""
+    if epochs <= points:
+        return list(range(1, epochs + 1))
+    return sorted({max(1, round(epochs ** (k / (points - 1)))) for k in range(points)} | {epochs})
+
+
+def dataset_spec(name: str, data_root: Path) -> Dataset:
+    """The dataset called ``name`` (an rMD17 molecule or ``3bpa``) from :func:`.accuracy_protocol.datasets`."""
+    if name == "3bpa":
+        return datasets("3bpa", data_root)[0]
+    if name in RMD17_MOLECULES:
+        return datasets("rmd17", data_root, [name])[0]
+    raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
+
+
+# ------------------------------------------------------------------------------------------------- training
+
+
+def train_command(run: CurveRun, run_dir: Path) -> list[str]:
+    """The ``tdn-train`` command line that starts, resumes or (after a crash before any checkpoint) restarts it."""
+    command = [sys.executable, "-m", "tdn.train.cli", *run.overrides(), f"hydra.run.dir={run_dir}"]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        command.append(f"ckpt_path={last}")
+    elif run_dir.exists():
+        command.append("overwrite=true")  # stopped before its first checkpoint: nothing to keep
+    return command
+
+
+def train_run(run: CurveRun, work_dir: Path, log: Callable[[str], None]) -> Path:
+    """Train (or resume) ``run`` in a child process with one thread; returns its directory (raises if it failed)."""
+    run_dir = run.run_dir(work_dir)
+    if (run_dir / "model.pt").is_file():
+        return run_dir
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    command = train_command(run, run_dir)
+    action = "resuming" if any("ckpt_path=" in c for c in command) else "training"
+    log(f"{run.dataset.name} {run.size} {run.key}: {action} ({run.epochs()} epochs, {run.steps} steps)")
+    with (run_dir.parent / f"{run_dir.name}.log").open("a") as out:
+        code = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    if code != 0 or not (run_dir / "model.pt").is_file():
+        raise RuntimeError(f"tdn-train exited with {code}; see {run_dir.parent / (run_dir.name + '.log')}")
+    return run_dir
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+
+
+def test_loader(run: CurveRun) -> tuple[Any, list[str]]:
+    """The run's test split (what ``tdn-train`` tests on) as a data loader, and its metric names."""
+    from omegaconf import OmegaConf
+
+    from ..evaluate import eval_datamodule
+    from ..train import compose
+
+    cfg = compose(run.overrides())
+    datamodule, split, _ = eval_datamodule(OmegaConf.to_container(cfg.data, resolve=True), "test")
+    metrics = OmegaConf.to_container(cfg.training_module.metrics, resolve=True)
+    return datamodule.eval_dataloader(split), [metrics] if isinstance(metrics, str) else list(metrics)
+
+
+def evaluate_snapshots(run: CurveRun, run_dir: Path, done: set[int]) -> list[dict[str, Any]]:
+    """Test errors of every snapshot of ``run_dir`` whose epoch is not in ``done``: one curve point each."""
+    from ..evaluate import evaluate_model
+    from ..io import load_model
+
+    index_path = run_dir / "snapshots" / "index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else []
+    todo = [row for row in index if row["epoch"] not in done]
+    if not todo:
+        return []
+    loader, metric_names = test_loader(run)
+    points = []
+    for row in todo:
+        model = load_model(run_dir / "snapshots" / row["file"])
+        metrics = evaluate_model(model, loader, metric_names)["metrics"]
+        points.append({**{k: row[k] for k in ("epoch", "step", "train_cpu_s", "train_wall_s")},
+                       "test_forces_mae_meV_A": metrics.get("forces_mae_meV_A"),
+                       "test_energy_mae_meV": metrics.get("energy_mae_meV"),
+                       "test_energy_per_atom_mae_meV": metrics.get("energy_per_atom_mae_meV")})
+    return points
+
+
+def run_record(run: CurveRun, run_dir: Path, previous: dict[str, Any] | None) -> dict[str, Any]:
+    """The JSON record of a finished run: its curve (old points kept, new ones evaluated) and final metrics."""
+    old = {p["epoch"]: p for p in (previous or {}).get("points", [])}
+    points = {**old, **{p["epoch"]: p for p in evaluate_snapshots(run, run_dir, set(old))}}
+    final = json.loads((run_dir / "test_metrics.json").read_text()) if (run_dir / "test_metrics.json").is_file() else {}
+    from ..io import load_model
+
+    model = load_model(run_dir / "model.pt")
+    return {
+        "dataset": run.dataset.name, "variant": run.variant, "seed": run.seed, "size": run.size, "steps": run.steps,
+        "epochs": run.epochs(), "overrides": run.overrides(), "run_dir": str(run_dir),
+        "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "tp": {"kind": model.config.tp, "weights": model.config.tp_weights},
+        "final": {k: final[k] for k in ("forces_mae_meV_A", "energy_mae_meV", "energy_per_atom_mae_meV") if k in final},
+        "points": [points[e] for e in sorted(points)],
+        "protocol": run.dataset.protocol, "train_frames": run.dataset.train_frames,
+    }
+
+
+# ------------------------------------------------------------------------------------------------- the tables
+
+_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Exclusive access to ``path``'s JSON for this process's threads and other commands (a lock file beside it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _LOCK, open(path.with_suffix(".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_table(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {"runs": {}}
+
+
+def store(run: CurveRun, record: dict[str, Any], out_dir: Path, command: str) -> dict[str, Any]:
+    """Merge ``record`` into the run's table JSON and rewrite its markdown and plot; returns the table."""
+    from .curves_report import write_outputs
+
+    path = Path(out_dir) / f"{run.table}.json"
+    with locked(path):
+        table = read_table(path)
+        table["runs"][run.key] = record
+        table.update(dataset=run.dataset.name, size=run.size, steps=run.steps, command=command,
+                     meta=common.run_metadata("cpu", packages=("lightning", "e3nn")))
+        write_outputs(table, Path(out_dir), run.table)
+    return table
+
+
+def process(run: CurveRun, work_dir: Path, out_dir: Path, command: str, log: Callable[[str], None]) -> dict | None:
+    """Train or resume one run, evaluate what is new, store it. A failure is logged and stored, never raised."""
+    path = Path(out_dir) / f"{run.table}.json"
+    previous = read_table(path)["runs"].get(run.key)
+    if previous and previous.get("steps") == run.steps and "error" not in previous and previous.get("complete"):
+        log(f"{run.dataset.name} {run.size} {run.key}: done (in {path.name})")
+        return previous
+    try:
+        run_dir = train_run(run, work_dir, log)
+        record = {**run_record(run, run_dir, previous), "complete": True}
+    except Exception as error:  # noqa: BLE001 - one failing run must not stop the others
+        record = {"dataset": run.dataset.name, "variant": run.variant, "seed": run.seed, "size": run.size,
+                  "steps": run.steps, "error": common.describe_error(error, 500)}
+    store(run, record, out_dir, command)
+    log(f"{run.dataset.name} {run.size} {run.key}: " + progress(record))
+    return record
+
+
+def progress(record: dict[str, Any]) -> str:
+    """The log line of a stored run."""
+    if "error" in record:
+        return f"FAILED {record['error']}"
+    final, last = record.get("final", {}), record["points"][-1] if record["points"] else {}
+    return (f"test F {final.get('forces_mae_meV_A', math.nan):.1f} meV/Å, E {final.get('energy_mae_meV', math.nan):.2f}"
+            f" meV, {last.get('train_cpu_s') or math.nan:.0f} training CPU s")
+
+
+def run_all(runs: Sequence[CurveRun], work_dir: Path, out_dir: Path, jobs: int = 2, command: str = "",
+            log: Callable[[str], None] = print) -> list[dict | None]:
+    """Every run, ``jobs`` at a time (each a one-thread child process); evaluation in this process."""
+    torch.set_num_threads(1)
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(lambda r: process(r, work_dir, out_dir, command, log), runs))
+
+
+# ------------------------------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: Sequence[str] | None = None, defaults: dict[str, Path] | None = None) -> argparse.Namespace:
+    defaults = defaults or {}
+    parser = argparse.ArgumentParser(prog="bench_accuracy.py curves", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DEFAULT_DATASETS))
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(DEFAULT_VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimiser steps per run (batch of 10)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the tables from their JSON; train nothing")
+    for option, help_text in (("data-root", "folder of the reference data (rmd17/, 3bpa/)"),
+                              ("out", "output folder of the tables"), ("work-dir", "run directories")):
+        default = defaults.get(option.replace("-", "_"))
+        parser.add_argument(f"--{option}", type=Path, default=default, required=default is None, help=help_text)
+    return parser.parse_args(argv)
+
+
+def plan(args: argparse.Namespace) -> list[CurveRun]:
+    """The runs of a command, seed-major so that a first pass over every variant finishes before more seeds."""
+    specs = [dataset_spec(name, args.data_root) for name in args.datasets]
+    return [CurveRun(spec, variant, seed, args.size, args.steps)
+            for seed in args.seeds for spec in specs for variant in args.variants]
+
+
+def main(argv: Sequence[str] | None = None, defaults: dict[str, Path] | None = None) -> None:
+    from .curves_report import write_outputs
+
+    args = parse_args(argv, defaults)
+    command = "python scripts/bench_accuracy.py curves " + " ".join(sys.argv[2:] if argv is None else argv)
+    runs = plan(args)
+    if args.report_only:
+        for name in sorted({r.table for r in runs}):
+            path = Path(args.out) / f"{name}.json"
+            if path.is_file():
+                with locked(path):
+                    print("wrote", *write_outputs(read_table(path), Path(args.out), name).values())
+        return
+    start = time.perf_counter()
+    run_all(runs, args.work_dir, args.out, args.jobs, command, log=lambda line: print(line, flush=True))
+    print(f"{len(runs)} runs in {time.perf_counter() - start:.0f} s; tables in {args.out}", flush=True)

@@ -1,0 +1,172 @@
+"""Tables and plots of the learning curves (:mod:`.curves`): error against compute, one file set per dataset and size.
+
+Per variant: the final test errors (EMA weights of the best validation epoch, mean and range over seeds), the
+training compute (process CPU seconds of the training steps), and the compute and steps each needed to reach
+``REACH`` times cg's final force error (the first snapshot at or below it). The plot draws test force error
+against CPU seconds and against optimiser steps, the mean over seeds with their range.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from . import common
+from .accuracy_report import fmt_fixed, pyplot, save_figure
+
+REACH = 1.5  # "time to reach 1.5x cg's final error"
+ORDER = ("cg", "cg-shared", "cp", "cp-degree", "gaunt", "grid")
+
+
+def runs_by_variant(table: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Finished runs of the table grouped by variant (in :data:`ORDER`), seeds sorted."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for record in table.get("runs", {}).values():
+        if "error" not in record and record.get("points"):
+            out.setdefault(record["variant"], []).append(record)
+    rank = {v: i for i, v in enumerate(ORDER)}
+    return {v: sorted(out[v], key=lambda r: r["seed"]) for v in sorted(out, key=lambda v: (rank.get(v, 99), v))}
+
+
+def mean_curve(records: list[dict[str, Any]], x: str) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Mean ``x`` and mean / min / max test force error over seeds, at the epochs every seed has."""
+    epochs = sorted(set.intersection(*({p["epoch"] for p in r["points"]} for r in records)))
+    xs, mean, low, high = [], [], [], []
+    for epoch in epochs:
+        points = [next(p for p in r["points"] if p["epoch"] == epoch) for r in records]
+        errors = [p["test_forces_mae_meV_A"] for p in points]
+        xs.append(statistics.fmean(p[x] for p in points))
+        mean.append(statistics.fmean(errors))
+        low.append(min(errors))
+        high.append(max(errors))
+    return xs, mean, low, high
+
+
+def final_force(record: dict[str, Any]) -> float:
+    """The run's final test force MAE: the exported model's (best validation epoch), else its last snapshot's."""
+    return record.get("final", {}).get("forces_mae_meV_A") or record["points"][-1]["test_forces_mae_meV_A"]
+
+
+def reached(record: dict[str, Any], target: float) -> dict[str, float] | None:
+    """The first snapshot whose test force MAE is at or below ``target`` (None if none is)."""
+    return next((p for p in record["points"] if p["test_forces_mae_meV_A"] <= target), None)
+
+
+def summary(table: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per variant: seeds, final errors, compute, and the compute to reach REACH x cg's final force error."""
+    groups = runs_by_variant(table)
+    cg = [final_force(r) for r in groups.get("cg", [])]
+    target = REACH * statistics.fmean(cg) if cg else None
+    rows = []
+    for variant, records in groups.items():
+        forces = [final_force(r) for r in records]
+        energies = [r.get("final", {}).get("energy_mae_meV") for r in records]
+        cpu = [r["points"][-1]["train_cpu_s"] for r in records]
+        steps = [r["points"][-1]["step"] for r in records]
+        row: dict[str, Any] = {
+            "variant": variant, "seeds": [r["seed"] for r in records], "params": records[0].get("params"),
+            "forces_mae": statistics.fmean(forces), "forces_range": (min(forces), max(forces)),
+            "energy_mae": statistics.fmean(e for e in energies if e is not None) if any(energies) else None,
+            "train_cpu_s": statistics.fmean(cpu), "cpu_ms_per_step": 1e3 * sum(cpu) / sum(steps),
+            "vs_cg": statistics.fmean(forces) / statistics.fmean(cg) if cg else None,
+        }
+        if target is not None:
+            hits = [reached(r, target) for r in records]
+            row["reach_target"] = target
+            row["reach_all"] = all(h is not None for h in hits)
+            row["reach_cpu_s"] = statistics.fmean(h["train_cpu_s"] for h in hits) if row["reach_all"] else None
+            row["reach_step"] = statistics.fmean(h["step"] for h in hits) if row["reach_all"] else None
+        rows.append(row)
+    return rows
+
+
+def results_table(table: dict[str, Any]) -> str:
+    rows = summary(table)
+    target = next((r["reach_target"] for r in rows if r.get("reach_target")), None)
+    reach = f"to {REACH:g}x cg final ({fmt_fixed(target)} meV/Å)" if target else f"to {REACH:g}x cg final"
+    header = ["variant", "seeds", "params", "test F MAE meV/Å (range)", "vs cg", "test E MAE meV", "training CPU s",
+              "CPU ms / step", f"CPU s {reach}", "steps " + reach.split(" (")[0]]
+    lines = []
+    for r in rows:
+        low, high = r["forces_range"]
+        spread = f" ({fmt_fixed(low)}–{fmt_fixed(high)})" if len(r["seeds"]) > 1 else ""
+        lines.append([
+            r["variant"], ",".join(map(str, r["seeds"])), r["params"], fmt_fixed(r["forces_mae"]) + spread,
+            common.fmt_ratio(r["vs_cg"]), fmt_fixed(r["energy_mae"], 2), f"{r['train_cpu_s']:.0f}",
+            f"{r['cpu_ms_per_step']:.1f}",
+            "—" if "reach_all" not in r else (f"{r['reach_cpu_s']:.0f}" if r["reach_all"] else "not reached"),
+            "—" if "reach_all" not in r else (f"{r['reach_step']:.0f}" if r["reach_all"] else "not reached"),
+        ])
+    return common.markdown_table(header, lines)
+
+
+def markdown_report(table: dict[str, Any], name: str) -> str:
+    meta = table.get("meta", {})
+    machine = common.machine_line(meta) if meta else "unknown machine"
+    load = meta.get("machine", {}).get("load_average")
+    records = [r for r in table.get("runs", {}).values() if "error" not in r]
+    protocol = records[0].get("protocol", "") if records else ""
+    failed = [f"- {key}: {r['error']}" for key, r in sorted(table.get("runs", {}).items()) if "error" in r]
+    return "\n".join([
+        f"# Learning curves: {table.get('dataset')}, {table.get('size')} model, {table.get('steps')} optimiser steps",
+        "",
+        f"- command: `{table.get('command', '')}`",
+        f"- machine: {machine}; 1-min load average at the last write: "
+        f"{', '.join(f'{x:.1f}' for x in load[:1]) if load else '—'} (runs share the machine: two at a time)",
+        f"- date of the last write: {meta.get('date')}; commit {meta.get('git', {}).get('commit', '')[:12]}"
+        f"{' (dirty)' if meta.get('git', {}).get('dirty') else ''}",
+        f"- data: {protocol}",
+        "- compute: process CPU seconds of the training steps (forward, backward, optimiser; one thread), from the "
+        "run's training clock; validation, snapshots and evaluation excluded",
+        "- test errors: EMA weights; 'final' is the exported model (best validation epoch), the curve points are "
+        "snapshots after geometrically spaced epochs",
+        "",
+        f"![{name}]({name}.png)",
+        "",
+        results_table(table),
+        "",
+        *(["Failed runs:", *failed, ""] if failed else []),
+    ])
+
+
+def write_plot(table: dict[str, Any], path: Path) -> Path | None:
+    groups = runs_by_variant(table)
+    if not groups:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for variant, records in groups.items():
+        for ax, x in zip(axes, ("train_cpu_s", "step")):
+            xs, mean, low, high = mean_curve(records, x)
+            line, = ax.plot(xs, mean, marker="o", ms=3, label=f"{variant} ({len(records)} seed"
+                            f"{'s' if len(records) > 1 else ''})")
+            if len(records) > 1:
+                ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2)
+    rows = summary(table)
+    target = next((r["reach_target"] for r in rows if r.get("reach_target")), None)
+    for ax, label in zip(axes, ("training CPU seconds (one thread)", "optimiser steps")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        if target is not None and math.isfinite(target):
+            ax.axhline(target, color="grey", ls="--", lw=1)
+    axes[0].set_ylabel("test force MAE (meV/Å)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{table.get('dataset')}, {table.get('size')} model: test force error against compute"
+                 + (f" (dashed: {REACH:g}x cg's final)" if target else ""), fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def write_outputs(table: dict[str, Any], out_dir: Path, name: str) -> dict[str, Path]:
+    """``name``.json, .md and .png in ``out_dir``."""
+    table["summary"] = summary(table)
+    paths = {"json": common.write_json(Path(out_dir) / f"{name}.json", table)}
+    png = write_plot(table, Path(out_dir) / f"{name}.png")
+    if png is not None:
+        paths["png"] = png
+    paths["md"] = common.write_text(Path(out_dir) / f"{name}.md", markdown_report(table, name))
+    return paths

@@ -1,0 +1,85 @@
+"""The learning-curve benchmark (tdn/bench/curves.py): snapshot spacing, resumable runs, accumulating tables, and
+the summary numbers against a table whose values are known."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import SAMPLE_DATA, needs_sample
+
+from tdn.bench import curves
+from tdn.bench.accuracy_protocol import Dataset
+from tdn.bench.curves_report import summary
+
+
+def test_snapshot_epochs():
+    assert curves.snapshot_epochs(5) == [1, 2, 3, 4, 5]
+    epochs = curves.snapshot_epochs(64)
+    assert epochs[0] == 1 and epochs[-1] == 64 and epochs == sorted(set(epochs))
+    assert 10 <= len(epochs) <= curves.SNAPSHOTS + 1
+    gaps = [b / a for a, b in zip(epochs, epochs[1:])]
+    assert max(gaps) <= 2.0  # geometric, not front-loaded or linear
+
+
+def point(step: int, cpu: float, force: float) -> dict:
+    return {"epoch": step, "step": step, "train_cpu_s": cpu, "train_wall_s": cpu, "test_forces_mae_meV_A": force,
+            "test_energy_mae_meV": 1.0}
+
+
+def test_summary_known_table():
+    table = {"runs": {
+        "cg/seed0": {"variant": "cg", "seed": 0, "params": 10, "final": {"forces_mae_meV_A": 10.0},
+                     "points": [point(1, 4.0, 40.0), point(2, 8.0, 12.0)]},
+        "cg/seed1": {"variant": "cg", "seed": 1, "params": 10, "final": {"forces_mae_meV_A": 14.0},
+                     "points": [point(1, 4.0, 30.0), point(2, 8.0, 14.0)]},
+        "cp/seed0": {"variant": "cp", "seed": 0, "params": 8, "final": {"forces_mae_meV_A": 15.0},
+                     "points": [point(1, 2.0, 30.0), point(2, 3.0, 17.0), point(3, 5.0, 16.0)]},
+        "grid/seed0": {"variant": "grid", "seed": 0, "params": 8, "final": {"forces_mae_meV_A": 30.0},
+                       "points": [point(1, 2.0, 30.0)]},
+        "gaunt/seed0": {"variant": "gaunt", "seed": 0, "error": "boom"},
+    }}
+    rows = {r["variant"]: r for r in summary(table)}
+    assert set(rows) == {"cg", "cp", "grid"}  # the failed run is left out
+    assert rows["cg"]["forces_mae"] == pytest.approx(12.0) and rows["cg"]["forces_range"] == (10.0, 14.0)
+    assert rows["cp"]["vs_cg"] == pytest.approx(15.0 / 12.0)
+    assert rows["cp"]["reach_target"] == pytest.approx(18.0)  # 1.5 x 12
+    assert rows["cp"]["reach_cpu_s"] == pytest.approx(3.0) and rows["cp"]["reach_step"] == 2
+    assert rows["cg"]["reach_cpu_s"] == pytest.approx(8.0)  # both seeds first reach it at their second point
+    assert not rows["grid"]["reach_all"] and rows["grid"]["reach_cpu_s"] is None
+    assert rows["cp"]["cpu_ms_per_step"] == pytest.approx(1e3 * 5.0 / 3)
+
+
+def test_train_command_resumes_or_restarts(tmp_path):
+    spec = Dataset("sample", "sample", list(SAMPLE_DATA), 8, "test")
+    run = curves.CurveRun(spec, "cp", 0, "quick", steps=4, batch_size=4)
+    run_dir = run.run_dir(tmp_path)
+    assert not any(a.startswith(("ckpt_path=", "overwrite=")) for a in curves.train_command(run, run_dir))
+    run_dir.mkdir(parents=True)
+    assert "overwrite=true" in curves.train_command(run, run_dir)  # stopped before its first checkpoint
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}" in curves.train_command(run, run_dir)
+
+
+@needs_sample
+def test_runs_accumulate(tmp_path):
+    spec = Dataset("sample", "sample", [*SAMPLE_DATA, "data.val_size=4", "data.test_size=4"], 8, "held out")
+    run = curves.CurveRun(spec, "cp", 0, "quick", steps=4, batch_size=4)  # 2 epochs of 2 steps
+    lines: list[str] = []
+    out, work = tmp_path / "out", tmp_path / "work"
+    record = curves.run_all([run], work, out, jobs=1, log=lines.append)[0]
+    assert "error" not in record, record
+    assert [p["epoch"] for p in record["points"]] == [1, 2] and [p["step"] for p in record["points"]] == [2, 4]
+    assert 0 < record["points"][0]["train_cpu_s"] < record["points"][1]["train_cpu_s"]
+    assert all(p["test_forces_mae_meV_A"] > 0 for p in record["points"])
+    table = json.loads((out / f"{run.table}.json").read_text())
+    assert table["runs"]["cp/seed0"]["complete"] and (out / f"{run.table}.md").is_file()
+    assert (out / f"{run.table}.png").is_file()
+    # a second command adds a seed to the same table and leaves the finished run alone
+    other = curves.CurveRun(spec, "cp", 1, "quick", steps=4, batch_size=4)
+    curves.run_all([run, other], work, out, jobs=2, log=lines.append)
+    table = json.loads((out / f"{run.table}.json").read_text())
+    assert set(table["runs"]) == {"cp/seed0", "cp/seed1"}
+    assert table["runs"]["cp/seed0"] == {**record, "complete": True}
+    assert any(line.endswith(f"(in {run.table}.json)") for line in lines)
