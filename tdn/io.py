@@ -7,8 +7,10 @@ The file is ``torch.save`` of a dict of plain types and tensors only (no pickled
      "config": "<ModelConfig as JSON>", "state_dict": {name: tensor, ...}}
 
 Weights are stored on the CPU in the model's dtype; ``load_model`` rebuilds the model from the config and can
-move it to any device and dtype. A model with a NaN or infinite weight or buffer is never written
-(:class:`NonFiniteModelError`); a file holding pickled Python objects is never loaded.
+move it to any device and dtype. The config records the rank of every CP factor set (``cp_factors``), so the
+rebuild makes placeholders of the file's shapes instead of looking up or fitting factors the file replaces anyway.
+A model with a NaN or infinite weight or buffer is never written (:class:`NonFiniteModelError`); a file holding
+pickled Python objects is never loaded.
 """
 
 from __future__ import annotations
@@ -119,12 +121,30 @@ def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
     return {**payload, "config": config, "state_dict": state_dict}
 
 
+def cp_factor_tensors(model: torch.nn.Module) -> set[str]:
+    """State-dict names of the CP factor tensors of ``model`` (two-body products and product-basis contractions):
+    the tensors whose shapes the ranks in ``config.cp_factors`` fix."""
+    from .contractions import CPContraction
+    from .tp.cp import CPProduct
+
+    return {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in model.named_modules()
+        if isinstance(module, (CPProduct, CPContraction))
+        for name, _ in module.named_buffers(recurse=False)
+    }
+
+
 def load_model(
     path: str | os.PathLike, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
 ) -> torch.nn.Module:
     """Rebuild a model written by :func:`save_model`; ``device`` (default CPU) and ``dtype`` (default: as saved).
 
-    Returned in eval mode. A corrupt or incompatible file raises :class:`ModelFileError` (a ValueError).
+    The CP factors whose ranks the config records (``cp_factors``) are built as placeholders of those ranks and take
+    the file's values: no factor file is read, fitted or cached. A file without that record (written before it
+    existed) gets its factors looked up, or fitted, as when the model was built, then replaced by the file's.
+    Returned in eval mode. A corrupt or incompatible file, or one whose recorded ranks disagree with its factor
+    tensors, raises :class:`ModelFileError` (a ValueError).
     """
     from .models import ModelConfig, TDNModel
 
@@ -136,12 +156,23 @@ def load_model(
         config = ModelConfig.from_dict(config_values)
     except (TypeError, ValueError) as error:
         raise ModelFileError(f"{os.fspath(path)!r}: incompatible model config: {error}") from error
-    model = TDNModel(config)
+    recorded = config.cp_factors
+    model = TDNModel(config, factors_from=os.fspath(path))  # CP factors recorded in the config: placeholders
     state_dict = payload["state_dict"]
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     wrong_shape = sorted(k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
+    wrong_factors = sorted(set(wrong_shape) & cp_factor_tensors(model)) if recorded is not None else []
+    if wrong_factors:
+        shown = ", ".join(
+            f"{k}: {tuple(state_dict[k].shape)} in the file, {tuple(expected[k].shape)} by the record"
+            for k in wrong_factors[:3]
+        )
+        raise ModelFileError(
+            f"{os.fspath(path)!r}: the CP ranks recorded in its config (cp_factors) disagree with the factor tensors "
+            f"it holds ({shown}); the file was edited or damaged"
+        )
     if missing or unexpected or wrong_shape:
         raise ModelFileError(
             f"{os.fspath(path)!r}: weights do not fit the model its config describes "

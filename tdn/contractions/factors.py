@@ -1,5 +1,5 @@
 """The symmetric CP factors of the "cp" contraction: looked up in memory, in the package data, in the user cache,
-else fitted once (:mod:`tdn.contractions.fit`) and cached.
+else fitted once (:mod:`tdn.contractions.fit`) and cached; zeros of a recorded rank for a model loaded from its file.
 
 Files go through the store shared with the two-body CP factors (:mod:`tdn.tp.factor_store`): package data in
 ``tdn/contractions/cp_factors/``, the cache in ``cache_root()/product_cp/``, named
@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..o3 import dim
 from ..tp.factor_store import FactorFileError, FactorStore
 from .coupling import stacked_basis
 from .fit import compress_symmetric_cp, cp_coefficients, fit_fixed_rank, one_thread
@@ -116,17 +117,34 @@ def symmetric_cp(
     package data and the user cache (:data:`STORE`), else fitted (:func:`fit_factors`) and written to the cache.
 
     A file that does not reproduce ``U^nu`` within the tolerance is stale and refitted; an unreadable one is a
-    :class:`tdn.tp.factor_store.FactorFileError` naming it.
+    :class:`tdn.tp.factor_store.FactorFileError` naming it. Inside a :func:`tdn.tp.factor_store.factor_plan` that
+    lists these factors as a placeholder, they are zeros (directions ``[D, R]``, coefficients ``[K, R]``) of the
+    recorded rank with source "model file": no file is read or written and nothing is kept in memory.
     """
-    key = (nu, lmax_in, lmax_out, paths, float(tol), rank, seed)
-    if key in _MEMORY:
-        return _MEMORY[key]
     if nu < 2:
         raise ValueError(f"the symmetric CP is fitted for nu >= 2, got nu={nu}")
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
-    target, _ = stacked_basis(nu, lmax_in, lmax_out, paths)
     name = factor_name(nu, lmax_in, lmax_out, paths, tol, rank, seed)
+    planned = STORE.placeholder(name)
+    if planned is None:
+        factors = _find_or_fit(name, nu, lmax_in, lmax_out, paths, tol, rank, seed, trials)
+    else:
+        rows = stacked_basis(nu, lmax_in, lmax_out, paths)[0].shape[0]
+        directions = torch.zeros(dim(lmax_in), planned.rank, dtype=torch.float64)
+        coefficients = torch.zeros(rows, planned.rank, dtype=torch.float64)
+        factors = SymmetricCPFactors(directions, coefficients, planned.error, "model file")
+    STORE.record(name, factors.rank, factors.error)
+    return factors
+
+
+def _find_or_fit(name: str, nu: int, lmax_in: int, lmax_out: int, paths: str, tol: float, rank: int | None,
+                 seed: int, trials: int) -> SymmetricCPFactors:
+    """The lookup of :func:`symmetric_cp` for the file ``name``: memory, package data, cache, else a fit."""
+    key = (nu, lmax_in, lmax_out, paths, float(tol), rank, seed)
+    if key in _MEMORY:
+        return _MEMORY[key]
+    target, _ = stacked_basis(nu, lmax_in, lmax_out, paths)
     found = STORE.find(name, accept(target, nu, tol, rank))
     if found is not None:
         factors, source, _ = found

@@ -248,7 +248,8 @@ class TDNMLIAPUnified(MLIAPUnified):
 
     def build_model(self, device: str | torch.device) -> TDNModel:
         """The model (eval mode, parameters frozen) on ``device``, rebuilt from the stored config and weights."""
-        model = TDNModel(ModelConfig.from_dict(dict(self.config)))
+        # the recorded CP ranks give placeholders that the stored weights fill: no factor lookup or fit on the node
+        model = TDNModel(ModelConfig.from_dict(dict(self.config)), factors_from="the LAMMPS model's weights")
         model.load_state_dict(self.weights)
         model.to(device).eval()
         for p in model.parameters():

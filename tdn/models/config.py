@@ -44,6 +44,27 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def checked_factor_record(record: Any) -> dict[str, dict[str, Any]]:
+    """``record`` as ``{key: {"rank": int >= 1, "error": float >= 0}}`` (see ``ModelConfig.cp_factors``), or a
+    ValueError naming the entry that is not."""
+    if not isinstance(record, dict):
+        raise ValueError(f"cp_factors must be a dict {{key: {{'rank': R, 'error': e}}}} or None, got {record!r}")
+    checked = {}
+    for key, entry in record.items():
+        fields = entry if isinstance(entry, dict) else {}
+        rank, error = fields.get("rank"), fields.get("error")
+        if (
+            not isinstance(key, str) or set(fields) != {"rank", "error"}
+            or not isinstance(rank, int) or isinstance(rank, bool) or rank < 1
+            or not isinstance(error, (int, float)) or isinstance(error, bool) or not error >= 0
+        ):  # fmt: skip
+            raise ValueError(
+                f"cp_factors[{key!r}] must be {{'rank': a positive integer, 'error': a number >= 0}}, got {entry!r}"
+            )
+        checked[key] = {"rank": rank, "error": float(error)}
+    return checked
+
+
 @dataclass
 class ModelConfig:
     """Hyperparameters of :class:`tdn.models.TDNModel`; ``dataclasses.asdict`` gives plain JSON types.
@@ -75,6 +96,11 @@ class ModelConfig:
     scale: float = 1.0  # interaction energy per atom = scale * readouts + shift
     shift: float = 0.0
     dtype: str = "float32"  # float32 | float64
+    # The CP factor sets the model was built with, recorded by TDNModel: {"{store folder}/{file stem}": {"rank": R,
+    # "error": relative error}}, e.g. {"cp_factors/cp_o3_1_2_2_tol1e-04": {"rank": 20, "error": 3e-05}} (two-body)
+    # and "product_cp/cp_o3_in2_out1_nu2_tol1e-04" (product basis). load_model builds these factors as placeholders
+    # of the recorded ranks and loads the file's values: no lookup, no fit. None: not recorded (older files).
+    cp_factors: dict[str, dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         self.elements = [int(z) for z in self.elements]
@@ -127,6 +153,8 @@ class ModelConfig:
         if self.e0_kind not in E0_KINDS:
             raise ValueError(f"e0_kind must be one of {E0_KINDS}, got {self.e0_kind!r}")
         self.scale, self.shift = float(self.scale), float(self.shift)
+        if self.cp_factors is not None:
+            self.cp_factors = checked_factor_record(self.cp_factors)
         if isinstance(self.dtype, torch.dtype):
             self.dtype = {v: k for k, v in DTYPES.items()}.get(self.dtype, str(self.dtype))
         self.dtype = self.dtype.removeprefix("torch.")

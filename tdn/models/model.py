@@ -29,6 +29,7 @@ from ..nn import (
     RadialEmbedding,
 )
 from ..o3 import spherical_harmonics
+from ..tp.factor_store import factor_plan
 from .config import ModelConfig
 from .geometry import cell_volume, strained_geometry
 
@@ -51,17 +52,26 @@ class TDNModel(nn.Module):
     Build it with :func:`tdn.models.build_model`.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, factors_from: str | None = None) -> None:
+        """Build the model ``config`` describes and record its CP factor sets in ``config.cp_factors``.
+
+        ``factors_from``: the model file whose state dict is loaded right after (what :func:`tdn.load_model` does):
+        the CP factors recorded in ``config.cp_factors`` are then built as zeros of the recorded ranks, without a
+        lookup, a fit or a cache write; sets it does not record are looked up as usual.
+        """
         super().__init__()
         self.config = config
+        placeholders = config.cp_factors if factors_from is not None else None
         # Built in float64, then cast: constant tables (CG, grids, CP factors) keep full precision in a float64
         # model (the backends build in the default dtype).
         previous = torch.get_default_dtype()
         torch.set_default_dtype(torch.float64)
         try:
-            self._build(config)
+            with factor_plan(placeholders, origin=factors_from or "") as plan:
+                self._build(config)
         finally:
             torch.set_default_dtype(previous)
+        config.cp_factors = plan.recorded
         self.to(config.torch_dtype)
 
     def _build(self, config: ModelConfig) -> None:

@@ -11,7 +11,8 @@ The rank is the smallest whose relative error ``||M - M_hat||_F / ||M||_F`` is a
 or an explicit ``rank=``. Factors come, in this order, from the package data (``tdn/tp/cp_factors``, written
 by ``scripts/fit_cp.py``), from the user cache directory (both through :mod:`tdn.tp.factor_store`), or from a
 one-off seeded ALS fit (:mod:`tdn.tp.cp_fit`) that is then written to the cache. Whatever the source, the error
-is recomputed against the current ``M`` when the factors are loaded and reported as ``fit_error``.
+is recomputed against the current ``M`` when the factors are loaded and reported as ``fit_error``. A model being
+loaded from its file builds them as zeros of the rank its config records instead (no lookup, no fit).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..o3 import path_tensor
+from ..o3 import dim, path_tensor
 from . import cp_fit
 from .base import FactorisedProduct
 from .factor_store import FactorStore, format_tol  # noqa: F401  (format_tol: also importable from here)
@@ -171,14 +172,34 @@ def get_factors(
     lmax_in: int, lmax_sh: int, lmax_out: int, paths: str, tol: float = DEFAULT_TOL, rank: int | None = None,
     seed: int = 0,
 ) -> tuple[CPFactors, str, Path]:
-    """Factors for ``M`` with their source ("package", "cache" or "fitted") and file.
+    """Factors for ``M`` with their source ("package", "cache", "fitted" or "model file") and file.
 
     Looks in the package data, then the cache (:data:`STORE`); otherwise fits once (logging a warning, since a large
     ``M`` takes minutes) and writes the result to the cache. Loaded factors are checked against the current ``M``:
     a file whose recomputed error is far above its recorded one is stale and is refitted; an unreadable file is a
-    :class:`tdn.tp.factor_store.FactorFileError` naming it.
+    :class:`tdn.tp.factor_store.FactorFileError` naming it. Inside a :func:`tdn.tp.factor_store.factor_plan` that
+    lists these factors as a placeholder, they are zeros ``A [d3, R]``, ``B [d1, R]``, ``C [d2, R]`` of the recorded
+    rank (source "model file": its values replace them), and no file is read or written.
     """
     name = factor_name(lmax_in, lmax_sh, lmax_out, paths, tol, rank, seed)
+    planned = STORE.placeholder(name)
+    if planned is not None:
+        shape = (dim(lmax_out), dim(lmax_in), dim(lmax_sh))
+        A, B, C = (np.zeros((d, planned.rank)) for d in shape)
+        factors = CPFactors(A, B, C, planned.error, lmax_in, lmax_sh, lmax_out, paths,
+                            0.0 if rank is not None else tol, seed, "placeholder")  # fmt: skip
+        found: tuple[CPFactors, str, Path] = (factors, "model file", Path(planned.origin))
+    else:
+        found = _find_or_fit(name, lmax_in, lmax_sh, lmax_out, paths, tol, rank, seed)
+    STORE.record(name, found[0].rank, found[0].rel_error)
+    return found
+
+
+def _find_or_fit(
+    name: str, lmax_in: int, lmax_sh: int, lmax_out: int, paths: str, tol: float, rank: int | None, seed: int
+) -> tuple[CPFactors, str, Path]:
+    """The lookup of :func:`get_factors` for the file ``name``: package data, cache, else a fit written to the
+    cache."""
     M = path_tensor(lmax_in, lmax_sh, lmax_out, paths).numpy()
 
     def accept(data: dict[str, np.ndarray]) -> CPFactors | None:
@@ -218,7 +239,9 @@ class CPProduct(FactorisedProduct):
     ``rank=None`` picks the smallest rank with relative error of ``M`` at most ``tol``; ``rank=R`` forces
     one (e.g. ``7 * L**2``, the TDN paper's schedule; its error is reported, not enforced). Attributes:
     ``rank``, ``fit_error`` (relative Frobenius error of ``M``), ``factors_source`` ("package", "cache",
-    "fitted"), ``factors_file``. The factors are frozen buffers (float64 as stored, then the module's dtype).
+    "fitted", or "model file": zeros of a model file's recorded rank, replaced by its values when
+    :func:`tdn.load_model` loads them), ``factors_file``. The factors are frozen buffers (float64 as stored, then the
+    module's dtype).
     """
 
     kind = "cp"

@@ -15,6 +15,10 @@ Two families of factors use it, each through a :class:`FactorStore`: the two-bod
 * Reading (:meth:`FactorStore.load`): a file that is not such an archive, or lacks an array, is a
   :class:`FactorFileError` that names it; a file of another ``format_version`` is a :class:`StaleFactorFile`
   (lookups skip it and fit again).
+* Plans (:func:`factor_plan`): inside one, every lookup records the rank and error of the factor set it returns
+  under its key ``"{folder}/{file stem}"`` (what a model's config keeps), and a lookup whose key the plan lists as a
+  placeholder touches no file and fits nothing: it returns zero factors of the recorded rank, for a model whose
+  factors are loaded from its model file right after.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ import io
 import logging
 import os
 import zipfile
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -95,6 +101,46 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
         ) from err
 
 
+@dataclass
+class FactorPlan:
+    """What the lookups inside :func:`factor_plan` do besides their usual work.
+
+    ``recorded``: ``{key: {"rank": R, "error": e}}`` of every factor set looked up, ``key`` =
+    :meth:`FactorStore.key`. ``placeholders``: such a record (a model file's): a set it lists is neither read, fitted
+    nor cached; its lookup returns zero factors of the recorded rank, with the recorded error. ``origin``: where the
+    placeholders' values come from (the model file), reported as the factors' file.
+    """
+
+    placeholders: Mapping[str, Mapping[str, float]] | None = None
+    origin: str = ""
+    recorded: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Placeholder:
+    """A factor set to build as zeros: its recorded ``rank`` and ``error``, and the file its values come from."""
+
+    rank: int
+    error: float
+    origin: str
+
+
+_PLAN: ContextVar[FactorPlan | None] = ContextVar("tdn_factor_plan", default=None)
+
+
+@contextmanager
+def factor_plan(
+    placeholders: Mapping[str, Mapping[str, float]] | None = None, origin: str = ""
+) -> Iterator[FactorPlan]:
+    """Record the factor sets looked up inside the block (``plan.recorded``); with ``placeholders``, build the sets
+    they list as zeros of their recorded rank instead of looking them up (see :class:`FactorPlan`)."""
+    token = _PLAN.set(FactorPlan(placeholders, origin))
+    try:
+        yield _PLAN.get()
+    finally:
+        _PLAN.reset(token)
+
+
 @dataclass(frozen=True)
 class FactorStore:
     """The files of one family of factors: ``package_dir`` (shipped), ``cache_root() / folder`` (fitted here).
@@ -111,6 +157,24 @@ class FactorStore:
 
     def cache_dir(self) -> Path:
         return cache_root() / self.folder
+
+    def key(self, name: str) -> str:
+        """``"{folder}/{name without .npz}"``, e.g. ``"cp_factors/cp_o3_1_2_2_tol1e-04"``: a factor set in a record."""
+        return f"{self.folder}/{name.removesuffix('.npz')}"
+
+    def placeholder(self, name: str) -> Placeholder | None:
+        """The placeholder the active :func:`factor_plan` asks for in place of the file ``name``, else None."""
+        plan = _PLAN.get()
+        entry = None if plan is None or plan.placeholders is None else plan.placeholders.get(self.key(name))
+        if entry is None:
+            return None
+        return Placeholder(int(entry["rank"]), float(entry["error"]), plan.origin)
+
+    def record(self, name: str, rank: int, error: float) -> None:
+        """Note the rank and relative error of the factor set ``name`` in the active :func:`factor_plan`, if any."""
+        plan = _PLAN.get()
+        if plan is not None:
+            plan.recorded[self.key(name)] = {"rank": int(rank), "error": float(error)}
 
     def filename(self, stem: str, tol: float, rank: int | None = None, seed: int = 0) -> str:
         """``{stem}_tol{format_tol(tol)}[_seed{seed}].npz``, or ``{stem}_rank{rank}[...]`` for a fixed rank."""
