@@ -224,3 +224,51 @@ def test_argument_errors():
         tdn.tp.build("cp", lmax=-1, channels=2)
     with pytest.raises(ValueError, match="rank must be"):
         cp_fit.fit_cp(np.ones((2, 2, 2)), 0)
+
+
+def _masked_reference(ref, x, y, w, pairs):
+    """``sum_k w[..., k] * (cg-shared product of the degree-l_sh part of y, restricted to the rows of l_out)`` over
+    ``pairs`` [(l_sh, l_out or None: every output row)]: the map the mid-way weight modes compute."""
+    from tdn.o3 import degree_slice
+
+    out = 0
+    for k, (l_sh, l_out) in enumerate(pairs):
+        y_l = torch.zeros_like(y)
+        y_l[:, degree_slice(l_sh)] = y[:, degree_slice(l_sh)]
+        part = ref(x, y_l, torch.ones_like(w[:, :, :1]))
+        if l_out is not None:
+            rows = torch.zeros(part.shape[-1], dtype=part.dtype)
+            rows[degree_slice(l_out)] = 1
+            part = part * rows
+        out = out + part * w[:, :, k : k + 1]
+    return out
+
+
+@pytest.mark.parametrize("paths", ["o3", "so3"])
+@pytest.mark.parametrize("weights", ["sh_degree", "degree_pair"])
+@pytest.mark.parametrize("lmax", [1, 2, 3])
+def test_mid_way_weight_modes_match_masked_cg(lmax, weights, paths):
+    """One weight per harmonic degree / per (l_sh, l_out) pair: the cg-shared map split by those degrees, each part
+    with its own weight (within the CP fit error), per edge and through the convolution."""
+    tp = tdn.tp.build("cp", lmax=lmax, channels=4, paths=paths, weights=weights).double()
+    ref = tdn.tp.build("cg", lmax=lmax, channels=4, paths=paths, weights="shared").double()
+    pairs = [(l, None) for l in range(lmax + 1)] if weights == "sh_degree" else tp.degree_pairs
+    assert tp.num_weights == len(pairs)
+    x, y, w = _inputs(tp)
+    expected = _masked_reference(ref, x, y, w, pairs)
+    assert _relative(tp(x, y, w), expected) <= 3 * TOL
+    # a single weight changed moves the output: every weight is used
+    w2 = w.clone()
+    w2[:, :, -1] += 1.0
+    assert _relative(tp(x, y, w2), tp(x, y, w)) > 1e-3
+    sender, receiver = torch.arange(x.shape[0]).roll(1), torch.arange(x.shape[0]) % 5
+    conv = tp.conv(x, y, w, sender, receiver, fused=False)
+    messages = tp(x[sender], y, w)
+    assert torch.allclose(conv, torch.zeros_like(conv).index_add_(0, receiver, messages), atol=1e-12)
+
+
+def test_degree_pairs_of_lmax_2():
+    # hidden features l <= 1, harmonics and messages l <= 2 (the accuracy model): every path has its own pair
+    tp = tdn.tp.build("cp", lmax_in=1, lmax_sh=2, lmax_out=2, channels=2, weights="degree_pair")
+    assert tp.degree_pairs == sorted({(l2, l3) for _, l2, l3 in tp.path_list})
+    assert tp.num_weights == len(tp.path_list) == 7

@@ -246,12 +246,12 @@ class CPProduct(FactorisedProduct):
 
     kind = "cp"
     supported_paths = ("o3", "so3")
-    supported_weights = ("shared", "degree")
+    supported_weights = ("shared", "degree", "sh_degree", "degree_pair")
     default_weights = "shared"
     options = ("rank", "tol", "seed")
     unsupported_weights_reason = (
-        "CP factorises the sum of all paths (the stacked tensor M), so per-path weights cannot be applied; "
-        "use kind='cg' for them"
+        "CP factorises the sum of all paths (the stacked tensor M), so per-path weights cannot be applied "
+        "(weights='degree_pair' weighs each (l_sh, l_out) pair); use kind='cg' for them"
     )
 
     def __init__(
