@@ -34,6 +34,6 @@ DEFAULTS = {  # this checkout's layout: the reference data beside it, the publis
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["curves"]:  # learning curves until they flatten (tdn/bench/curves.py)
-        curves.main(sys.argv[2:], defaults={k: v for k, v in DEFAULTS.items() if k != "doc"})
+        curves.main(sys.argv[2:], defaults=DEFAULTS)
     else:
         accuracy.main(defaults=DEFAULTS)

@@ -83,3 +83,22 @@ def test_runs_accumulate(tmp_path):
     assert set(table["runs"]) == {"cp/seed0", "cp/seed1"}
     assert table["runs"]["cp/seed0"] == {**record, "complete": True}
     assert any(line.endswith(f"(in {run.table}.json)") for line in lines)
+
+
+def test_report_only_rewrites_tables_and_page(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    table = {"dataset": "ethanol", "size": "small", "steps": 10, "runs": {
+        "cg/seed0": {"variant": "cg", "seed": 0, "params": 10, "final": {"forces_mae_meV_A": 10.0},
+                     "points": [point(1, 4.0, 40.0), point(2, 8.0, 12.0)]},
+        "cp/seed0": {"variant": "cp", "seed": 0, "params": 8, "final": {"forces_mae_meV_A": 13.0},
+                     "points": [point(1, 2.0, 30.0), point(2, 3.0, 13.0)]}}}
+    (out / "curves_ethanol_small.json").write_text(json.dumps(table))
+    doc = tmp_path / "page.md"
+    doc.write_text("before\n<!-- BEGIN curves_ethanol_small -->\nold\n<!-- END curves_ethanol_small -->\nafter\n")
+    curves.main(["--report-only", "--datasets", "ethanol", "--out", str(out), "--work-dir", str(tmp_path),
+                 "--data-root", str(tmp_path), "--doc", str(doc)])
+    page = doc.read_text()
+    assert "old" not in page and page.startswith("before") and page.endswith("after\n")
+    assert "| cp | 0 | 8 | 13.0 | 1.30x |" in page  # the summary row of cp: 13 / 10 of cg
+    assert (out / "curves_ethanol_small.png").is_file() and (out / "curves_ethanol_small.md").is_file()

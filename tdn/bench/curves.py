@@ -277,6 +277,8 @@ def parse_args(argv: Sequence[str] | None = None, defaults: dict[str, Path] | No
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimiser steps per run (batch of 10)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the tables from their JSON; train nothing")
+    parser.add_argument("--doc", type=Path, default=defaults.get("doc"),
+                        help="markdown page whose <!-- BEGIN curves_... --> sections are rewritten")
     for option, help_text in (("data-root", "folder of the reference data (rmd17/, 3bpa/)"),
                               ("out", "output folder of the tables"), ("work-dir", "run directories")):
         default = defaults.get(option.replace("-", "_"))
@@ -292,18 +294,24 @@ def plan(args: argparse.Namespace) -> list[CurveRun]:
 
 
 def main(argv: Sequence[str] | None = None, defaults: dict[str, Path] | None = None) -> None:
-    from .curves_report import write_outputs
+    """The ``curves`` mode of ``scripts/bench_accuracy.py``: train what is missing, then rewrite every table of the
+    command (and its section of ``--doc``, the published accuracy page, where it has one)."""
+    from .accuracy_report import update_doc_section
+    from .curves_report import doc_block, write_outputs
 
     args = parse_args(argv, defaults)
     command = "python scripts/bench_accuracy.py curves " + " ".join(sys.argv[2:] if argv is None else argv)
     runs = plan(args)
-    if args.report_only:
-        for name in sorted({r.table for r in runs}):
-            path = Path(args.out) / f"{name}.json"
-            if path.is_file():
-                with locked(path):
-                    print("wrote", *write_outputs(read_table(path), Path(args.out), name).values())
-        return
-    start = time.perf_counter()
-    run_all(runs, args.work_dir, args.out, args.jobs, command, log=lambda line: print(line, flush=True))
-    print(f"{len(runs)} runs in {time.perf_counter() - start:.0f} s; tables in {args.out}", flush=True)
+    if not args.report_only:
+        start = time.perf_counter()
+        run_all(runs, args.work_dir, args.out, args.jobs, command, log=lambda line: print(line, flush=True))
+        print(f"{len(runs)} runs in {time.perf_counter() - start:.0f} s; tables in {args.out}", flush=True)
+    for name in sorted({r.table for r in runs}):
+        path = Path(args.out) / f"{name}.json"
+        if not path.is_file():
+            continue
+        with locked(path):
+            table = read_table(path)
+            print("wrote", *write_outputs(table, Path(args.out), name).values(), flush=True)
+        if args.doc is not None and update_doc_section(args.doc, name, doc_block(table, name)):
+            print(f"updated the {name} section of {args.doc}", flush=True)

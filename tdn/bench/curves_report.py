@@ -161,6 +161,21 @@ def write_plot(table: dict[str, Any], path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
+def doc_block(table: dict[str, Any], name: str) -> str:
+    """What docs/accuracy.md shows of a curve table: provenance, the plot and the summary table."""
+    meta = table.get("meta", {})
+    git = meta.get("git", {})
+    return "\n".join([
+        f"`{table.get('command', '')}` — last write {meta.get('date')}, commit {git.get('commit', '')[:12]}"
+        f"{' (dirty tree)' if git.get('dirty') else ''}, {common.machine_line(meta) if meta else ''}; "
+        f"full report: [benchmarks/{name}.md](benchmarks/{name}.md)",
+        "",
+        f"![{name}](benchmarks/{name}.png)",
+        "",
+        results_table(table),
+    ])
+
+
 def write_outputs(table: dict[str, Any], out_dir: Path, name: str) -> dict[str, Path]:
     """``name``.json, .md and .png in ``out_dir``."""
     table["summary"] = summary(table)
