@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Batched evaluation: structure-steps per second of a tdn model through torch-sim (S systems, one model call per
-step) against a loop of TDNCalculator calls, for 1, 8, 64 systems of 32 ... 500 atoms (Cu fcc), and one NVE and one
-Langevin MD step of torch-sim against tdn.dynamics.TorchDynamics at MACE-medium widths.
+step) against a loop of TDNCalculator calls, for 1, 8, 64 systems of 32 ... 500 atoms (Cu fcc). The MD engines
+(torch-sim against tdn.dynamics.TorchDynamics) are compared by scripts/bench_engines.py.
 
     python scripts/bench_batch.py --quick --out /tmp/bench                          # < 1 min
     OMP_NUM_THREADS=1 python scripts/bench_batch.py --threads 1 --out docs/benchmarks  # < 5 min on a CPU

@@ -14,6 +14,8 @@
 #   bench_md_float64  scripts/bench_md.py   -> md_float64_cuda (4000 atoms, float64, cp and grid)
 #   bench_md_large    scripts/bench_md.py   -> md_large_cuda   (32000, 108000, 256000 atoms, float32, cp and grid)
 #   profile_step      scripts/profile_step.py -> profile_cuda  (4000 atoms, cp and cg)
+#   bench_neighbors   scripts/bench_neighbors.py -> neighbors_cuda (vesin's CUDA list vs ASE and torch-sim's)
+#   bench_engines     scripts/bench_engines.py -> engines_cuda (an MD step: torch-sim vs tdn.dynamics.TorchDynamics)
 # The MD steps carry the mace-torch columns (e3nn, cuEquivariance) when .gpu/env.sh exported MACE_REF.
 #
 # Results go to docs/benchmarks/<name>.{json,md,png} (a dry run writes to a scratch folder instead, names
@@ -214,6 +216,10 @@ if ((DRY)); then
     --warmup 0 --reps 1 --references
   step profile_step 30 "${PYL[@]}" scripts/profile_step.py --device cpu --out "$RESULTS" \
     --name "profile_$SUFFIX" --natoms 32 --preset tiny --backends cp --reps 1
+  step bench_neighbors 20 "${PYL[@]}" scripts/bench_neighbors.py --device cpu --out "$RESULTS" \
+    --name "neighbors_$SUFFIX" --quick
+  step bench_engines 30 "${PYL[@]}" scripts/bench_engines.py --device cpu --out "$RESULTS" \
+    --name "engines_$SUFFIX" --quick
 else
   step pytest 90 "${PYL[@]}" pytest "${PYTEST[@]}" "${GPU_TESTS[@]}"
   step bench_tp 90 env PYTHONPATH="$TP_PATH" "${PYL[@]}" scripts/bench_tp.py --device cuda --out "$RESULTS" \
@@ -230,6 +236,10 @@ else
     --warmup 0 --reps 3 --max-seconds 1 "${MACE[@]}"
   step profile_step 30 "${PYL[@]}" scripts/profile_step.py --device cuda --out "$RESULTS" \
     --name "profile_$SUFFIX" --natoms 4000 --backends cp cg --reps 3
+  step bench_neighbors 30 "${PYL[@]}" scripts/bench_neighbors.py --device cuda --out "$RESULTS" \
+    --name "neighbors_$SUFFIX"
+  step bench_engines 40 "${PYL[@]}" scripts/bench_engines.py --device cuda --out "$RESULTS" \
+    --name "engines_$SUFFIX"
 fi
 
 pack

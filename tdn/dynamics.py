@@ -1,5 +1,9 @@
 """Device-resident molecular dynamics for tdn models: the MD step never leaves the model's device.
 
+``tdn-md --engine torch`` runs torch-sim's integrators (:mod:`tdn.integrations.torchsim_md`, as fast on the CPU:
+docs/benchmarks/engines_cpu.md) and this engine only for what torch-sim 0.3.0 cannot run: FixAtoms constraints,
+slabs and wires (partial periodicity), or without torch-sim installed.
+
 :class:`TorchDynamics` keeps the state (positions, velocities, masses, forces, cell, pbc, atomic numbers) in
 device tensors and integrates in torch, so that on an accelerator a step queues kernels without waiting for them:
 
@@ -10,7 +14,7 @@ device tensors and integrates in torch, so that on an accelerator a step queues 
   The state is float64 whatever the model's dtype (as in the ASE path, whose integrators work in float64
   numpy): a float32 model only sees float32 positions, accumulated positions do not lose precision.
 * **Neighbour list with a skin.** Pairs within ``cutoff + skin`` are built with :func:`tdn.runtime.neighbor_list`
-  (the pure-torch cell list on an accelerator) and ALL of them go to the model: the radial envelope is exactly
+  (vesin, on the model's device) and ALL of them go to the model: the radial envelope is exactly
   zero at ``r >= cutoff`` and the radial MLP maps 0 to 0, so the pairs between ``cutoff`` and ``cutoff + skin``
   contribute exactly nothing (energy and forces). No per-step ``nonzero`` selection (a host sync), and the edge
   count is constant between rebuilds (one shape for ``torch.compile``).

@@ -5,8 +5,10 @@ BAOAB barostat). Writes a trajectory (extxyz or ASE .traj), a thermo log, and a 
 
     tdn-md structure.xyz --model model.pt --ensemble nvt-langevin --temperature 300 --steps 10000 -o run1
 
-``--engine torch`` runs NVE and Langevin NVT with :class:`tdn.dynamics.TorchDynamics` instead (the step stays on
-the model's device); the log, trajectory and PNG are written by the same code.
+``--engine torch`` runs NVE and Langevin NVT with torch-sim's integrators on one structure instead
+(:class:`tdn.integrations.torchsim_md.TorchSimDynamics`; the state stays on the model's device, in float64), or with
+:class:`tdn.dynamics.TorchDynamics` where torch-sim cannot (constraints, slabs and wires, torch-sim not installed);
+the log, trajectory and PNG are written by the same code.
 
 Input mistakes (a missing or unreadable file, a frame out of range, a bad option value, a non-empty output
 directory without ``--overwrite``) end with one or two lines naming the file or option and the fix, exit code 2,
@@ -21,12 +23,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 import numpy as np
 from ase import Atoms, units
 from ase.io import Trajectory, write
-from ase.md.md import MolecularDynamics
 from ase.md.velocitydistribution import Stationary, ZeroRotation
 
 from .md_checks import (
@@ -47,13 +48,10 @@ except ImportError:  # pragma: no cover - older ASE
         MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
 
 
-if TYPE_CHECKING:
-    from .dynamics import TorchDynamics
-
-
 ENSEMBLES = ("nve", "nvt-langevin", "nvt-nose-hoover", "npt-iso", "npt", "npt-langevin")
 NPT_ENSEMBLES = ("npt-iso", "npt", "npt-langevin")
 ENGINES = ("ase", "torch", "torchsim")  # torchsim: many structures at once, tdn.md_torchsim
+TORCH_ENSEMBLES = ("nve", "nvt-langevin")  # --engine torch
 TRAJ_FORMATS = ("extxyz", "traj")
 LOG_COLUMNS = ("step", "time[ps]", "Epot[eV]", "Ekin[eV]", "Etot[eV]", "T[K]", "steps/s")
 NPT_LOG_COLUMNS = ("V[A^3]", "P[GPa]")
@@ -82,30 +80,19 @@ class MDSettings:
             raise ValueError("friction and temperature must not be negative")
 
 
-def build_dynamics(atoms: Atoms, settings: MDSettings, engine: str = "ase") -> MolecularDynamics | TorchDynamics:
+def build_dynamics(atoms: Atoms, settings: MDSettings, engine: str = "ase") -> Any:
     """The ASE integrator for ``settings.ensemble`` (no ASE-side logfile or trajectory: tdn-md writes its own), or
-    with ``engine="torch"`` a :class:`tdn.dynamics.TorchDynamics` running the model of the attached TDNCalculator
-    (its device, dtype and skin; ``nve`` and ``nvt-langevin`` only). Both have ``attach``, ``run``, ``nsteps``
-    and ``dt``."""
+    with ``engine="torch"`` (``nve`` and ``nvt-langevin`` only) an integrator running the model of the attached
+    TDNCalculator (its device and dtype) on the model's device: torch-sim's
+    (:class:`tdn.integrations.torchsim_md.TorchSimDynamics`), or :class:`tdn.dynamics.TorchDynamics` for what
+    torch-sim cannot run (:func:`tdn.integrations.torchsim_md.torch_sim_cannot_run`: constraints, slabs and wires,
+    torch-sim not installed). All have ``attach``, ``run``, ``nsteps`` and ``dt``."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine == "torchsim":
         raise ValueError("the torchsim engine runs every structure of a file at once: use tdn.md_torchsim.run_md_batch")
     if engine == "torch":
-        from .calculator import TDNCalculator
-        from .dynamics import TorchDynamics
-
-        if not isinstance(atoms.calc, TDNCalculator):
-            raise ValueError("the torch engine needs a TDNCalculator attached to the atoms: it runs that model")
-        return TorchDynamics(
-            atoms.calc,
-            atoms,
-            settings.timestep,
-            ensemble=settings.ensemble,
-            temperature_K=settings.temperature,
-            friction=settings.friction,
-            seed=settings.seed,
-        )
+        return _torch_engine(atoms, settings)
     dt = settings.timestep * units.fs
     T = settings.temperature
     rng = np.random.default_rng(settings.seed)
@@ -150,6 +137,33 @@ def build_dynamics(atoms: Atoms, settings: MDSettings, engine: str = "ase") -> M
     )
 
 
+def _torch_engine(atoms: Atoms, settings: MDSettings) -> Any:
+    """``--engine torch``: torch-sim's integrator, or TorchDynamics where torch-sim cannot run the structure."""
+    from .calculator import TDNCalculator
+    from .integrations.torchsim_md import torch_sim_cannot_run
+
+    calc = atoms.calc
+    if not isinstance(calc, TDNCalculator):
+        raise ValueError("the torch engine needs a TDNCalculator attached to the atoms: it runs that model")
+    if settings.ensemble not in TORCH_ENSEMBLES:
+        raise ValueError(f"ensemble {settings.ensemble!r} is not available with the torch engine (it has "
+                         f"{', '.join(TORCH_ENSEMBLES)}); use the ASE engine for it")  # fmt: skip
+    if torch_sim_cannot_run(atoms) is not None:
+        from .dynamics import TorchDynamics
+
+        return TorchDynamics(calc, atoms, settings.timestep, ensemble=settings.ensemble,
+                             temperature_K=settings.temperature, friction=settings.friction, seed=settings.seed)
+    from .integrations.torchsim import TDNTorchSimModel
+    from .integrations.torchsim_md import TorchSimDynamics
+    from .md_torchsim import integrator
+
+    model = TDNTorchSimModel(calc.model, device=calc.device, dtype=calc.dtype, state_dtype="float64",
+                             compute_stress=False, neighbor_list=calc.neighbor_list)  # fmt: skip
+    init, update, init_kwargs = integrator(model, settings)
+    return TorchSimDynamics(model, atoms, init, update, timestep=settings.timestep, seed=settings.seed,
+                            init_kwargs=init_kwargs, calculator=calc)  # fmt: skip
+
+
 def initialise_velocities(atoms: Atoms, temperature: float, seed: int) -> None:
     """Maxwell–Boltzmann velocities at ``temperature`` K, no centre-of-mass drift (no rotation for molecules)."""
     thermalize_momenta(atoms, temperature, rng=np.random.default_rng(seed))
@@ -165,7 +179,7 @@ class ThermoLogger:
     (the torch engine puts its results into ``atoms`` before calling it).
     """
 
-    def __init__(self, dyn: MolecularDynamics | TorchDynamics, atoms: Atoms, fh: IO[str], ensemble: str,
+    def __init__(self, dyn: Any, atoms: Atoms, fh: IO[str], ensemble: str,
                  extra: Sequence[Any] = ()) -> None:  # fmt: skip
         self.dyn, self.atoms, self.fh = dyn, atoms, fh
         self.with_pressure = ensemble in NPT_ENSEMBLES
@@ -297,8 +311,8 @@ def run_md(
 ) -> MDResult:
     """Run ``steps`` MD steps of ``atoms`` (calculator attached) and write log, trajectory and thermo PNG.
 
-    ``engine``: ``"ase"`` (ASE's integrators) or ``"torch"`` (:class:`tdn.dynamics.TorchDynamics`), see
-    :func:`build_dynamics`. ``output_dir`` must be empty or new unless ``overwrite`` (then the files of an earlier
+    ``engine``: ``"ase"`` (ASE's integrators) or ``"torch"`` (torch-sim's, or :class:`tdn.dynamics.TorchDynamics`),
+    see :func:`build_dynamics`. ``output_dir`` must be empty or new unless ``overwrite`` (then the files of an earlier
     run are replaced; :class:`tdn.md_checks.UsageError` otherwise). ``limits`` (default: warn only, default limits)
     are checked at every log step: :class:`tdn.md_checks.MDBlowupWarning`, or :class:`tdn.md_checks.MDBlowupError`
     with ``limits.stop``; a geometry the model cannot evaluate any more (atoms on top of each other) also raises

@@ -11,7 +11,16 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from .md import ENGINES, ENSEMBLES, NPT_ENSEMBLES, TRAJ_FORMATS, MDSettings, initialise_velocities, run_md
+from .md import (
+    ENGINES,
+    ENSEMBLES,
+    NPT_ENSEMBLES,
+    TORCH_ENSEMBLES,
+    TRAJ_FORMATS,
+    MDSettings,
+    initialise_velocities,
+    run_md,
+)
 from .md_checks import (
     BlowupLimits,
     MDBlowupError,
@@ -60,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine",
         choices=ENGINES,
         default="ase",
-        help="ase: ASE's integrators calling the model; torch: tdn.dynamics.TorchDynamics, state and step on the "
-        "model's device (nve and nvt-langevin only); torchsim: torch-sim's integrators on every structure of the "
-        "file at once, one subdirectory of OUTPUT_DIR per structure (tdn.md_torchsim)",
+        help="ase: ASE's integrators calling the model; torch: torch-sim's integrators on this structure, state "
+        "(float64) and step on the model's device (nve and nvt-langevin only; constraints, slabs and wires: "
+        "tdn.dynamics.TorchDynamics); torchsim: torch-sim's integrators on every structure of the file at once, "
+        "one subdirectory of OUTPUT_DIR per structure (tdn.md_torchsim)",
     )
     g.add_argument("--steps", type=int, default=1000, help="number of MD steps")
     g.add_argument("--timestep", type=float, default=1.0, help="time step in fs")
@@ -82,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("calculator")
     c.add_argument("--device", default=_default_device(), help="torch device: cpu, cuda, cuda:1")
     c.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="model precision")
-    c.add_argument("--skin", type=float, default=0.5, help="neighbour-list skin in Å (rebuilt after skin/2 moves)")
+    c.add_argument("--skin", type=float, default=0.5, help="neighbour-list skin in Å (rebuilt after skin/2 moves; "
+                   "torch-sim rebuilds the list at every step)")
     c.add_argument("--compile", action="store_true", help="torch.compile the model (experimental)")
     o = p.add_argument_group("output")
     o.add_argument("--traj-format", choices=TRAJ_FORMATS, default="extxyz", help="trajectory file format")
@@ -177,8 +188,6 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.committee and args.engine != "ase":
         raise UsageError(f"--committee runs with --engine ase only: --engine {args.engine} evaluates one model")
     if args.engine == "torch":
-        from .dynamics import ENSEMBLES as TORCH_ENSEMBLES
-
         if args.ensemble not in TORCH_ENSEMBLES:
             raise UsageError(
                 f"--ensemble {args.ensemble} is not available with --engine torch (it has "

@@ -6,7 +6,7 @@
 - :func:`validate_atoms` (and the checks it is made of): input the model cannot evaluate is refused with a message
   naming the atom, element or cell vector; :class:`AtomsTooCloseError` names atoms closer than
   :data:`tdn.data.atoms.MIN_DISTANCE`, which would give NaN energies and forces;
-- :func:`neighbor_list` (torch on an accelerator, vesin on the CPU) and :func:`shift_vectors`, computed without
+- :func:`neighbor_list` (vesin, on the positions' device or on the host) and :func:`shift_vectors`, computed without
   matmuls so that TF32 settings cannot move an edge.
 """
 
@@ -138,27 +138,22 @@ def neighbor_list(
     pos: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, cutoff: float, method: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pairs within ``cutoff`` as tensors on ``pos.device``: ``edge_index [2, E]`` (sender, receiver) and
-    integer-valued ``unit_shifts [E, 3]`` in ``pos.dtype``, with ``vector = pos[j] - pos[i] + unit_shifts @ cell``.
+    integer-valued ``unit_shifts [E, 3]`` in ``pos.dtype``, with ``vector = pos[j] - pos[i] + unit_shifts @ cell``,
+    sorted by (sender, receiver, shift). Both methods are vesin (:mod:`tdn.data.neighbors`) and give the same edges:
 
-    ``method``: ``"torch"`` the pure-torch list on ``pos.device`` (:func:`tdn.data.neighbors.neighbor_list_torch`:
-    positions never leave an accelerator); ``"vesin"`` vesin's CPU cell list
-    (:func:`tdn.data.neighbors.neighbor_list`) and a copy of the edges to the device; ``"auto"``: torch on an
-    accelerator (a linear-scaling cell list, any number of atoms), vesin on the CPU. With the skin the list is
-    rebuilt only every few tens of MD steps, so its cost is spread over them.
+    * ``"torch"``: on ``pos.device`` (:func:`tdn.data.neighbors.neighbor_list_torch`: vesin's CUDA cell list on a
+      GPU, the positions never leave it; the host for a device vesin has no kernel for);
+    * ``"vesin"``: on the host, the edges copied to ``pos.device``;
+    * ``"auto"``: ``"torch"`` on an accelerator, ``"vesin"`` on the CPU (where the two are the same).
+
+    With the skin the list is rebuilt only every few tens of MD steps, so its cost is spread over them.
     """
-    if method == "auto":
-        method = "vesin" if pos.device.type == "cpu" else "torch"
-    if method == "vesin":
-        sender, receiver, shifts = neighbors.neighbor_list(
-            pos.detach().cpu().double().numpy(),
-            cell.detach().cpu().double().view(3, 3).numpy(),
-            pbc.cpu().view(3).numpy(),
-            cutoff,
-        )
-        edge_index = torch.from_numpy(np.stack([sender, receiver])).to(pos.device)
-        return edge_index, torch.from_numpy(shifts).to(device=pos.device, dtype=pos.dtype)
-    sender, receiver, shifts = neighbors.neighbor_list_torch(pos.detach(), cell.view(3, 3), pbc.view(3), cutoff)
-    return torch.stack([sender, receiver]), shifts.to(pos.dtype)
+    if method not in NEIGHBOR_LISTS:
+        raise ValueError(f"neighbor_list must be one of {NEIGHBOR_LISTS}, got {method!r}")
+    on = pos.detach() if method in ("auto", "torch") else pos.detach().cpu()
+    sender, receiver, shifts = neighbors.neighbor_list_torch(on, cell.detach().reshape(3, 3), pbc.reshape(-1), cutoff)
+    edge_index = torch.stack([sender, receiver]).to(pos.device)
+    return edge_index, shifts.to(device=pos.device, dtype=pos.dtype)
 
 
 def shift_vectors(unit_shifts: torch.Tensor, cell: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -15,8 +15,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-STEPS = ("pytest", "bench_tp", "bench_conv", "bench_md", "bench_md_float64", "bench_md_large", "profile_step")
-RESULTS = ("tp", "conv", "md", "md_float64", "md_large", "profile")
+STEPS = ("pytest", "bench_tp", "bench_conv", "bench_md", "bench_md_float64", "bench_md_large", "profile_step",
+         "bench_neighbors", "bench_engines")
+RESULTS = ("tp", "conv", "md", "md_float64", "md_large", "profile", "neighbors", "engines")
 
 needs_tools = pytest.mark.skipif(
     not all(shutil.which(tool) for tool in ("bash", "timeout", "tar")), reason="needs bash, timeout and tar"

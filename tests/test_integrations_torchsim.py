@@ -88,6 +88,21 @@ def test_mixed_batch_equals_the_calculator_per_structure(dtype, neighbor_list):
         start = stop
 
 
+def test_a_float64_state_around_a_float32_model():
+    """``state_dtype="float64"``: torch-sim integrates float64 states; the float32 model sees the positions rounded to
+    float32 and its results come back as float64, equal to what it gives on a float32 state."""
+    structures = mixed()
+    wide = TDNTorchSimModel(model("float32"), state_dtype="float64")
+    narrow = TDNTorchSimModel(model("float32"))
+    assert wide.dtype == torch.float64 and narrow.dtype == torch.float32
+    state = state_from_atoms(structures, wide)
+    assert state.positions.dtype == torch.float64
+    out, reference = wide(state), narrow(state_from_atoms(structures, narrow))
+    for key in ("energy", "forces", "stress"):
+        assert out[key].dtype == torch.float64
+        torch.testing.assert_close(out[key], reference[key].double(), rtol=0, atol=0)
+
+
 def test_compute_flags_are_honoured():
     structures = mixed()
     both = TDNTorchSimModel(model())

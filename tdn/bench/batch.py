@@ -1,6 +1,6 @@
 """Batched evaluation benchmark: structure-steps per second of a tdn model through torch-sim (S systems, one model
-call per step) against a loop of :class:`tdn.TDNCalculator` calls (one call per structure), and, at MACE-medium
-widths, an NVE and a Langevin MD step of torch-sim against :class:`tdn.dynamics.TorchDynamics`.
+call per step) against a loop of :class:`tdn.TDNCalculator` calls (one call per structure). The MD engines (torch-sim
+against :class:`tdn.dynamics.TorchDynamics`, one system) are compared by :mod:`tdn.bench.engines`.
 
 Throughput (``rows``), S rattled Cu fcc cubic supercells of ``n`` atoms each (``n`` in 32 ... 500), the same model:
 
@@ -10,10 +10,8 @@ Throughput (``rows``), S rattled Cu fcc cubic supercells of ``n`` atoms each (``
   from its own TDNCalculator (skin list, rebuilt only when needed): S model calls;
 * ``calculate_batch``: the same moves, then ``TDNCalculator.calculate_batch`` of all S (one graph, one call).
 
-structure-steps/s = S / (seconds per step). Engines (``engine_rows``): ms per MD step of ``N`` atoms, torch-sim's
-NVE / Langevin (BAOAB) integrators with the tdn model against TorchDynamics (velocity Verlet / ASE's Langevin
-propagator, skin neighbour list kept on the device), plus one energy+forces call of each for reference. Timings:
-median of repeated calls of ``steps_per_call`` steps after a warm-up (:func:`tdn.bench.common.time_call`).
+structure-steps/s = S / (seconds per step). Timings: median of repeated calls of ``steps_per_call`` steps after a
+warm-up (:func:`tdn.bench.common.time_call`).
 """
 
 from __future__ import annotations
@@ -39,7 +37,6 @@ LARGE_SYSTEMS = 256  # behind --large
 QUICK_SIZES = (32, 108)
 QUICK_SYSTEMS = (1, 8)
 METHODS = ("torch-sim NVE", "calculator loop", "calculate_batch")
-ENSEMBLES = ("nve", "nvt-langevin")
 
 
 @dataclass
@@ -49,10 +46,6 @@ class BatchBenchConfig:
     preset: str = "tiny"  # throughput model
     backend: str = "cp"
     dtype: str = "float32"
-    engine_preset: str | None = "mace-medium"  # None: no engine comparison
-    engine_atoms: int = 256
-    engine_steps: int = 4  # MD steps per timed call of the engine comparison
-    engine_reps: int = 5  # interleaved rounds of the engine comparison
     steps_per_call: int = 1  # throughput: steps per timed call
     warmup: int = 1
     reps: int = 3
@@ -158,80 +151,13 @@ def bench_throughput(cfg: BatchBenchConfig, on_row: Callable[[dict], None]) -> N
             common.free_memory(cfg.device)
 
 
-# ------------------------------------------------------------------------------------------------ engines
-def engine_calls(model: torch.nn.Module, cfg: BatchBenchConfig, ensemble: str) -> dict[str, Callable]:
-    """torch-sim's and TorchDynamics' MD steps (and one energy+forces call of each) of one Cu fcc system."""
-    from torch_sim.integrators import nve, nvt_langevin
-
-    from ..dynamics import TorchDynamics
-    from ..integrations.torchsim import TDNTorchSimModel, state_from_atoms
-
-    k = cfg.engine_steps
-    atoms = structures(1, cfg.engine_atoms)[0]
-    ts_model = TDNTorchSimModel(model, compute_stress=False)
-    scalar = lambda v: torch.tensor(v, dtype=ts_model.dtype, device=ts_model.device)  # noqa: E731
-    dt, kT = scalar(units.fs), scalar(300 * units.kB)
-    friction = 0.01  # 1/fs, as tdn-md's default
-    if ensemble == "nve":
-        init, update = nve(ts_model, dt=dt, kT=kT)
-    else:
-        init, update = nvt_langevin(ts_model, dt=dt, kT=kT, gamma=scalar(friction / units.fs))
-    start = state_from_atoms(atoms, ts_model)
-    start.momenta = torch.as_tensor(atoms.get_momenta(), dtype=ts_model.dtype, device=ts_model.device)
-    holder = {"state": init(start)}
-
-    def torch_sim_steps() -> None:
-        for _ in range(k):
-            holder["state"] = update(holder["state"])
-
-    dyn = TorchDynamics(model, atoms.copy(), timestep=1.0, ensemble=ensemble, friction=friction)
-    return {
-        "torch-sim": torch_sim_steps,
-        "TorchDynamics": lambda: dyn.run(k),
-        "torch-sim model call": lambda: ts_model(holder["state"]),
-        "TorchDynamics evaluate": dyn.evaluate,
-    }
-
-
-def bench_engines(cfg: BatchBenchConfig, on_row: Callable[[dict], None]) -> None:
-    """The engines' calls INTERLEAVED (one call of each in turn, ``engine_reps`` rounds after a warm-up): load from
-    other jobs on a shared machine then hits both alike. Median and minimum ms per step."""
-    if cfg.engine_preset is None:
-        return
-    model = build(cfg.engine_preset, cfg.backend, cfg.dtype, cfg.device)
-    for ensemble in ENSEMBLES:
-        names = ["torch-sim", "TorchDynamics"] + (["torch-sim model call", "TorchDynamics evaluate"]
-                                                  if ensemble == "nve" else [])  # fmt: skip
-        calls, err = common.attempt(lambda e=ensemble: engine_calls(model, cfg, e), cfg.device)
-        times: dict[str, list[float]] = {name: [] for name in names}
-        if err is None:
-            for round_ in range(cfg.warmup + cfg.engine_reps):
-                for name in names:
-                    ms, terr = common.attempt(lambda f=calls[name]: common.time_call(f, cfg.device, warmup=0, reps=1)[
-                        "median_ms"], cfg.device)  # fmt: skip
-                    if terr is not None:
-                        err = terr
-                        break
-                    if round_ >= cfg.warmup:
-                        times[name].append(ms / (1 if name.endswith(("call", "evaluate")) else cfg.engine_steps))
-                if err is not None:
-                    break
-        for name in names:
-            row: dict[str, Any] = {"engine": name, "ensemble": ensemble, "atoms": cfg.engine_atoms}
-            if err is not None:
-                row["err"] = err
-            else:
-                row.update(step_ms=float(np.median(times[name])), min_ms=min(times[name]), reps=len(times[name]))
-            on_row(row)
-
-
 # ------------------------------------------------------------------------------------------------ run + report
 def run(cfg: BatchBenchConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Throughput rows, then the engine rows; ``NAME.json`` after every row, the markdown and PNG at the end."""
+    """Throughput rows; ``NAME.json`` after every row, the markdown and PNG at the end."""
     meta = common.run_metadata(cfg.device, packages=("ase", "torch-sim-atomistic", "vesin"))
     meta["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
     out_dir = Path(out_dir)
-    result: dict[str, Any] = {"meta": meta, "config": asdict(cfg), "rows": [], "engine_rows": [], "notes": cfg.notes}
+    result: dict[str, Any] = {"meta": meta, "config": asdict(cfg), "rows": [], "notes": cfg.notes}
 
     def record(key: str) -> Callable[[dict], None]:
         def add(row: dict) -> None:
@@ -242,7 +168,6 @@ def run(cfg: BatchBenchConfig, out_dir: str | Path) -> dict[str, Any]:
         return add
 
     bench_throughput(cfg, record("rows"))
-    bench_engines(cfg, record("engine_rows"))
     write_results(result, out_dir, cfg.name)
     return result
 
@@ -290,27 +215,8 @@ def markdown_report(result: dict[str, Any]) -> str:
             body.append([count, natoms, count * natoms, *[_value(c, "structure_steps_per_s") for c in cells],
                          common.fmt_ratio(ratio)])  # fmt: skip
     lines.append(common.markdown_table(header, body))
-    if result["engine_rows"]:
-        lines += ["", f"## One MD step: torch-sim against tdn.dynamics.TorchDynamics ({cfg['engine_atoms']} atoms Cu "
-                  f"fcc, preset {cfg['engine_preset']}, backend {cfg['backend']}, {cfg['dtype']})", "",
-                  f"ms per step: median (min) of {cfg['engine_reps']} calls of {cfg['engine_steps']} steps (the "
-                  "energy+forces rows: one call each), the engines called in turn so that load from other jobs "
-                  "hits both alike. "
-                  "torch-sim rebuilds the neighbour list at every step; TorchDynamics keeps a skin list (0.5 Å) on "
-                  "the device and checks it every few steps.", ""]  # fmt: skip
-        erows = [[r["ensemble"] if not r["engine"].endswith(("call", "evaluate")) else "energy+forces", r["engine"],
-                  f"{_value(r, 'step_ms')} ({_value(r, 'min_ms')})"] for r in result["engine_rows"]]  # fmt: skip
-        lines.append(common.markdown_table(["ensemble", "engine", "ms per step: median (min)"], erows))
-        ratios = []
-        for ensemble in ENSEMBLES:
-            rows = {r["engine"]: r for r in result["engine_rows"] if r["ensemble"] == ensemble and r.get("step_ms")}
-            if "torch-sim" in rows and "TorchDynamics" in rows:
-                ours, theirs = rows["torch-sim"], rows["TorchDynamics"]
-                ratios.append(f"{ensemble}: torch-sim / TorchDynamics = {ours['step_ms'] / theirs['step_ms']:.2f} "
-                              f"(medians), {ours['min_ms'] / theirs['min_ms']:.2f} (minima)")  # fmt: skip
-        lines += ["", "- " + "; ".join(ratios)] if ratios else []
-    errors = [f"{r.get('method') or r.get('engine')} S={r.get('systems', '')} n={r.get('atoms_per_system', '')}: "
-              f"{r['err']}" for r in result["rows"] + result["engine_rows"] if r.get("err")]  # fmt: skip
+    errors = [f"{r['method']} S={r['systems']} n={r['atoms_per_system']}: {r['err']}" for r in result["rows"]
+              if r.get("err")]  # fmt: skip
     notes = list(result.get("notes", [])) + errors
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
@@ -334,16 +240,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench_batch.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory for NAME.json / .md / .png")
     p.add_argument("--name", default=None, help="file name stem (default: batch_cpu[_quick])")
-    p.add_argument("--quick", action="store_true", help="smoke run (< 1 min): 1 and 8 systems of 32 and 108 atoms, "
-                   "the engine comparison with the tiny preset at 32 atoms")  # fmt: skip
+    p.add_argument("--quick", action="store_true", help="smoke run (< 1 min): 1 and 8 systems of 32 and 108 atoms")
     p.add_argument("--large", action="store_true", help=f"also {LARGE_SYSTEMS} systems per batch")
     p.add_argument("--systems", type=int, nargs="+", help=f"systems per batch (default {list(FULL_SYSTEMS)})")
     p.add_argument("--sizes", type=int, nargs="+", help=f"atoms per system, 4 n^3 (default {list(FULL_SIZES)})")
     p.add_argument("--preset", default="tiny", help="throughput model widths (a tdn.models.PRESETS name)")
-    p.add_argument("--engine-preset", default=None, help="engine comparison widths (default mace-medium; 'none' "
-                   "skips it)")  # fmt: skip
-    p.add_argument("--engine-atoms", type=int, default=None, help="atoms of the engine comparison (default 256)")
-    p.add_argument("--backend", default="cp", help="tensor-product backend of both models")
+    p.add_argument("--backend", default="cp", help="tensor-product backend")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--device", default="cpu", help="torch device of the models (cpu, cuda)")
     p.add_argument("--max-atoms", type=int, help="skip batches with more atoms in all (default 40000)")
@@ -360,16 +262,12 @@ def config_from_args(args: argparse.Namespace) -> BatchBenchConfig:
         cfg.systems += (LARGE_SYSTEMS,)
     cfg.sizes = tuple(args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES))
     if args.quick:
-        cfg.engine_preset, cfg.engine_atoms, cfg.reps, cfg.engine_reps, cfg.max_seconds = "tiny", 32, 2, 2, 2.0
-    if args.engine_preset is not None:
-        cfg.engine_preset = None if args.engine_preset == "none" else args.engine_preset
-    if args.engine_atoms is not None:
-        cfg.engine_atoms = args.engine_atoms
+        cfg.reps, cfg.max_seconds = 2, 2.0
     if args.reps is not None:
         cfg.reps = args.reps
     if args.max_atoms is not None:
         cfg.max_atoms = args.max_atoms
-    for natoms in (*cfg.sizes, cfg.engine_atoms):
+    for natoms in cfg.sizes:
         cu_fcc(natoms)  # fail early on a size that is not 4 n^3
     cfg.name = args.name or f"batch_{torch.device(args.device).type}{'_quick' if args.quick else ''}"
     return cfg

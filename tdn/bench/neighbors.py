@@ -1,15 +1,16 @@
-"""Neighbour-list benchmark: milliseconds per build on the CPU against the number of atoms (Cu fcc, 5 Å cutoff), and
+"""Neighbour-list benchmark: milliseconds per build against the number of atoms (Cu fcc, 5 Å cutoff), and
 exact agreement with ASE's ``neighbor_list`` on periodic, skewed, small (cell shorter than the cutoff), slab and
 molecular systems.
 
-Implementations (all CPU, float64 positions, each returning every pair in both directions with integer shifts ``S``,
-``vector = pos[j] - pos[i] + S @ cell``):
+Implementations (float64 positions, each returning every pair in both directions with integer shifts ``S``,
+``vector = pos[j] - pos[i] + S @ cell``; the tensor ones on ``--device``, ``tdn`` and ``vesin`` on the host):
 
-* ``tdn torch``: :func:`tdn.data.neighbors.neighbor_list_torch`, the hand-written torch cell list (edges sorted);
-* ``tdn vesin``: :func:`tdn.data.neighbors.neighbor_list`, the package's CPU path (vesin, then a lexicographic sort
-  of the edges by sender, receiver, shift in numpy);
-* ``vesin-torch``: ``vesin_torch.NeighborList`` (``full_list=True``), raw (unsorted) output, and ``vesin-torch
-  sorted``: the same plus one int64-key sort in torch into tdn's edge order (what a drop-in replacement costs);
+* ``tdn``: :func:`tdn.data.neighbors.neighbor_list`, what every CPU path of the package runs (vesin, then one sort
+  of an int64 key into the order sender, receiver, shift in numpy; inputs vesin cannot take are split first);
+* ``tdn device path``: :func:`tdn.data.neighbors.neighbor_list_device` on CPU tensors, the code that runs on a GPU
+  (vesin on the tensors, the key sorted by ``torch.sort``): vesin's CUDA cell list with ``--device cuda``;
+* ``vesin``: ``vesin.NeighborList`` (``full_list=True``) on numpy arrays, raw (unsorted) output;
+* ``vesin-torch``: ``vesin_torch.NeighborList`` on tensors, raw output;
 * torch-sim's functions (``torch_sim.neighbors``): ``vesin_nl_ts`` (vesin's TorchScript class),
   ``torch_nl_linked_cell``, ``torch_nl_n2`` (all pairs) and ``standard_nl`` (a torch port of ASE's primitive
   list); they take one periodicity flag for all directions (or ``[S, 3]`` without partial periodicity) and wrapped
@@ -42,7 +43,7 @@ from . import common
 FULL_SIZES = (108, 864, 4000, 10976, 32000, 108000)
 QUICK_SIZES = (108, 864)
 CUTOFF = 5.0  # Å, MACE-medium's
-IMPLS = ("tdn torch", "tdn vesin", "vesin-torch", "vesin-torch sorted", "torch-sim vesin_nl_ts",
+IMPLS = ("tdn", "tdn device path", "vesin", "vesin-torch", "torch-sim vesin_nl_ts",
          "torch-sim torch_nl_linked_cell", "torch-sim torch_nl_n2", "torch-sim standard_nl")  # fmt: skip
 MAX_ATOMS = {"torch-sim torch_nl_n2": 500}  # all pairs: 9 s per build at 864 atoms (one thread)
 
@@ -57,6 +58,7 @@ class NeighborBenchConfig:
     max_seconds: float = 5.0  # stop repeating one cell after this long
     skip_above_s: float = 1.0  # a build slower than this: the implementation is not timed at larger sizes
     quick: bool = False
+    device: str = "cpu"  # of the tensor implementations
     name: str = "neighbors_cpu"
     notes: list[str] = field(default_factory=list)
 
@@ -105,9 +107,10 @@ def ase_triples(atoms: Atoms, cutoff: float) -> Triples:
 
 
 # ------------------------------------------------------------------------------------------------ implementations
-def builders(atoms: Atoms, cutoff: float, threads: int) -> dict[str, Callable[[], Any]]:
+def builders(atoms: Atoms, cutoff: float, threads: int, device: str = "cpu") -> dict[str, Callable[[], Any]]:
     """For every implementation, a zero-argument call that builds the list of ``atoms`` (inputs prepared
     beforehand, as a caller holding tensors would have them); :func:`to_triples` reads its result."""
+    import vesin
     from vesin_torch import NeighborList
 
     from ..data import neighbors
@@ -115,23 +118,17 @@ def builders(atoms: Atoms, cutoff: float, threads: int) -> dict[str, Callable[[]
     pos = np.ascontiguousarray(atoms.positions, dtype=np.float64)
     cell = np.asarray(atoms.cell, dtype=np.float64) if atoms.pbc.any() else np.zeros((3, 3))
     pbc = np.asarray(atoms.pbc, dtype=bool)
-    pos_t, cell_t, pbc_t = torch.from_numpy(pos), torch.from_numpy(cell), torch.from_numpy(pbc)
-    index = torch.zeros(len(atoms), dtype=torch.long)
-    vesin_list = NeighborList(cutoff=cutoff, full_list=True, n_threads=threads)
+    pos_t, cell_t, pbc_t = (torch.from_numpy(x).to(device) for x in (pos, cell, pbc))
+    index = torch.zeros(len(atoms), dtype=torch.long, device=device)
+    vesin_list = vesin.NeighborList(cutoff=cutoff, full_list=True, n_threads=threads)
+    vesin_torch_list = NeighborList(cutoff=cutoff, full_list=True, n_threads=threads)
     uniform = bool(pbc.all()) or not pbc.any()
 
-    def vesin_torch() -> Any:
-        return vesin_list.compute(points=pos_t, box=cell_t, periodic=pbc_t, quantities="ijS")
-
-    def vesin_torch_sorted() -> Any:
-        i, j, s = vesin_torch()
-        return sort_edges(i, j, s, len(atoms))
-
     calls: dict[str, Callable[[], Any]] = {
-        "tdn torch": lambda: neighbors.neighbor_list_torch(pos_t, cell_t, pbc_t, cutoff),
-        "tdn vesin": lambda: neighbors.neighbor_list(pos, cell, pbc, cutoff),
-        "vesin-torch": vesin_torch,
-        "vesin-torch sorted": vesin_torch_sorted,
+        "tdn": lambda: neighbors.neighbor_list(pos, cell, pbc, cutoff),
+        "tdn device path": lambda: neighbors.neighbor_list_device(pos_t, cell_t, pbc_t, cutoff),
+        "vesin": lambda: vesin_list.compute(points=pos, box=cell, periodic=pbc.tolist(), quantities="ijS"),
+        "vesin-torch": lambda: vesin_torch_list.compute(points=pos_t, box=cell_t, periodic=pbc_t, quantities="ijS"),
     }
     try:
         import torch_sim.neighbors as tsn
@@ -139,24 +136,13 @@ def builders(atoms: Atoms, cutoff: float, threads: int) -> dict[str, Callable[[]
         return calls
     if uniform:  # torch-sim's lists take one periodicity flag (or [S, 3] without partial periodicity)
         flag = bool(pbc.all())
-        cutoff_t = torch.tensor(cutoff, dtype=torch.float64)
+        cutoff_t = torch.tensor(cutoff, dtype=torch.float64, device=device)
         calls["torch-sim vesin_nl_ts"] = lambda: tsn.vesin_nl_ts(pos_t, cell_t, flag, cutoff_t)
         calls["torch-sim torch_nl_linked_cell"] = lambda: tsn.torch_nl_linked_cell(cutoff, pos_t, cell_t,
                                                                                    pbc_t.view(1, 3), index)
         calls["torch-sim torch_nl_n2"] = lambda: tsn.torch_nl_n2(cutoff, pos_t, cell_t, pbc_t.view(1, 3), index)
         calls["torch-sim standard_nl"] = lambda: tsn.standard_nl(pos_t, cell_t, flag, cutoff_t)
     return calls
-
-
-def sort_edges(i: torch.Tensor, j: torch.Tensor, s: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
-    """Edges in tdn's order (sender, receiver, shift) with ONE argsort of an int64 key."""
-    s = s.long()
-    low = s.amin(dim=0) if s.shape[0] else torch.zeros(3, dtype=torch.long)
-    span = (s.amax(dim=0) - low + 1) if s.shape[0] else torch.ones(3, dtype=torch.long)
-    code = ((s[:, 0] - low[0]) * span[1] + s[:, 1] - low[1]) * span[2] + s[:, 2] - low[2]
-    key = (i.long() * n + j.long()) * int(span.prod()) + code
-    order = torch.argsort(key)
-    return i[order], j[order], s[order]
 
 
 def to_triples(result: Any) -> Triples:
@@ -192,13 +178,13 @@ def check_agreement(cfg: NeighborBenchConfig, threads: int) -> list[dict[str, An
     rows = []
     for name, atoms in agreement_systems().items():
         expected = ase_triples(atoms, cfg.cutoff)
-        calls = builders(atoms, cfg.cutoff, threads)
+        calls = builders(atoms, cfg.cutoff, threads, cfg.device)
         for impl in cfg.impls:
             row: dict[str, Any] = {"system": name, "impl": impl, "atoms": len(atoms), "pbc": atoms.pbc.tolist()}
             if impl not in calls:
                 row["err"] = "not applicable: one periodicity flag for all directions"
             else:
-                result, err = common.attempt(calls[impl], "cpu")
+                result, err = common.attempt(calls[impl], cfg.device)
                 row.update(compare(to_triples(result), expected) if err is None else {"err": err})
             rows.append(row)
             print(json.dumps({k: row.get(k) for k in ("system", "impl", "agrees", "missing", "extra", "err")}),
@@ -210,7 +196,7 @@ def time_builds(cfg: NeighborBenchConfig, threads: int, on_row: Callable[[dict],
     rows, skipped = [], {}
     for natoms in cfg.sizes:
         atoms = cu_fcc(natoms)
-        calls = builders(atoms, cfg.cutoff, threads)
+        calls = builders(atoms, cfg.cutoff, threads, cfg.device)
         for impl in cfg.impls:
             row: dict[str, Any] = {"impl": impl, "atoms": natoms}
             if impl in skipped:
@@ -219,8 +205,8 @@ def time_builds(cfg: NeighborBenchConfig, threads: int, on_row: Callable[[dict],
                 row["err"] = f"skipped above {MAX_ATOMS[impl]} atoms (all pairs: time and memory grow as N^2)"
             else:
                 timing, err = common.attempt(
-                    lambda c=calls[impl]: common.time_call(c, "cpu", warmup=cfg.warmup, reps=cfg.reps,
-                                                           max_seconds=cfg.max_seconds), "cpu")  # fmt: skip
+                    lambda c=calls[impl]: common.time_call(c, cfg.device, warmup=cfg.warmup, reps=cfg.reps,
+                                                           max_seconds=cfg.max_seconds), cfg.device)  # fmt: skip
                 if err is not None:
                     row["err"] = err
                     skipped[impl] = f"skipped: failed at {natoms} atoms"
@@ -228,21 +214,21 @@ def time_builds(cfg: NeighborBenchConfig, threads: int, on_row: Callable[[dict],
                     row.update(ms=timing["median_ms"], min_ms=timing["min_ms"], reps=timing["reps"])
                     if timing["median_ms"] > 1e3 * cfg.skip_above_s:
                         skipped[impl] = f"skipped: {timing['median_ms'] / 1e3:.1f} s per build at {natoms} atoms"
-            if impl == "tdn torch" and "ms" in row:
+            if impl == "tdn" and "ms" in row:
                 row["edges"] = int(calls[impl]()[0].shape[0])
             rows.append(row)
             print(json.dumps({k: row.get(k) for k in ("impl", "atoms", "ms", "err") if row.get(k) is not None}),
                   flush=True)  # fmt: skip
             if on_row is not None:
                 on_row(row)
-            common.free_memory("cpu")
+            common.free_memory(cfg.device)
     return rows
 
 
 def run(cfg: NeighborBenchConfig, out_dir: str | Path) -> dict[str, Any]:
     """Agreement first, then timings; ``NAME.json`` after every timing row, the markdown and PNG at the end."""
     threads = torch.get_num_threads()
-    meta = common.run_metadata("cpu", packages=("ase", "vesin", "vesin-torch", "torch-sim-atomistic"))
+    meta = common.run_metadata(cfg.device, packages=("ase", "vesin", "vesin-torch", "torch-sim-atomistic"))
     meta["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
     out_dir = Path(out_dir)
     result: dict[str, Any] = {"meta": meta, "config": asdict(cfg), "agreement": [], "rows": [], "notes": cfg.notes}
@@ -272,14 +258,16 @@ def markdown_report(result: dict[str, Any]) -> str:
     impls = _impls(result)
     table = {(r["impl"], r["atoms"]): r for r in result["rows"]}
     lines = [
-        f"# Neighbour lists on the CPU: ms per build (Cu fcc, cutoff {cfg['cutoff']} Å)",
+        f"# Neighbour lists on {'the CPU' if cfg.get('device', 'cpu') == 'cpu' else cfg['device']}: ms per build (Cu "
+        f"fcc, cutoff {cfg['cutoff']} Å)",
         "",
         f"- machine: {common.machine_line(meta)}; OMP_NUM_THREADS={meta.get('omp_num_threads')}",
         f"- date: {meta['date']}; commit {git['commit'][:12]}{' (dirty)' if git.get('dirty') else ''}",
         f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
         f"- median of up to {cfg['reps']} builds after {cfg['warmup']} warm-up; float64 positions already in tensors "
-        "or arrays; `vesin-torch` is raw output, `vesin-torch sorted` adds one int64-key sort into tdn's edge order "
-        "(sender, receiver, shift), which `tdn torch` and `tdn vesin` produce",
+        "or arrays; `tdn` (tdn.data.neighbors.neighbor_list, every CPU path of the package) and `tdn device path` "
+        "(neighbor_list_device, what runs on a GPU, here on CPU tensors) are vesin plus one sort into tdn's edge "
+        "order (sender, receiver, shift); `vesin` and `vesin-torch` are raw, unsorted output",
         "",
         "## Time per build [ms]",
         "",
@@ -287,7 +275,7 @@ def markdown_report(result: dict[str, Any]) -> str:
     header = ["atoms", "edges", *impls]
     body = []
     for natoms in cfg["sizes"]:
-        edges = table.get(("tdn torch", natoms), {}).get("edges", "—")
+        edges = table.get(("tdn", natoms), {}).get("edges", "—")
         body.append([natoms, edges, *[_cell(table.get((i, natoms))) for i in impls]])
     lines.append(common.markdown_table(header, body))
     lines += ["", "## Exact agreement with ASE's neighbor_list (set of (i, j, S))", ""]
@@ -330,7 +318,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     table = {(r["impl"], r["atoms"]): r for r in result["rows"]}
     series = {i: [table.get((i, n), {}).get("ms") for n in cfg["sizes"]] for i in _impls(result)}
     meta = result["meta"]
-    title = f"Neighbour lists, CPU, {meta['machine']['torch_threads']} thread(s), {meta['date']}"
+    title = f"Neighbour lists, {common.machine_line(meta)}, {meta['date']}"
     return common.line_plot(path, [str(n) for n in cfg["sizes"]], {"ms per build (Cu fcc, 5 Å)": series},
                             ylabel="ms", title=title)  # fmt: skip
 
@@ -339,7 +327,8 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench_neighbors.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory for NAME.json / .md / .png")
-    p.add_argument("--name", default=None, help="file name stem (default: neighbors_cpu[_quick])")
+    p.add_argument("--name", default=None, help="file name stem (default: neighbors_<device>[_quick])")
+    p.add_argument("--device", default="cpu", help="torch device of the tensor implementations (cpu, cuda)")
     p.add_argument("--quick", action="store_true", help=f"smoke run (< 30 s): {list(QUICK_SIZES)} atoms, 3 reps")
     p.add_argument("--sizes", type=int, nargs="+", help=f"numbers of atoms, 4 n^3 (default {list(FULL_SIZES)})")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
@@ -350,14 +339,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> NeighborBenchConfig:
     cfg = NeighborBenchConfig(sizes=tuple(args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)),
-                              impls=tuple(args.impls), quick=args.quick)  # fmt: skip
+                              impls=tuple(args.impls), quick=args.quick, device=args.device)  # fmt: skip
     if args.quick:
         cfg.reps, cfg.max_seconds = 3, 2.0
     if args.reps is not None:
         cfg.reps = args.reps
     for natoms in cfg.sizes:
         cu_fcc(natoms)  # fail early on a size that is not 4 n^3
-    cfg.name = args.name or f"neighbors_cpu{'_quick' if args.quick else ''}"
+    cfg.name = args.name or f"neighbors_{torch.device(args.device).type}{'_quick' if args.quick else ''}"
     return cfg
 
 

@@ -2,7 +2,7 @@
 :meth:`tdn.TDNCalculator.calculate_batch` share (plain torch: torch-sim is not needed here).
 
 S structures ("systems", N atoms in all) become one graph: each structure's neighbour list is built on its own
-(:func:`tdn.data.neighbors.neighbor_list` on the host, or the pure-torch cell list on the model's device) and the
+(vesin: :func:`tdn.data.neighbors.neighbor_list` on the host, or on the model's device) and the
 lists are concatenated with atom offsets, so that every edge stays inside its structure. One model call then gives
 ``energy [S]``, ``node_energy [N]``, ``forces [N, 3]`` and ``stress [S, 3, 3]``.
 
@@ -221,9 +221,9 @@ def _check_cells(cell: np.ndarray, pbc: np.ndarray) -> None:
 def build_graph(systems: Systems, cutoff: float, method: str = "auto") -> Graph:
     """Every structure's pairs within ``cutoff``, concatenated with atom offsets.
 
-    ``method``: ``"vesin"`` the host cell list (:func:`tdn.data.neighbors.neighbor_list`, one upload of all edges),
-    ``"torch"`` the pure-torch cell list on the positions' device, ``"auto"`` torch on an accelerator, vesin on
-    the CPU (as :func:`tdn.runtime.neighbor_list`)."""
+    ``method``: ``"vesin"`` vesin on the host (:func:`tdn.data.neighbors.neighbor_list`, one upload of all edges),
+    ``"torch"`` vesin on the positions' device (:func:`tdn.data.neighbors.neighbor_list_torch`), ``"auto"`` torch
+    on an accelerator, vesin on the CPU (as :func:`tdn.runtime.neighbor_list`); the same edges either way."""
     if method not in NEIGHBOR_LISTS:
         raise ValueError(f"neighbor_list must be one of {NEIGHBOR_LISTS}, got {method!r}")
     device, dtype = systems.positions.device, systems.positions.dtype

@@ -1,8 +1,8 @@
 """torch-sim glue: :class:`TDNTorchSimModel`, a ``torch_sim.models.interface.ModelInterface`` running a tdn model.
 
 A batch of S systems is ONE graph and ONE model call (:mod:`tdn.integrations.batch`): every system's neighbour list
-is built on its own and concatenated with atom offsets, on the model's device (the pure-torch cell list on an
-accelerator, vesin on the CPU). Periodic crystals, slabs and molecules may share a batch (a per-system ``pbc``).
+is built on its own (vesin) and concatenated with atom offsets, on the model's device (vesin's CUDA cell list on a
+GPU, its CPU cell list on the CPU). Periodic crystals, slabs and molecules may share a batch (a per-system ``pbc``).
 
 torch-sim's conventions, as read here (torch-sim-atomistic 0.3.0; older and newer releases are handled too):
 
@@ -24,11 +24,14 @@ Example::
     state = state_from_atoms([crystal, molecule], model)     # or ts.io.atoms_to_state(..., model.device, model.dtype)
     out = model(state)                                        # energy [2], forces [N, 3], stress [2, 3, 3]
 
-The state's dtype must be the model's (``model.dtype``), as torch-sim's integrators assume.
+The state's dtype must be ``model.dtype``, as torch-sim's integrators assume: the model's own dtype, or the
+``state_dtype`` it was built with (a float64 state integrated around a float32 model, which sees float32 positions
+and returns float64 results).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,8 +45,10 @@ from ..runtime import NEIGHBOR_LISTS, model_dtype, prepare_model
 from .batch import build_graph, check_structures, evaluate, systems_from_tensors
 
 try:
-    from torch_sim.models.interface import ModelInterface
-    from torch_sim.state import SimState
+    with warnings.catch_warnings():  # torch-sim 0.3.0's own imports (vesin.torch, torch.jit.script): not the user's
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torch_sim.models.interface import ModelInterface
+        from torch_sim.state import SimState
 except ImportError as err:  # pragma: no cover - the optional extra is missing
     raise ImportError("tdn.integrations.torchsim needs torch-sim: pip install 'tdn[torchsim]' "
                       "(torch-sim-atomistic >= 0.3)") from err  # fmt: skip
@@ -61,9 +66,13 @@ class TDNTorchSimModel(ModelInterface):
         dtype: ``"float32"`` / ``"float64"`` or a torch dtype; default the model object's, for a file float32.
         compute_forces, compute_stress: which outputs ``forward`` computes (both settable later, as torch-sim's
             ``validate_model_outputs`` does).
-        neighbor_list: ``"auto"`` (torch on an accelerator, vesin on the CPU), ``"torch"`` or ``"vesin"``.
+        state_dtype: the dtype of the states it takes and of its outputs (``model.dtype``, what torch-sim integrates
+            in); default ``dtype``. float64 with a float32 model: positions accumulate in float64, the model runs in
+            float32 (as :class:`tdn.dynamics.TorchDynamics` does).
+        neighbor_list: ``"auto"`` (on an accelerator the device's list, on the CPU the host's), ``"torch"`` (vesin
+            on the model's device) or ``"vesin"`` (vesin on the host), see :func:`tdn.runtime.neighbor_list`.
 
-    Outputs are detached, in the model's dtype and on its device. Input the model cannot evaluate raises before it
+    Outputs are detached, in ``state_dtype`` and on the model's device. Input the model cannot evaluate raises before it
     runs, naming the system: an empty system, non-finite positions, an unknown element, an unusable periodic
     cell, a state whose dtype is not the model's, atoms closer than :data:`tdn.runtime.MIN_DISTANCE`
     (:class:`tdn.runtime.AtomsTooCloseError`).
@@ -78,6 +87,7 @@ class TDNTorchSimModel(ModelInterface):
         compute_forces: bool = True,
         compute_stress: bool = True,
         neighbor_list: str = "auto",
+        state_dtype: str | torch.dtype | None = None,
         dispersion: str | None = None,
         functional: str | None = None,
         dispersion_cutoff: float | None = None,
@@ -93,8 +103,9 @@ class TDNTorchSimModel(ModelInterface):
             device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
             dtype = dtype if dtype is not None else "float32"
         self._device = torch.device(device)
-        self._dtype = model_dtype(dtype, "dtype")
-        self.model = prepare_model(model, self._device, self._dtype)
+        self._model_dtype = model_dtype(dtype, "dtype")  # what the network computes in
+        self._dtype = self._model_dtype if state_dtype is None else model_dtype(state_dtype, "state_dtype")
+        self.model = prepare_model(model, self._device, self._model_dtype)
         self.cutoff = float(self.model.config.cutoff)
         self.elements = list(self.model.config.elements)
         self.neighbor_list = neighbor_list
@@ -109,8 +120,8 @@ class TDNTorchSimModel(ModelInterface):
             from ..dispersion import DEFAULT_CUTOFF, D3Dispersion
 
             cutoff = DEFAULT_CUTOFF if dispersion_cutoff is None else float(dispersion_cutoff)
-            self.dispersion = D3Dispersion(dispersion, functional or "pbe", self.elements, self._device, self._dtype,
-                                           cutoff)  # fmt: skip
+            self.dispersion = D3Dispersion(dispersion, functional or "pbe", self.elements, self._device,
+                                           self._model_dtype, cutoff)  # fmt: skip
 
     # torch-sim's ModelInterface makes these read-only; validate_model_outputs sets them, so they are settable here
     @property
@@ -134,7 +145,9 @@ class TDNTorchSimModel(ModelInterface):
         ASE sign) of every system of ``state`` (a ``SimState`` or a dict with the same fields), in one model
         call. The state is not modified."""
         positions, cell, pbc, numbers, system_idx = read_state(state)
-        systems = systems_from_tensors(positions, cell, pbc, numbers, system_idx, self.elements, self._dtype)
+        if self._dtype != self._model_dtype and positions.dtype == cell.dtype == self._dtype:  # see state_dtype
+            positions, cell = positions.to(self._model_dtype), cell.to(self._model_dtype)
+        systems = systems_from_tensors(positions, cell, pbc, numbers, system_idx, self.elements, self._model_dtype)
         graph = build_graph(systems, self.cutoff, self.neighbor_list)
         out = evaluate(self.model, systems, graph, compute_forces=self._compute_forces,
                        compute_stress=self._compute_stress)  # fmt: skip
@@ -145,7 +158,7 @@ class TDNTorchSimModel(ModelInterface):
             results["stress"] = out["stress"]
         if self.dispersion is not None:
             self._add_dispersion(systems, results)
-        return results
+        return {key: value.to(self._dtype) for key, value in results.items()}
 
     def _add_dispersion(self, systems: Any, results: dict[str, torch.Tensor]) -> None:
         """Add the D3 energy, forces and stress of every system (its own pairs within the D3 cutoff)."""
