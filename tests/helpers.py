@@ -66,6 +66,14 @@ SAMPLE_DATA = [
     "data.test_size=4",
 ]
 
+# Lightning without progress bars, model summaries or sanity checks, logging every step (tests read the logs).
+QUIET_TRAINER = [
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.log_every_n_steps=1",
+]
+
 # A tiny model for training runs: 4 channels, l <= 1, correlation 2.
 TINY_MODEL = [
     "model.channels=4",

@@ -21,7 +21,7 @@ from ase.build import molecule
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
-from helpers import MOLECULES, TINY_MODEL, needs_sample
+from helpers import MOLECULES, QUIET_TRAINER, TINY_MODEL, needs_sample
 
 import tdn
 import tdn.data
@@ -35,10 +35,7 @@ SMALL = [
     "data.val_size=4",
     "batch_size=4",
     *TINY_MODEL,
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.log_every_n_steps=1",
+    *QUIET_TRAINER,
 ]
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
-from helpers import MOLECULES, needs_sample
+from helpers import MOLECULES, QUIET_TRAINER, needs_sample
 
 import tdn
 from tdn.data import atoms_to_graph, collate
@@ -35,10 +35,7 @@ TINY = [
     *(f"model.{k}={v}" for k, v in ARCH.items() if k not in ("tp", "radial_mlp")),
     "model.radial_mlp=[8]",
     "epochs=1",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.log_every_n_steps=1",
+    *QUIET_TRAINER,
 ]
 
 

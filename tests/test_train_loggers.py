@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import SAMPLE_DATA, TINY_MODEL, needs_sample
+from helpers import QUIET_TRAINER, SAMPLE_DATA, TINY_MODEL, needs_sample
 
 from tdn.train import ConfigError, compose, train
 
@@ -20,10 +20,7 @@ TINY = [
     "epochs=1",
     "test=false",
     "export=false",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.log_every_n_steps=1",
+    *QUIET_TRAINER,
 ]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SAMPLE, SAMPLE_DATA, TINY_MODEL, needs_sample
+from helpers import QUIET_TRAINER, SAMPLE, SAMPLE_DATA, TINY_MODEL, needs_sample
 
 import tdn
 from tdn.train import compose, train
@@ -19,10 +19,7 @@ TINY = [
     *TINY_MODEL,
     "model.lmax_hidden=1",
     "epochs=1",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.log_every_n_steps=1",
+    *QUIET_TRAINER,
 ]
 
 pytestmark = needs_sample

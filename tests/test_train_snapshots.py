@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SAMPLE_DATA, TINY_MODEL, needs_sample
+from helpers import QUIET_TRAINER, SAMPLE_DATA, TINY_MODEL, needs_sample
 
 import tdn
 from tdn.train import compose, train
@@ -25,10 +25,7 @@ BASE = [
     "batch_size=2",
     "test=false",
     "export=false",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.log_every_n_steps=1",
+    *QUIET_TRAINER,
 ]
 
 
