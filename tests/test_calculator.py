@@ -261,6 +261,7 @@ def test_step_between_rebuilds_syncs_once_and_reuses_the_edges(model_file, monke
     the model the same edge_index tensor, so that what is derived from it (the fused kernel's sort) is reused."""
     atoms = cu_al(repeat=(2, 2, 1))
     calc = calculator(model_file, default_dtype="float32", skin=0.6)
+    calc.exact_pairs = False  # the accelerator's path (the CPU default selects the pairs within the cutoff)
     atoms.calc = calc
     edges = []
     node_energies = calc.model.node_energies
@@ -280,6 +281,29 @@ def test_step_between_rebuilds_syncs_once_and_reuses_the_edges(model_file, monke
     with count_syncs() as syncs:
         atoms.get_stress()  # the model's own forward (strain derivative): one transfer too
     assert syncs.count <= 1, syncs.events
+
+
+def test_cpu_default_gives_the_model_the_pairs_within_the_cutoff(model_file):
+    """On the CPU every call selects the candidates within the cutoff (exact_pairs): fewer edges, the same energy,
+    forces and stress as every candidate pair (those beyond the cutoff contribute exactly zero)."""
+    atoms = cu_al(repeat=(2, 2, 1))
+    exact = calculator(model_file, skin=1.0)
+    assert exact.exact_pairs
+    candidates = calculator(model_file, skin=1.0)
+    candidates.exact_pairs = False
+    results = []
+    for calc in (exact, candidates):
+        atoms.calc = calc
+        for _ in range(2):  # a rebuild, then a step on the same list
+            atoms.positions += 0.01
+            results.append((atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress(), calc.num_edges))
+        atoms.positions -= 0.02
+    assert exact.neighbor_list_builds == 1 and candidates.neighbor_list_builds == 1
+    for ours, theirs in zip(results[:2], results[2:]):
+        assert ours[3] < theirs[3]  # fewer edges
+        assert ours[0] == pytest.approx(theirs[0], abs=1e-10)
+        np.testing.assert_allclose(ours[1], theirs[1], atol=1e-10)
+        np.testing.assert_allclose(ours[2], theirs[2], atol=1e-10)
 
 
 def test_e0_kind_is_the_models(model_file):

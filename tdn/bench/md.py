@@ -365,7 +365,9 @@ def markdown_report(result: dict[str, Any]) -> str:
         + ", ".join(f"{k}={v}" for k, v in result["model"]["mace"].items()),
         f"- step: every atom displaced by ~{STEP_NOISE} Å, then get_forces(); median of up to {cfg['reps']} "
         f"after {cfg['warmup']} warm-up calls; tdn neighbour-list skin {cfg['skin']} Å"
-        + (f"; {neighbors:.0f} neighbours per atom within the cutoff" if neighbors else ""),
+        + (f"; the calculator hands the model {neighbors:.0f} pairs per atom" if neighbors else "")
+        + ("" if gpu else " (on a CPU only those within the cutoff: `TDNCalculator.exact_pairs`; the engine every "
+           "candidate within cutoff + skin)"),
     ]
     if any(i.endswith(" engine") for i in impls):
         lines.append(f"- `<backend> engine`: a whole NVE MD step of tdn.dynamics.TorchDynamics (integrator, skin "

@@ -39,8 +39,8 @@ class Contraction(nn.Module):
     """``(A [N, C, D], element_index [N], w [E, C, P']) -> [N, C, D_out]`` for the orders ``nu >= 2``.
 
     Declared on the class (read by :func:`tdn.contractions.build` and the product basis): ``supported_paths`` with
-    ``unsupported_reason``, the keyword ``options`` the constructor takes, and ``max_lmax_in`` (``{nu: largest
-    lmax_in}`` for contractions that store ``U^nu`` densely, None if unbounded).
+    ``unsupported_reason``, the keyword ``options`` the constructor takes, ``max_lmax_in`` (``{nu: largest
+    lmax_in}`` for contractions that store ``U^nu`` densely, None if unbounded) and ``bounded_memory_in_eval``.
 
     Set by the constructor: ``weight_keys`` lists the ``(nu, L, eta)`` of the ``P'`` weights, ``basis_sizes`` the
     basis size per ``(nu, L)`` and ``moments`` its ``E|term|^2`` for unit weights and ``A ~ N(0, I)``.
@@ -51,6 +51,9 @@ class Contraction(nn.Module):
     unsupported_reason: ClassVar[str] = ""
     options: ClassVar[tuple[str, ...]] = ()
     max_lmax_in: ClassVar[dict[int, int] | None] = None
+    # True: in eval mode the backward keeps only the inputs (the intermediates are recomputed tile by tile), so the
+    # product basis needs no checkpointing to bound its memory on large systems
+    bounded_memory_in_eval: ClassVar[bool] = False
 
     weight_keys: list[WeightKey]
     basis_sizes: dict[tuple[int, int], int]

@@ -6,6 +6,7 @@ import torch
 
 from ..o3 import degree_slice, dim
 from .base import MAX_LMAX_DENSE, Contraction, ElementGroups
+from .chunked import power_sum
 from .coupling import stacked_basis
 from .factors import DEFAULT_TOL, symmetric_cp
 from .moments import gaussian_second_moment
@@ -29,6 +30,7 @@ class CPContraction(Contraction):
     kind = "cp"
     max_lmax_in = MAX_LMAX_DENSE
     options = ("tol", "rank", "seed")
+    bounded_memory_in_eval = True
 
     def __init__(self, lmax_in: int, lmax_out: int, correlation: int, paths: str = "o3", tol: float = DEFAULT_TOL,
                  rank: int | dict[int, int] | None = None, seed: int = 0, kind: str | None = None) -> None:
@@ -82,6 +84,23 @@ class CPContraction(Contraction):
 
     def forward(self, A: torch.Tensor, element_index: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         groups = ElementGroups.of(element_index, w.shape[0])
+        if self.training or torch.compiler.is_compiling():
+            return self._whole(A, groups, w)
+        # eval (MD, inference): the [N, C, R] intermediates one cache-sized tile at a time, a first-order backward
+        orders = tuple(self.ranks.items())
+        chunks = groups.chunks()
+        if len(chunks) == 1:  # one element: no sorting
+            return power_sum(A, self.directions, torch.cat(self.folded(w[chunks[0][0]]), dim=1), orders)
+        sorted_a = groups.sort(A)  # [N, C, D], rows sorted by element
+        parts = [
+            power_sum(sorted_a[start:stop], self.directions, torch.cat(self.folded(w[z]), dim=1), orders)
+            for z, start, stop in chunks
+        ]  # [n_z, C, D_out] each
+        return groups.unsort(torch.cat(parts)) if parts else A.new_zeros(0, A.shape[1], dim(self.lmax_out))
+
+    def _whole(self, A: torch.Tensor, groups: ElementGroups, w: torch.Tensor) -> torch.Tensor:
+        """The contraction through autograd on whole ``[C, N, R]`` tensors: differentiable to any order (training
+        on forces), and what ``torch.compile`` traces."""
         sorted_a = groups.channel_major(A)  # [C, N, D], rows sorted by element
         # one matmul per order, not one split afterwards: the split's backward would concatenate [C, N, R] gradients
         powers, start = [], 0

@@ -17,6 +17,7 @@ from torch import nn
 from .. import tp as tp_backends
 from .linear import EquivariantLinear
 from .radial import RadialMLP
+from .receiver_conv import receiver_conv
 from .recompute import recompute_if_large
 
 
@@ -73,12 +74,19 @@ class InteractionBlock(nn.Module):
         h = self.linear_up(node_feats)  # [N, C, D_node]
         weights = recompute_if_large(self.radial_mlp, (edge_radial,), training=self.training,
                                      above=self.checkpoint_above, chunk=self.checkpoint_chunk)  # [E, C, P]
-        if hasattr(self.tp, "conv"):  # the backend's own gather-product-scatter (may be fused)
+        # eval mode on a device without the Triton kernel (the CPU): one matrix product per receiver, None elsewhere
+        summed = None if self.training else receiver_conv(self.tp, h, edge_sh, weights, sender, receiver)
+        if summed is None:
+            summed = self._conv(h, edge_sh, weights, sender, receiver)  # [N, C, D_out]
+        return self.linear(summed) / self.avg_num_neighbors  # [N, C, D_out]
+
+    def _conv(self, h: torch.Tensor, edge_sh: torch.Tensor, weights: torch.Tensor, sender: torch.Tensor,
+              receiver: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """The backend's own gather-product-scatter (may be fused), or per-edge messages summed on the receivers."""
+        if hasattr(self.tp, "conv"):
             # training differentiates the forces again: the fused kernels are first order, the reference is not
             fused = False if self.training else None
-            summed = self.tp.conv(h, edge_sh, weights, sender, receiver, fused=fused)  # [N, C, D_out]
-        else:
-            messages = self.tp(h[sender], edge_sh, weights)  # [E, C, D_out]
-            summed = messages.new_zeros(node_feats.shape[0], *messages.shape[1:])
-            summed = summed.index_add(0, receiver, messages)  # [N, C, D_out]
-        return self.linear(summed) / self.avg_num_neighbors  # [N, C, D_out]
+            return self.tp.conv(h, edge_sh, weights, sender, receiver, fused=fused)  # [N, C, D_out]
+        messages = self.tp(h[sender], edge_sh, weights)  # [E, C, D_out]
+        summed = messages.new_zeros(h.shape[0], *messages.shape[1:])
+        return summed.index_add(0, receiver, messages)  # [N, C, D_out]

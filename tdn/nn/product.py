@@ -128,8 +128,10 @@ class ProductBasis(nn.Module):
             with torch.autocast(A.device.type, enabled=False):
                 return self.forward(A.to(self.weight.dtype), element_index)
         self._check_inputs(A, element_index)
-        return recompute_if_large(self._basis, (A, element_index), training=self.training,
-                                  above=self.checkpoint_above, chunk=self.checkpoint_chunk)  # fmt: skip
+        # a contraction whose eval backward keeps only its inputs needs no checkpoint (it would recompute for nothing)
+        above = None if self.contraction.bounded_memory_in_eval else self.checkpoint_above
+        return recompute_if_large(self._basis, (A, element_index), training=self.training, above=above,
+                                  chunk=self.checkpoint_chunk)  # fmt: skip
 
     def _basis(self, A: torch.Tensor, element_index: torch.Tensor) -> torch.Tensor:
         """The product basis of checked inputs ``A [N, C, D]`` -> ``[N, C, D_out]``."""
