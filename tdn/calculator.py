@@ -102,8 +102,9 @@ class TDNCalculator(Calculator):
         compile: ``torch.compile`` the model's energy function (experimental; falls back with a warning).
         skin: neighbour-list skin in Å; the list is rebuilt once an atom has moved more than ``skin / 2``.
             ``0`` rebuilds at every new geometry.
-        neighbor_list: ``"auto"`` (the pure-torch cell list on an accelerator, vesin's CPU cell list on the CPU),
-            ``"torch"`` or ``"vesin"`` (edges copied to the device), see :func:`neighbor_list`.
+        neighbor_list: ``"auto"`` (vesin on the model's device: its CUDA cell list on a GPU, its CPU list on the CPU),
+            ``"torch"`` (on the tensors' device) or ``"vesin"`` (on the host, edges copied to the device), see
+            :func:`tdn.runtime.neighbor_list`.
         dispersion: ``None``, or ``"d3bj"`` (``"d3zero"``, ``"d3bjm"``, ``"d3zerom"``): add Grimme's D3 dispersion
             (:mod:`tdn.dispersion`, torch-dftd: ``pip install tdn[d3]``) on the model's device and dtype.
         functional: the functional whose D3 parameters to use (default ``"pbe"``; only with ``dispersion``).

@@ -221,7 +221,8 @@ def test_pair_entering_the_cutoff_during_reuse_is_seen(model_file):
 
 @pytest.mark.parametrize("make", [triclinic, lambda: molecule("CH3CH2OH")], ids=["triclinic", "molecule"])
 def test_device_list_matches_the_cpu_list(model_file, make):
-    """The pure-torch list (what runs on a GPU) and vesin's give the same results, skin reuse included."""
+    """The device path of the neighbour list (what runs on a GPU) and the host path give the same results, skin reuse
+    included."""
     atoms = make()
     results = []
     for method in ("torch", "vesin"):
