@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tdn.models import PRESETS
 from tdn.models.params import parameter_table
+from tdn.tp import WEIGHT_MODES
 
 PARTS = [
     "embedding",
@@ -28,7 +29,7 @@ PARTS = [
 
 def markdown(elements: list[int]) -> str:
     runs = [{}]  # each backend's default weight mode ...
-    runs += [{"tp_weights": mode} for mode in ("shared", "degree", "path")]  # ... and every mode it supports
+    runs += [{"tp_weights": mode} for mode in WEIGHT_MODES]  # ... and every mode it supports
     rows, seen = [], set()
     for overrides in runs:
         for kind in ("cg", "cp", "gaunt", "grid"):
@@ -42,7 +43,7 @@ def markdown(elements: list[int]) -> str:
     rows.sort(
         key=lambda r: (
             ("cg", "cp", "gaunt", "grid").index(r["tp"]),
-            ("shared", "degree", "path").index(r["tp_weights"]),
+            WEIGHT_MODES.index(r["tp_weights"]),
         )
     )
     preset = PRESETS["mace-medium"]
@@ -59,7 +60,8 @@ def markdown(elements: list[int]) -> str:
         "",
         "Trainable parameters only (CG tables, CP factors and quadrature grids are fixed buffers). "
         "`P` is the number of radial-MLP output weights per channel of each layer's convolution "
-        "(`shared`: 1, `degree`: lmax_out + 1, `path`: number of coupling paths); the radial MLP's last layer "
+        "(`shared`: 1, `degree`: lmax_out + 1, `sh_degree`: lmax_sh + 1, `degree_pair`: number of (l_sh, l_out) pairs "
+        "of the paths, `path`: number of coupling paths); the radial MLP's last layer "
         "has `64 x channels x P` weights, which is where the backends differ in the convolution. "
         "The product-basis counts come from `tdn.nn.product.ProductBasis` at correlation 3. "
         "Default weight modes are marked with *.",

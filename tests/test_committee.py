@@ -37,7 +37,8 @@ def member_files(tmp_path_factory):
     paths = []
     for seed in range(3):
         torch.manual_seed(seed)
-        model = tdn.models.build_model(tp="cp", preset="tiny", elements=[29], cutoff=3.5, avg_num_neighbors=10.0)
+        model = tdn.models.build_model(tp="cp", tp_weights="shared", preset="tiny", elements=[29], cutoff=3.5,
+                                       avg_num_neighbors=10.0)
         paths.append(folder / f"m{seed}.pt")
         tdn.save_model(model, paths[-1])
     return paths

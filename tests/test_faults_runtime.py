@@ -35,7 +35,8 @@ ELEMENTS = [1, 6, 8, 29]
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
     torch.manual_seed(0)
-    model = build_model(tp="cp", preset="tiny", elements=ELEMENTS, cutoff=3.5, avg_num_neighbors=10.0)
+    model = build_model(tp="cp", tp_weights="shared", preset="tiny", elements=ELEMENTS, cutoff=3.5,
+                        avg_num_neighbors=10.0)
     path = tmp_path_factory.mktemp("faults_model") / "tiny.pt"
     tdn.save_model(model, path)
     return path

@@ -331,8 +331,10 @@ def test_model_numbers_are_pinned(kind, correlation):
     cell = bulk("Cu", "fcc", a=3.7) * (2, 2, 2)
     cell.numbers[[1, 2, 5]] = [8, 6, 1]
     cell.rattle(0.08, seed=3)
+    pinned_weights = {"cp": {"tp_weights": "shared"}}.get(kind, {})  # recorded before cp's default became "degree"
     model = small_model(0, tp=kind, correlation=correlation, cutoff=3.0, elements=[1, 6, 8, 29],
-                        atomic_energies=[-1.0, -2.0, -3.0, -4.0], residual_first=True, avg_num_neighbors=4.0)
+                        atomic_energies=[-1.0, -2.0, -3.0, -4.0], residual_first=True, avg_num_neighbors=4.0,
+                        **pinned_weights)
     out = model(Batch.from_data_list([ase_graph(mol, 3.0), ase_graph(cell, 3.0)]))
     forces = out["forces"]
     projection = (forces * torch.cos(torch.arange(forces.numel(), dtype=torch.float64)).view_as(forces)).sum()

@@ -128,16 +128,19 @@ def tdn_backends(cfg: MDBenchConfig) -> tuple[str, ...]:
         from .. import tp
 
         return tuple(b for b in BACKENDS if b in tp.BACKENDS)
-    unknown = sorted(set(cfg.backends) - set(BACKENDS))
+    unknown = sorted({b.partition(":")[0] for b in cfg.backends} - set(BACKENDS))
     if unknown:
-        raise ValueError(f"unknown backends {unknown}; known: {BACKENDS}")
+        raise ValueError(f"unknown backends {unknown}; known: {BACKENDS} (a weight mode after a colon: cp:shared)")
     return tuple(cfg.backends)
 
 
 def model_config(cfg: MDBenchConfig, backend: str) -> dict[str, Any]:
+    """The preset's model with ``backend``: a backend name (its default weight mode) or ``name:weights``."""
     from ..models import PRESETS
 
-    return {**PRESETS[cfg.preset], "tp": backend, "elements": [29], "avg_num_neighbors": cfg.avg_num_neighbors}
+    kind, _, weights = backend.partition(":")
+    return {**PRESETS[cfg.preset], "tp": kind, "elements": [29], "avg_num_neighbors": cfg.avg_num_neighbors,
+            **({"tp_weights": weights} if weights else {})}
 
 
 def bench_tdn(cfg: MDBenchConfig, workdir: Path, on_row: OnRow | None = None) -> list[dict[str, Any]]:
@@ -345,7 +348,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sizes", type=int, nargs="+", help=f"numbers of atoms, 4 n^3 (default {list(FULL_SIZES)})")
     p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
-    p.add_argument("--backends", nargs="+", help="tdn backends (default: every registered one)")
+    p.add_argument("--backends", nargs="+",
+                   help="tdn backends, a weight mode after a colon (cp:shared); default: every registered one")
     p.add_argument(
         "--references",
         nargs="*",
