@@ -331,7 +331,7 @@ def test_model_numbers_are_pinned(kind, correlation):
     cell = bulk("Cu", "fcc", a=3.7) * (2, 2, 2)
     cell.numbers[[1, 2, 5]] = [8, 6, 1]
     cell.rattle(0.08, seed=3)
-    pinned_weights = {"cp": {"tp_weights": "shared"}}.get(kind, {})  # recorded before cp's default became "degree"
+    pinned_weights = {"cp": {"tp_weights": "shared"}}.get(kind, {})  # the pinned cp model
     model = small_model(0, tp=kind, correlation=correlation, cutoff=3.0, elements=[1, 6, 8, 29],
                         atomic_energies=[-1.0, -2.0, -3.0, -4.0], residual_first=True, avg_num_neighbors=4.0,
                         **pinned_weights)

@@ -247,9 +247,9 @@ class CPProduct(FactorisedProduct):
     kind = "cp"
     supported_paths = ("o3", "so3")
     supported_weights = ("shared", "degree", "sh_degree", "degree_pair")
-    # one weight per channel and output degree: lower error than "shared" at ~15 % more training compute, and the
-    # first to reach a given error (docs/accuracy.md, learning curves)
-    default_weights = "degree"
+    # one weight per channel: "degree" lowers the force error by ~7 % but doubles the MD step on a CPU
+    # (docs/accuracy.md, learning curves; docs/benchmarks/md_cpu_weight_modes.md)
+    default_weights = "shared"
     options = ("rank", "tol", "seed")
     unsupported_weights_reason = (
         "CP factorises the sum of all paths (the stacked tensor M), so per-path weights cannot be applied "
