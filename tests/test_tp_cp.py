@@ -228,7 +228,7 @@ def test_argument_errors():
 
 def _masked_reference(ref, x, y, w, pairs):
     """``sum_k w[..., k] * (cg-shared product of the degree-l_sh part of y, restricted to the rows of l_out)`` over
-    ``pairs`` [(l_sh, l_out or None: every output row)]: the map the mid-way weight modes compute."""
+    ``pairs`` [(l_sh, l_out)]: the map weights="degree_pair" computes."""
     from tdn.o3 import degree_slice
 
     out = 0
@@ -236,23 +236,21 @@ def _masked_reference(ref, x, y, w, pairs):
         y_l = torch.zeros_like(y)
         y_l[:, degree_slice(l_sh)] = y[:, degree_slice(l_sh)]
         part = ref(x, y_l, torch.ones_like(w[:, :, :1]))
-        if l_out is not None:
-            rows = torch.zeros(part.shape[-1], dtype=part.dtype)
-            rows[degree_slice(l_out)] = 1
-            part = part * rows
+        rows = torch.zeros(part.shape[-1], dtype=part.dtype)
+        rows[degree_slice(l_out)] = 1
+        part = part * rows
         out = out + part * w[:, :, k : k + 1]
     return out
 
 
 @pytest.mark.parametrize("paths", ["o3", "so3"])
-@pytest.mark.parametrize("weights", ["sh_degree", "degree_pair"])
 @pytest.mark.parametrize("lmax", [1, 2, 3])
-def test_mid_way_weight_modes_match_masked_cg(lmax, weights, paths):
-    """One weight per harmonic degree / per (l_sh, l_out) pair: the cg-shared map split by those degrees, each part
-    with its own weight (within the CP fit error), per edge and through the convolution."""
-    tp = tdn.tp.build("cp", lmax=lmax, channels=4, paths=paths, weights=weights).double()
+def test_degree_pair_weights_match_masked_cg(lmax, paths):
+    """One weight per (l_sh, l_out) pair: the cg-shared map split by those degrees, each part with its own weight
+    (within the CP fit error), per edge and through the convolution."""
+    tp = tdn.tp.build("cp", lmax=lmax, channels=4, paths=paths, weights="degree_pair").double()
     ref = tdn.tp.build("cg", lmax=lmax, channels=4, paths=paths, weights="shared").double()
-    pairs = [(l, None) for l in range(lmax + 1)] if weights == "sh_degree" else tp.degree_pairs
+    pairs = tp.degree_pairs
     assert tp.num_weights == len(pairs)
     x, y, w = _inputs(tp)
     expected = _masked_reference(ref, x, y, w, pairs)

@@ -11,8 +11,8 @@ Implementations (the same graph and sizes):
 - ``cp ref`` / ``grid ref``: the same factorisation in plain PyTorch (per-edge ``[E, C, R]`` messages, index_add;
   what training differentiates twice);
 - ``cp-degree fused`` / ``cp-degree ref``: cp with one weight per output degree (one fused reduction per degree;
-  the reference, also the CPU's path for it, runs the product per edge); ``cp-sh`` / ``cp-pair`` the same with one
-  weight per harmonic degree / per (l_sh, l_out) pair (one fused reduction per weight);
+  the reference, also the CPU's path for it, runs the product per edge); ``cp-pair`` the same with one weight per
+  (l_sh, l_out) pair (one fused reduction per weight);
 - ``cg[shared]``: the exact sparse CG product per edge, then index_add;
 - ``e3nn uvu``: e3nn's ``TensorProduct`` in MACE's uvu mode per edge (one weight per channel and path) and
   index_add, as MACE's convolution runs it.
@@ -59,7 +59,7 @@ class ConvBenchConfig:
     dtype: str = "float32"
     paths: str = "o3"
     impls: tuple[str, ...] = (
-        "cp fused", "cp chunked", "cp ref", "cp-degree fused", "cp-degree ref", "cp-sh fused", "cp-sh ref",
+        "cp fused", "cp chunked", "cp ref", "cp-degree fused", "cp-degree ref",
         "cp-pair fused", "cp-pair ref",
         "grid fused", "grid chunked", "grid ref", "cg[shared]", "e3nn uvu",
     )  # fmt: skip
@@ -127,7 +127,7 @@ def measure_cell(impl: str, lmax: int, channels: int, cfg: ConvBenchConfig, band
         else:
             kind, variant = impl.split(" ") if " " in impl else ("cg", "ref")
             kind, _, mode = kind.removesuffix("[shared]").partition("-")
-            weights = {"": "shared", "degree": "degree", "sh": "sh_degree", "pair": "degree_pair"}[mode]
+            weights = {"": "shared", "degree": "degree", "pair": "degree_pair"}[mode]
             fused = {"fused": True, "chunked": None, "ref": False}[variant]
             module, fn, rank = tdn_conv(kind, weights, lmax, channels, cfg.paths, fused=fused)
             module = module.to(device)

@@ -17,7 +17,7 @@ from ..o3 import check_path_set, degree_of_component, degree_slice, dim, path_li
 from .fused import edge_conv, triton_available
 
 MAX_LMAX = 8
-WEIGHT_MODES = ("shared", "degree", "sh_degree", "degree_pair", "path")
+WEIGHT_MODES = ("shared", "degree", "degree_pair", "path")
 
 
 def check_lmax(name: str, value: int) -> int:
@@ -72,7 +72,6 @@ class TensorProduct(nn.Module):
 
     weights="shared": P = 1, one weight per channel multiplies every path;
     weights="degree": P = lmax_out + 1, one weight per channel and output degree;
-    weights="sh_degree": P = lmax_sh + 1, one weight per channel and degree of the edge harmonics;
     weights="degree_pair": P = number of (l_sh, l_out) pairs among the paths, one weight per channel and pair
         (between "degree" and "path": paths that differ only in l_in share a weight);
     weights="path":   P = number of paths, one weight per channel and path (MACE's "uvu" product).
@@ -106,8 +105,8 @@ class TensorProduct(nn.Module):
             )
         self.num_paths = len(self.path_list)
         self.degree_pairs = sorted({(l2, l3) for _, l2, l3 in self.path_list})  # (l_sh, l_out) of "degree_pair"
-        self.num_weights = {"shared": 1, "degree": lmax_out + 1, "sh_degree": lmax_sh + 1,
-                            "degree_pair": len(self.degree_pairs), "path": self.num_paths}[weights]
+        self.num_weights = {"shared": 1, "degree": lmax_out + 1, "degree_pair": len(self.degree_pairs),
+                            "path": self.num_paths}[weights]
         self.register_buffer("_degree_index", degree_of_component(lmax_out), persistent=False)
 
     def _apply(self, fn, recurse: bool = True):
@@ -225,11 +224,9 @@ class FactorisedProduct(TensorProduct):
     def product(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         left, right, project = self.factors()
         xb = x @ left  # [E, C, R]
-        if self.weights in ("sh_degree", "degree_pair"):
+        if self.weights == "degree_pair":  # per output degree: the pairs ending there, each with its own weight
             yl = self.edge_factors_by_degree(y, right)  # [E, L_sh + 1, R]
-            if self.weights == "sh_degree":  # sum_l w_l (x A) * (y_l B_l), then C
-                return (xb * torch.einsum("elr,ecl->ecr", yl, w)) @ project
-            return torch.cat([  # per output degree: the pairs ending there, each with its own weight
+            return torch.cat([
                 (xb * torch.einsum("elr,ecl->ecr", yl[:, sh], w[:, :, pairs])) @ project[:, degree_slice(l)]
                 for l, (pairs, sh) in enumerate(self.pairs_by_output_degree())
             ], dim=2)  # [E, C, D_out]
@@ -273,9 +270,6 @@ class FactorisedProduct(TensorProduct):
                      for l in range(self.lmax_out + 1)]
             return torch.cat(parts, dim=2)  # [N, C, D_out]
         yl = self.edge_factors_by_degree(y, right)  # [E, L_sh + 1, R]
-        if self.weights == "sh_degree":  # one reduction per harmonic degree
-            return sum(edge_conv(xb, yl[:, l].contiguous(), w[:, :, l], sender, receiver, x.shape[0], fused)
-                       for l in range(self.lmax_sh + 1)) @ project
         parts = []  # degree_pair: one reduction per pair, summed per output degree
         for l, (pairs, sh) in enumerate(self.pairs_by_output_degree()):
             reduced = sum(edge_conv(xb, yl[:, l2].contiguous(), w[:, :, k], sender, receiver, x.shape[0], fused)

@@ -246,7 +246,7 @@ class CPProduct(FactorisedProduct):
 
     kind = "cp"
     supported_paths = ("o3", "so3")
-    supported_weights = ("shared", "degree", "sh_degree", "degree_pair")
+    supported_weights = ("shared", "degree", "degree_pair")
     # one weight per channel: "degree" lowers the force error by ~7 % but doubles the MD step on a CPU
     # (docs/accuracy.md, learning curves; docs/benchmarks/md_cpu_weight_modes.md)
     default_weights = "shared"
