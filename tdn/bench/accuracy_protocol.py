@@ -19,7 +19,6 @@ VARIANTS = {  # variant name -> tp overrides
     "grid": ["tp=grid"],
     "cg-shared": ["tp=cg", "tp.weights=shared"],  # the exact map cp approximates (same path-weight sharing)
     "cp-degree": ["tp=cp", "tp.weights=degree"],  # cp with one weight per channel and output degree
-    "cp-pair": ["tp=cp", "tp.weights=degree_pair"],  # cp with one weight per channel and (l_sh, l_out) pair
 }
 TABLES = ("rmd17", "3bpa", "acac", "oxides")
 RMD17_MOLECULES = ("aspirin", "azobenzene", "benzene", "ethanol", "malonaldehyde", "naphthalene", "salicylic",

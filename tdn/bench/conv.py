@@ -11,8 +11,7 @@ Implementations (the same graph and sizes):
 - ``cp ref`` / ``grid ref``: the same factorisation in plain PyTorch (per-edge ``[E, C, R]`` messages, index_add;
   what training differentiates twice);
 - ``cp-degree fused`` / ``cp-degree ref``: cp with one weight per output degree (one fused reduction per degree;
-  the reference, also the CPU's path for it, runs the product per edge); ``cp-pair`` the same with one weight per
-  (l_sh, l_out) pair (one fused reduction per weight);
+  the reference, also the CPU's path for it, runs the product per edge);
 - ``cg[shared]``: the exact sparse CG product per edge, then index_add;
 - ``e3nn uvu``: e3nn's ``TensorProduct`` in MACE's uvu mode per edge (one weight per channel and path) and
   index_add, as MACE's convolution runs it.
@@ -60,7 +59,6 @@ class ConvBenchConfig:
     paths: str = "o3"
     impls: tuple[str, ...] = (
         "cp fused", "cp chunked", "cp ref", "cp-degree fused", "cp-degree ref",
-        "cp-pair fused", "cp-pair ref",
         "grid fused", "grid chunked", "grid ref", "cg[shared]", "e3nn uvu",
     )  # fmt: skip
     warmup: int = 3
@@ -126,8 +124,8 @@ def measure_cell(impl: str, lmax: int, channels: int, cfg: ConvBenchConfig, band
             shapes = (op.shapes[0], op.shapes[1], op.shapes[2])
         else:
             kind, variant = impl.split(" ") if " " in impl else ("cg", "ref")
-            kind, _, mode = kind.removesuffix("[shared]").partition("-")
-            weights = {"": "shared", "degree": "degree", "pair": "degree_pair"}[mode]
+            weights = "degree" if kind.endswith("-degree") else "shared"
+            kind = kind.removesuffix("-degree").removesuffix("[shared]")
             fused = {"fused": True, "chunked": None, "ref": False}[variant]
             module, fn, rank = tdn_conv(kind, weights, lmax, channels, cfg.paths, fused=fused)
             module = module.to(device)

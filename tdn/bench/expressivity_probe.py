@@ -135,8 +135,7 @@ def weight_counts(kind: str, lmax: int, paths: str) -> dict[str, int]:
     """``{mode: P}`` for every weight mode the backend offers (P = weights per channel)."""
     cls = tdn_tp.BACKENDS[kind]
     num_paths = len(tdn_o3.path_list(lmax, lmax, lmax, paths))
-    pairs = len({(l2, l3) for _, l2, l3 in tdn_o3.path_list(lmax, lmax, lmax, paths)})
-    counts = {"shared": 1, "degree": lmax + 1, "degree_pair": pairs, "path": num_paths}
+    counts = {"shared": 1, "degree": lmax + 1, "path": num_paths}
     return {mode: counts[mode] for mode in cls.supported_weights}
 
 

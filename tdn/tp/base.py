@@ -17,7 +17,7 @@ from ..o3 import check_path_set, degree_of_component, degree_slice, dim, path_li
 from .fused import edge_conv, triton_available
 
 MAX_LMAX = 8
-WEIGHT_MODES = ("shared", "degree", "degree_pair", "path")
+WEIGHT_MODES = ("shared", "degree", "path")
 
 
 def check_lmax(name: str, value: int) -> int:
@@ -72,8 +72,6 @@ class TensorProduct(nn.Module):
 
     weights="shared": P = 1, one weight per channel multiplies every path;
     weights="degree": P = lmax_out + 1, one weight per channel and output degree;
-    weights="degree_pair": P = number of (l_sh, l_out) pairs among the paths, one weight per channel and pair
-        (between "degree" and "path": paths that differ only in l_in share a weight);
     weights="path":   P = number of paths, one weight per channel and path (MACE's "uvu" product).
     """
 
@@ -104,9 +102,7 @@ class TensorProduct(nn.Module):
                 f"no coupling path for lmax_in={lmax_in}, lmax_sh={lmax_sh}, lmax_out={lmax_out}, paths={paths!r}"
             )
         self.num_paths = len(self.path_list)
-        self.degree_pairs = sorted({(l2, l3) for _, l2, l3 in self.path_list})  # (l_sh, l_out) of "degree_pair"
-        self.num_weights = {"shared": 1, "degree": lmax_out + 1, "degree_pair": len(self.degree_pairs),
-                            "path": self.num_paths}[weights]
+        self.num_weights = {"shared": 1, "degree": lmax_out + 1, "path": self.num_paths}[weights]
         self.register_buffer("_degree_index", degree_of_component(lmax_out), persistent=False)
 
     def _apply(self, fn, recurse: bool = True):
@@ -223,26 +219,7 @@ class FactorisedProduct(TensorProduct):
 
     def product(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         left, right, project = self.factors()
-        xb = x @ left  # [E, C, R]
-        if self.weights == "degree_pair":  # per output degree: the pairs ending there, each with its own weight
-            yl = self.edge_factors_by_degree(y, right)  # [E, L_sh + 1, R]
-            return torch.cat([
-                (xb * torch.einsum("elr,ecl->ecr", yl[:, sh], w[:, :, pairs])) @ project[:, degree_slice(l)]
-                for l, (pairs, sh) in enumerate(self.pairs_by_output_degree())
-            ], dim=2)  # [E, C, D_out]
-        return ((xb * (y @ right).unsqueeze(1)) @ project) * self.expand_weights(w)  # [E, C, D_out]
-
-    def edge_factors_by_degree(self, y: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        """``y [E, D_sh]`` -> ``[E, L_sh + 1, R]``: the edge factor ``y @ right`` split by harmonic degree."""
-        return torch.stack([y[:, degree_slice(l)] @ right[degree_slice(l)] for l in range(self.lmax_sh + 1)], 1)
-
-    def pairs_by_output_degree(self) -> list[tuple[list[int], list[int]]]:
-        """For each output degree: the indices of its (l_sh, l_out) pairs in ``degree_pairs`` and their l_sh."""
-        out = []
-        for l in range(self.lmax_out + 1):
-            index = [k for k, (_, l3) in enumerate(self.degree_pairs) if l3 == l]
-            out.append((index, [self.degree_pairs[k][0] for k in index]))
-        return out
+        return (((x @ left) * (y @ right).unsqueeze(1)) @ project) * self.expand_weights(w)  # [E, C, D_out]
 
     def conv(
         self,
@@ -256,23 +233,17 @@ class FactorisedProduct(TensorProduct):
         # degree weights: one reduction per output degree pays with the kernel; without it the per-edge product
         # is faster (measured on a CPU: 34 vs 100 ms fwd+bwd at L = 3, docs/benchmarks/conv_cpu_quick.md)
         per_degree = fused if fused is not None else triton_available(x.device)
-        if self.weights == "path" or (self.weights != "shared" and not per_degree):
+        if self.weights == "path" or (self.weights == "degree" and not per_degree):
             return super().conv(x, y, w, sender, receiver, fused)  # per-edge messages
         self.check_inputs(x, y, w, num_edges=y.shape[0])
         self.check_edges(y, sender, receiver)
         left, right, project = self.factors()
-        xb = x @ left  # [N, C, R]
+        xb, yc = x @ left, y @ right  # [N, C, R], [E, R]
         if self.weights == "shared":
-            return edge_conv(xb, y @ right, w[:, :, 0], sender, receiver, x.shape[0], fused) @ project  # [N, C, D_out]
-        if self.weights == "degree":  # one reduction per output degree, each projected onto its own rows
-            yc = y @ right  # [E, R]
-            parts = [edge_conv(xb, yc, w[:, :, l], sender, receiver, x.shape[0], fused) @ project[:, degree_slice(l)]
-                     for l in range(self.lmax_out + 1)]
-            return torch.cat(parts, dim=2)  # [N, C, D_out]
-        yl = self.edge_factors_by_degree(y, right)  # [E, L_sh + 1, R]
-        parts = []  # degree_pair: one reduction per pair, summed per output degree
-        for l, (pairs, sh) in enumerate(self.pairs_by_output_degree()):
-            reduced = sum(edge_conv(xb, yl[:, l2].contiguous(), w[:, :, k], sender, receiver, x.shape[0], fused)
-                          for k, l2 in zip(pairs, sh))
-            parts.append(reduced @ project[:, degree_slice(l)])
+            return edge_conv(xb, yc, w[:, :, 0], sender, receiver, x.shape[0], fused) @ project  # [N, C, D_out]
+        # one weight per output degree l: one reduction per degree, each projected onto its own rows
+        parts = [
+            edge_conv(xb, yc, w[:, :, l], sender, receiver, x.shape[0], fused) @ project[:, degree_slice(l)]
+            for l in range(self.lmax_out + 1)
+        ]
         return torch.cat(parts, dim=2)  # [N, C, D_out]

@@ -23,7 +23,6 @@ class CGProduct(TensorProduct):
     """
 
     kind = "cg"
-    supported_weights = ("shared", "degree", "path")  # "path" holds the mid-way modes of cp (tie its weights)
     default_weights = "path"  # MACE's "uvu" convolution
 
     def __init__(self, lmax_in: int, lmax_sh: int, lmax_out: int, channels: int, paths: str = "o3",

@@ -246,14 +246,14 @@ class CPProduct(FactorisedProduct):
 
     kind = "cp"
     supported_paths = ("o3", "so3")
-    supported_weights = ("shared", "degree", "degree_pair")
+    supported_weights = ("shared", "degree")
     # one weight per channel: "degree" lowers the force error by ~7 % but doubles the MD step on a CPU
     # (docs/accuracy.md, learning curves; docs/benchmarks/md_cpu_weight_modes.md)
     default_weights = "shared"
     options = ("rank", "tol", "seed")
     unsupported_weights_reason = (
-        "CP factorises the sum of all paths (the stacked tensor M), so per-path weights cannot be applied "
-        "(weights='degree_pair' weighs each (l_sh, l_out) pair); use kind='cg' for them"
+        "CP factorises the sum of all paths (the stacked tensor M), so per-path weights cannot be applied; "
+        "use kind='cg' for them"
     )
 
     def __init__(
