@@ -197,12 +197,21 @@ def test_interaction_checkpoints_the_radial_mlp_for_many_edges_in_eval():
 
     plain_peak, _ = peak_memory(step, "cpu")
     plain = step()
-    block.checkpoint_above, block.checkpoint_chunk = 1000, 300
+    block.checkpoint_above = block.checkpoint_above_cpu = 1000
+    block.checkpoint_chunk = 300
     kept_peak, _ = peak_memory(step, "cpu")
     kept = step()
     torch.testing.assert_close(kept[0], plain[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(kept[1], plain[1], rtol=1e-12, atol=1e-12)
     assert kept_peak < 0.6 * plain_peak, (kept_peak, plain_peak)
+
+
+
+def test_recompute_threshold_follows_the_device():
+    block = InteractionBlock("cp", 1, 2, 2, channels=4, num_radial=8, radial_hidden=[8])
+    block.checkpoint_above, block.checkpoint_above_cpu = 11, 22
+    assert block.recompute_above(torch.zeros(1)) == 22
+    assert block.recompute_above(torch.zeros(1, device="meta")) == 11  # any accelerator
 
 
 # ---------------------------------------------------------------------------------------------- readouts
