@@ -64,7 +64,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from ase import Atoms, units
-from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 from torch import nn
 
@@ -77,6 +76,7 @@ from .runtime import (
     neighbor_list,
     pair_distances_squared,
     prepare_model,
+    publish_state,
     shift_vectors,
     validate_atoms,
 )
@@ -462,17 +462,9 @@ class TorchDynamics:
             )
             host = torch.cat([arrays.reshape(-1), self.energy.to(STATE_DTYPE).view(1)]).cpu().numpy()
         arrays, energy = host[:-1].reshape(n, 10), float(host[-1])
-        atoms = self.atoms
-        atoms.set_positions(arrays[:, 0:3], apply_constraint=False)
-        atoms.set_momenta(arrays[:, 3:6], apply_constraint=False)
         results = {"energy": energy, "free_energy": energy, "energies": arrays[:, 9].copy(),
                    "forces": arrays[:, 6:9].copy()}  # fmt: skip
-        if self.calculator is not None:
-            self.calculator.atoms, self.calculator.results = atoms.copy(), results
-            atoms.calc = self.calculator
-        else:
-            atoms.calc = SinglePointCalculator(atoms, **results)
-        return atoms
+        return publish_state(self.atoms, arrays[:, 0:3], arrays[:, 3:6], results, self.calculator)
 
 
 def _free_mask(atoms: Atoms) -> np.ndarray | None:

@@ -208,3 +208,20 @@ def compile_energy(model: nn.Module) -> None:
     model.node_energies = node_energies
 
 
+
+
+def publish_state(atoms: Atoms, positions: np.ndarray, momenta: np.ndarray, results: dict,
+                  calculator: object | None = None) -> Atoms:
+    """Write an engine's state into ``atoms`` (positions and momenta, constraints not applied again) with its
+    ``results``: given to ``calculator`` (which stays attached and answers without recomputing), else held by a
+    SinglePointCalculator. Returns ``atoms``."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    atoms.set_positions(positions, apply_constraint=False)
+    atoms.set_momenta(momenta, apply_constraint=False)
+    if calculator is not None:
+        calculator.atoms, calculator.results = atoms.copy(), results
+        atoms.calc = calculator
+    else:
+        atoms.calc = SinglePointCalculator(atoms, **results)
+    return atoms

@@ -25,9 +25,8 @@ import numpy as np
 import torch
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator
-from ase.calculators.singlepoint import SinglePointCalculator
 
-from ..runtime import AtomsTooCloseError, GeometryError
+from ..runtime import AtomsTooCloseError, GeometryError, publish_state
 
 __all__ = ["TorchSimDynamics", "torch_sim_cannot_run"]
 
@@ -131,13 +130,5 @@ class TorchSimDynamics:
             host = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in parts]).cpu().numpy()
         positions, momenta, forces = (host[k * 3 * n : (k + 1) * 3 * n].reshape(n, 3) for k in range(3))
         energy = float(host[9 * n])
-        atoms = self.atoms
-        atoms.set_positions(positions, apply_constraint=False)
-        atoms.set_momenta(momenta, apply_constraint=False)
         results = {"energy": energy, "free_energy": energy, "forces": np.array(forces)}
-        if self.calculator is not None:
-            self.calculator.atoms, self.calculator.results = atoms.copy(), results
-            atoms.calc = self.calculator
-        else:
-            atoms.calc = SinglePointCalculator(atoms, **results)
-        return atoms
+        return publish_state(self.atoms, positions, momenta, results, self.calculator)
