@@ -53,6 +53,8 @@ def test_summary_known_table():
 def test_train_command_resumes_or_restarts(tmp_path):
     spec = Dataset("sample", "sample", list(SAMPLE_DATA), 8, "test")
     run = curves.CurveRun(spec, "cp", 0, "quick", steps=4, batch_size=4)
+    assert run.table == "curves_sample_quick_steps4"  # another budget never shares a table with the default one
+    assert curves.CurveRun(spec, "cp", 0, "small", curves.DEFAULT_STEPS).table == "curves_sample_small"
     run_dir = run.run_dir(tmp_path)
     assert not any(a.startswith(("ckpt_path=", "overwrite=")) for a in curves.train_command(run, run_dir))
     run_dir.mkdir(parents=True)

@@ -70,7 +70,9 @@ class CurveRun:
 
     @property
     def table(self) -> str:
-        return f"curves_{self.dataset.name.lower()}_{self.size}"
+        """``curves_<dataset>_<size>``, ``_steps<N>`` for a budget other than the default (a table holds one)."""
+        budget = "" if self.steps == DEFAULT_STEPS else f"_steps{self.steps}"
+        return f"curves_{self.dataset.name.lower()}_{self.size}{budget}"
 
     def budget(self) -> Budget:
         return Budget("curve", steps=self.steps, batch_size=self.batch_size)
@@ -139,7 +141,7 @@ def train_run(run: CurveRun, work_dir: Path, log: Callable[[str], None]) -> Path
 # ------------------------------------------------------------------------------------------------- evaluation
 
 
-def test_loader(run: CurveRun) -> tuple[Any, list[str]]:
+def held_out_loader(run: CurveRun) -> tuple[Any, list[str]]:
     """The run's test split (what ``tdn-train`` tests on) as a data loader, and its metric names."""
     from omegaconf import OmegaConf
 
@@ -162,7 +164,7 @@ def evaluate_snapshots(run: CurveRun, run_dir: Path, done: set[int]) -> list[dic
     todo = [row for row in index if row["epoch"] not in done]
     if not todo:
         return []
-    loader, metric_names = test_loader(run)
+    loader, metric_names = held_out_loader(run)
     points = []
     for row in todo:
         model = load_model(run_dir / "snapshots" / row["file"])
@@ -178,9 +180,9 @@ def run_record(run: CurveRun, run_dir: Path, previous: dict[str, Any] | None) ->
     """The JSON record of a finished run: its curve (old points kept, new ones evaluated) and final metrics."""
     old = {p["epoch"]: p for p in (previous or {}).get("points", [])}
     points = {**old, **{p["epoch"]: p for p in evaluate_snapshots(run, run_dir, set(old))}}
-    final = json.loads((run_dir / "test_metrics.json").read_text()) if (run_dir / "test_metrics.json").is_file() else {}
     from ..io import load_model
 
+    final = json.loads((run_dir / "test_metrics.json").read_text()) if (run_dir / "test_metrics.json").is_file() else {}
     model = load_model(run_dir / "model.pt")
     return {
         "dataset": run.dataset.name, "variant": run.variant, "seed": run.seed, "size": run.size, "steps": run.steps,
