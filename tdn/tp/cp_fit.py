@@ -282,6 +282,8 @@ def _should_stop(errors: list[float], sweep: int, max_sweeps: int, tol: float, o
     if sweep < opt.window:
         return False
     now, before = errors[-1], errors[-1 - opt.window]
+    if now == 0.0:  # exact (a small rank-deficient M): nothing left to gain
+        return True
     if now > before * (1 - opt.stall):
         return True
     if tol > 0 and opt.give_up:
