@@ -7,8 +7,7 @@ symmetric CP factors of the product basis shipped in tdn/contractions/cp_factors
     python scripts/fit_cp.py --product             # the product basis's set (files that still fit are kept)
 
 The shipped set: lmax_in = lmax_sh = lmax_out = L for L = 1..6, and (0, L, L), (1, L, L) for L = 1..3 (the
-MACE-like model's convolutions), each for paths "o3" and "so3", at --tol (default 1e-4); the same per output
-degree (the factors of ``weights="degree"``) for L <= --by-degree-lmax (default 4); and for comparison
+MACE-like model's convolutions), each for paths "o3" and "so3", at --tol (default 1e-4); and for comparison
 the TDN paper's fixed rank 7 L^2 for the square ones (its error is whatever ALS reaches at that rank). BLAS runs on one
 thread unless OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS are set: faster on a shared machine
 and the same bytes every time (the same seed gives the same file on one machine and BLAS build).
@@ -26,7 +25,6 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 from pathlib import Path  # noqa: E402
 
-from tdn.o3 import path_list  # noqa: E402
 from tdn.tp.cp import DEFAULT_TOL, PACKAGE_DIR, factor_name, fit_factors, save_factors, shipped_factors  # noqa: E402
 
 PATH_SETS = ("o3", "so3")
@@ -41,26 +39,22 @@ def default_degrees(lmax: list[int], nonsquare: bool) -> list[tuple[int, int, in
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'lmax_in':>7} {'lmax_sh':>7} {'lmax_out':>8} {'l_out':>5} {'paths':>5} {'rank':>5} {'error':>9} "
+    print(f"{'lmax_in':>7} {'lmax_sh':>7} {'lmax_out':>8} {'paths':>5} {'rank':>5} {'error':>9} "
           f"{'method':>12} {'sweeps':>7} {'seconds':>8} {'bytes':>9}")
     for r in rows:
         seconds = f"{r['seconds']:.1f}" if "seconds" in r else "-"
-        l_out = "all" if r["out_degree"] < 0 else r["out_degree"]
-        print(f"{r['lmax_in']:>7} {r['lmax_sh']:>7} {r['lmax_out']:>8} {l_out:>5} {r['paths']:>5} {r['rank']:>5} "
+        print(f"{r['lmax_in']:>7} {r['lmax_sh']:>7} {r['lmax_out']:>8} {r['paths']:>5} {r['rank']:>5} "
               f"{r['rel_error']:>9.2e} {r['method']:>12} {r['sweeps']:>7} {seconds:>8} {r['bytes']:>9}", flush=True)
 
 
-def jobs(args: argparse.Namespace) -> list[tuple[tuple[int, int, int], str, int | None, int | None]]:
-    """``(degrees, paths, rank, out_degree)`` to fit: rank None searches by ``--tol``; the paper's 7 L² for square
-    degrees; ``out_degree``: the rows of one output degree (None: all of M)."""
+def jobs(args: argparse.Namespace) -> list[tuple[tuple[int, int, int], str, int | None]]:
+    """``(degrees, paths, rank)`` to fit: rank None searches by ``--tol``; the paper's 7 L² for square degrees."""
     degrees = default_degrees(args.lmax, args.nonsquare)
     if args.rank is not None:
-        return [(d, p, args.rank, None) for d in degrees for p in args.paths]
-    out = [(d, p, None, None) for d in degrees for p in args.paths]
-    out += [(d, p, None, l) for d in degrees if max(d) <= args.by_degree_lmax for p in args.paths
-            for l in sorted({l3 for _, _, l3 in path_list(*d, p)})]  # fmt: skip
+        return [(d, p, args.rank) for d in degrees for p in args.paths]
+    out = [(d, p, None) for d in degrees for p in args.paths]
     if args.paper_ranks:
-        out += [(d, p, 7 * d[0] ** 2, None) for d in degrees if d[0] == d[1] == d[2] for p in args.paths]
+        out += [(d, p, 7 * d[0] ** 2) for d in degrees if d[0] == d[1] == d[2] for p in args.paths]
     return out
 
 
@@ -75,8 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tol", type=float, default=DEFAULT_TOL, help="target relative error of M")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rank", type=int, default=None, help="fit this rank instead of searching by --tol")
-    parser.add_argument("--by-degree-lmax", type=int, default=4,
-                        help="fit the factors of every output degree for degrees up to this L")
     parser.add_argument("--no-paper-ranks", dest="paper_ranks", action="store_false",
                         help="skip the fixed rank 7 L^2 of the TDN paper (shipped for comparison)")
     parser.add_argument("--no-nonsquare", dest="nonsquare", action="store_false",
@@ -100,17 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print_table(shipped_factors(args.out))
         return 0
-    for (l_in, l_sh, l_out), paths, rank, out_degree in jobs(args):
-        file = args.out / factor_name(l_in, l_sh, l_out, paths, args.tol, rank, args.seed, out_degree)
+    for (l_in, l_sh, l_out), paths, rank in jobs(args):
+        file = args.out / factor_name(l_in, l_sh, l_out, paths, args.tol, rank, args.seed)
         if file.exists() and not args.force:
             print(f"keep {file.name}", flush=True)
             continue
         progress = _progress(time.perf_counter()) if args.verbose else None
         print(f"fit  {file.name} ...", flush=True)
-        factors = fit_factors(l_in, l_sh, l_out, paths, args.tol, rank, args.seed, progress, out_degree)
+        factors = fit_factors(l_in, l_sh, l_out, paths, args.tol, rank, args.seed, progress=progress)
         save_factors(file, factors)
-        print_table([dict(lmax_in=l_in, lmax_sh=l_sh, lmax_out=l_out,
-                          out_degree=-1 if out_degree is None else out_degree, paths=paths, rank=factors.rank,
+        print_table([dict(lmax_in=l_in, lmax_sh=l_sh, lmax_out=l_out, paths=paths, rank=factors.rank,
                           rel_error=factors.rel_error, method=factors.method, sweeps=factors.sweeps,
                           seconds=factors.seconds, bytes=file.stat().st_size)])
     print()

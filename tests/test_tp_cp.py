@@ -224,3 +224,10 @@ def test_argument_errors():
         tdn.tp.build("cp", lmax=-1, channels=2)
     with pytest.raises(ValueError, match="rank must be"):
         cp_fit.fit_cp(np.ones((2, 2, 2)), 0)
+
+
+def test_als_stops_on_an_exact_fit():
+    """An error of exactly zero (a rank-deficient slice fitted exactly) ends the fit: no rate is extrapolated."""
+    options = cp_fit.ALSOptions()
+    errors = [1.0] * options.window + [0.0]
+    assert cp_fit._should_stop(errors, options.window + 1, 10 * options.window, 1e-4, options)

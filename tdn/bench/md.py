@@ -134,13 +134,18 @@ def tdn_backends(cfg: MDBenchConfig) -> tuple[str, ...]:
     return tuple(cfg.backends)
 
 
+def backend_fields(backend: str) -> dict[str, str]:
+    """The model options of ``backend``: a backend name (its default weight mode) or ``name:weights``."""
+    kind, _, weights = backend.partition(":")
+    return {"tp": kind, **({"tp_weights": weights} if weights else {})}
+
+
 def model_config(cfg: MDBenchConfig, backend: str) -> dict[str, Any]:
-    """The preset's model with ``backend``: a backend name (its default weight mode) or ``name:weights``."""
+    """The preset's model with ``backend`` (:func:`backend_fields`)."""
     from ..models import PRESETS
 
-    kind, _, weights = backend.partition(":")
-    return {**PRESETS[cfg.preset], "tp": kind, "elements": [29], "avg_num_neighbors": cfg.avg_num_neighbors,
-            **({"tp_weights": weights} if weights else {})}
+    return {**PRESETS[cfg.preset], **backend_fields(backend), "elements": [29],
+            "avg_num_neighbors": cfg.avg_num_neighbors}  # fmt: skip
 
 
 def bench_tdn(cfg: MDBenchConfig, workdir: Path, on_row: OnRow | None = None) -> list[dict[str, Any]]:

@@ -123,7 +123,7 @@ def training_step(model: torch.nn.Module, batch: Batch, optimizer: torch.optim.O
 def bench_tdn(cfg: TrainBenchConfig) -> list[dict[str, Any]]:
     from ..data.graph import atoms_to_graph
     from ..models import build_model
-    from .md import tdn_backends
+    from .md import backend_fields, tdn_backends
 
     molecules = batch_molecules()
     rows = []
@@ -136,7 +136,7 @@ def bench_tdn(cfg: TrainBenchConfig) -> list[dict[str, Any]]:
             for backend in tdn_backends(cfg):
                 row: dict[str, Any] = {"impl": f"tdn-{backend}", "size": size, "dtype": dtype}
                 torch.manual_seed(0)
-                model = build_model(**{**values, "tp": backend, "elements": list(ELEMENTS), "dtype": dtype,
+                model = build_model(**{**values, **backend_fields(backend), "elements": list(ELEMENTS), "dtype": dtype,
                                        "avg_num_neighbors": avg}).to(cfg.device).train()  # fmt: skip
                 optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True)
                 timing, err = common.attempt(

@@ -78,30 +78,28 @@ def _chunks(rows: int, width: int) -> list[slice]:
 
 class _ReceiverConv(torch.autograd.Function):
     """``(x [N, C, d_in], yc [E, R], w [E, C, P], left [d_in, R], project [R, d_out], sender [E], slots, valid,
-    blocks) -> [N, C, d_out]``; weight ``p`` meets the terms ``blocks[p][0]`` and scales the output components
-    ``blocks[p][1]`` (``slice`` s, :meth:`tdn.tp.base.FactorisedProduct.weight_blocks`)."""
+    blocks) -> [N, C, d_out]``; weight ``p`` scales the output components ``blocks[p] = (start, stop)``."""
 
     @staticmethod
     def forward(ctx, x, yc, w, left, project, sender, slots, valid, blocks):
         num_nodes, channels, d_in = x.shape
         rank, k = left.shape[1], slots.shape[1]
         xt = x.transpose(1, 2).contiguous()  # [N, d_in, C]: a receiver's gathered rows stack into [K d_in, C]
-        acc = [x.new_empty(num_nodes, channels, terms.stop - terms.start) for terms, _ in blocks]  # [N, C, R_p]
+        acc = x.new_empty(len(blocks), num_nodes, channels, rank)  # per weight p: [N, C, R]
         for rows in _chunks(num_nodes, k * d_in * channels):
             edges = slots[rows].reshape(-1)  # [n K]
             n = edges.shape[0] // k
             xs = xt.index_select(0, sender.index_select(0, edges))  # [n K, d_in, C]
             v = _edge_factor(yc, edges, valid[rows], left).view(n, k * d_in, rank)  # [n, K d_in, R]
             w_slots = w.index_select(0, edges)  # [n K, C, P]
-            for p, (terms, _) in enumerate(blocks):
+            for p in range(len(blocks)):
                 w_p = w_slots[:, None, :, p]  # [n K, 1, C]
                 u = xs.mul_(w_p) if len(blocks) == 1 else xs * w_p  # [n K, d_in, C]
-                torch.bmm(u.view(n, k * d_in, channels).transpose(1, 2), v[:, :, terms], out=acc[p][rows])
+                torch.bmm(u.view(n, k * d_in, channels).transpose(1, 2), v, out=acc[p, rows])  # [n, C, R]
         ctx.save_for_backward(xt, yc, w, left, project, sender, slots, valid)
         ctx.blocks = blocks
-        # the output projection once for all receivers: [N C, R_p] x [R_p, d_out_p] per weight p
-        parts = [acc[p].view(num_nodes * channels, -1) @ project[terms, components]
-                 for p, (terms, components) in enumerate(blocks)]  # fmt: skip
+        # the output projection once for all receivers: [N C, R] x [R, d_out_p] per weight p
+        parts = [acc[p].view(-1, rank) @ project[:, start:stop] for p, (start, stop) in enumerate(blocks)]
         return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).view(num_nodes, channels, -1)
 
     @staticmethod
@@ -118,8 +116,8 @@ class _ReceiverConv(torch.autograd.Function):
         grad_yc = torch.zeros_like(yc) if need_yc else None
         grad_w = torch.zeros_like(w) if need_w else None
         flat = grad.reshape(-1, grad.shape[2])  # [N C, d_out]
-        grad_acc = [(flat[:, components] @ project[terms, components].T).view(num_nodes, channels, -1)
-                    for terms, components in ctx.blocks]  # fmt: skip  # per weight p: [N, C, R_p]
+        grad_acc = [(flat[:, start:stop] @ project[:, start:stop].T).view(num_nodes, channels, rank)
+                    for start, stop in ctx.blocks]  # fmt: skip  # per weight p: [N, C, R]
         for rows in _chunks(num_nodes, k * d_in * channels):
             edges = slots[rows].reshape(-1)
             n = edges.shape[0] // k
@@ -127,31 +125,23 @@ class _ReceiverConv(torch.autograd.Function):
             xs = xt.index_select(0, senders)  # [n K, d_in, C]
             w_slots = w.index_select(0, edges)  # [n K, C, P]
             v = _edge_factor(yc, edges, valid[rows], left).view(n, k * d_in, rank)
-            grad_xs = None  # a sum over the weights p, started by the first (no zero fill)
-            grad_w_slots = w_slots.new_empty(w_slots.shape) if need_w else None  # [n K, C, P]
-            # [n K, R]: one weight writes it whole, several each add their terms
-            per_edge = v.new_zeros(n * k, rank) if need_yc and len(ctx.blocks) > 1 else None
-            for p, (terms, _) in enumerate(ctx.blocks):
-                g = grad_acc[p][rows]  # [n, C, R_p]
+            grad_xs = grad_v = None  # sums over the weights p, started by the first (no zero fill)
+            for p in range(len(ctx.blocks)):
+                g = grad_acc[p][rows]  # [n, C, R]
                 w_p = w_slots[:, None, :, p]  # [n K, 1, C]
                 if need_x or need_w:
-                    grad_u = torch.bmm(v[:, :, terms], g.transpose(1, 2)).view(n * k, d_in, channels)  # 0 on padding
+                    grad_u = torch.bmm(v, g.transpose(1, 2)).view(n * k, d_in, channels)  # zero on padding (v is)
                     if need_w:
-                        grad_w_slots[:, :, p] = (grad_u * xs).sum(1)
+                        grad_w[:, :, p].index_add_(0, edges, (grad_u * xs).sum(1))
                     if need_x:
                         grad_xs = grad_u.mul_(w_p) if grad_xs is None else grad_xs.addcmul_(grad_u, w_p)
                 if need_yc:
-                    grad_v = torch.bmm((xs * w_p).view(n, k * d_in, channels), g)  # [n, K d_in, R_p]
-                    part = (grad_v.view(n * k, d_in, -1) * left[:, terms]).sum(1)  # [n K, R_p]
-                    if per_edge is None:
-                        per_edge = part
-                    else:
-                        per_edge[:, terms] += part
-            if need_w:
-                grad_w.index_add_(0, edges, grad_w_slots)
+                    u = (xs * w_p).view(n, k * d_in, channels)
+                    grad_v = torch.bmm(u, g) if grad_v is None else grad_v.baddbmm_(u, g)  # [n, K d_in, R]
             if need_x:
                 grad_xt.index_add_(0, senders, grad_xs)
             if need_yc:
+                per_edge = (grad_v.view(n * k, d_in, rank) * left).sum(1)  # [n K, R]
                 grad_yc.index_add_(0, edges, per_edge.mul_(valid[rows].reshape(-1, 1)))
         grad_x = grad_xt.transpose(1, 2) if need_x else None
         return grad_x, grad_yc, grad_w, None, None, None, None, None, None
@@ -188,4 +178,8 @@ def receiver_conv(
     if table is None:
         return None
     left, right, project = tp.factors()
-    return _ReceiverConv.apply(x, y @ right, w, left, project, sender, table.slots, table.valid, tp.weight_blocks())
+    if tp.weights == "shared":
+        blocks: tuple[tuple[int, int], ...] = ((0, project.shape[1]),)
+    else:  # one weight per output degree l: components l^2 .. (l+1)^2
+        blocks = tuple((l * l, (l + 1) ** 2) for l in range(tp.lmax_out + 1))
+    return _ReceiverConv.apply(x, y @ right, w, left, project, sender, table.slots, table.valid, blocks)

@@ -217,23 +217,6 @@ class FactorisedProduct(TensorProduct):
         """``R``, the width of the factorised form (CP terms for "cp", grid points for "grid")."""
         return self.factors()[0].shape[1]
 
-    def weight_blocks(self) -> tuple[tuple[slice, slice], ...]:
-        """Per weight ``p``: the terms ``r`` it meets and the output components it scales.
-
-        Here every weight meets all ``R`` terms: one shared weight scales all of the output, one per degree ``l`` its
-        components ``l^2 .. (l+1)^2`` after ``project``. A backend whose ``project`` is block-diagonal over the
-        degrees (cp with degree weights) gives each weight its own terms, so the weights sum over ``R`` terms once.
-        """
-        everything = slice(0, self.rank)
-        if self.weights == "degree":
-            return tuple((everything, degree_slice(l)) for l in range(self.lmax_out + 1))
-        return ((everything, slice(0, dim(self.lmax_out))),)
-
-    @property
-    def weights_split_terms(self) -> bool:
-        """Whether every term meets one weight (:meth:`weight_blocks`): the reductions then cost what one does."""
-        return sum(terms.stop - terms.start for terms, _ in self.weight_blocks()) == self.rank
-
     def product(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         left, right, project = self.factors()
         return (((x @ left) * (y @ right).unsqueeze(1)) @ project) * self.expand_weights(w)  # [E, C, D_out]
@@ -247,18 +230,20 @@ class FactorisedProduct(TensorProduct):
         receiver: torch.Tensor,
         fused: bool | None = None,
     ) -> torch.Tensor:
-        # degree weights over all terms: one reduction per output degree pays with the kernel; without it the
-        # per-edge product is faster (measured on a CPU: 34 vs 100 ms fwd+bwd at L = 3, conv_cpu_quick.md)
+        # degree weights: one reduction per output degree pays with the kernel; without it the per-edge product
+        # is faster (measured on a CPU: 34 vs 100 ms fwd+bwd at L = 3, docs/benchmarks/conv_cpu_quick.md)
         per_degree = fused if fused is not None else triton_available(x.device)
-        if self.weights == "path" or (not self.weights_split_terms and not per_degree):
+        if self.weights == "path" or (self.weights == "degree" and not per_degree):
             return super().conv(x, y, w, sender, receiver, fused)  # per-edge messages
         self.check_inputs(x, y, w, num_edges=y.shape[0])
         self.check_edges(y, sender, receiver)
         left, right, project = self.factors()
-        # one reduction per weight p over its terms, projected onto the components it scales
+        xb, yc = x @ left, y @ right  # [N, C, R], [E, R]
+        if self.weights == "shared":
+            return edge_conv(xb, yc, w[:, :, 0], sender, receiver, x.shape[0], fused) @ project  # [N, C, D_out]
+        # one weight per output degree l: one reduction per degree, each projected onto its own rows
         parts = [
-            edge_conv(x @ left[:, terms], y @ right[:, terms], w[:, :, p], sender, receiver, x.shape[0], fused)
-            @ project[terms, components]
-            for p, (terms, components) in enumerate(self.weight_blocks())
+            edge_conv(xb, yc, w[:, :, l], sender, receiver, x.shape[0], fused) @ project[:, degree_slice(l)]
+            for l in range(self.lmax_out + 1)
         ]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # [N, C, D_out]
+        return torch.cat(parts, dim=2)  # [N, C, D_out]

@@ -8,16 +8,11 @@ The stacked path tensor ``M [d3, d1, d2]`` of :func:`tdn.o3.path_tensor` is repl
     out = (xb * yc[:, None, :]) @ Aᵀ     [E, C, d3]      times the expanded weights w
 
 The rank is the smallest whose relative error ``||M - M_hat||_F / ||M||_F`` is at most ``tol`` (default 1e-4),
-or an explicit ``rank=``. With one weight per output degree the factors are fitted per degree instead: the rows
-``M_l`` of each output degree ``l`` get their own CP terms (``A`` block-diagonal, ranks ``R_0 .. R_L``), so a
-degree's weight multiplies its own terms before ``A`` and the convolution stays one reduction over ``sum_l R_l``
-terms (not ``L + 1`` reductions over ``R``).
-
-Factors come, in this order, from the package data (``tdn/tp/cp_factors``, written by ``scripts/fit_cp.py``), from
-the user cache directory (both through :mod:`tdn.tp.factor_store`), or from a one-off seeded ALS fit
-(:mod:`tdn.tp.cp_fit`) that is then written to the cache. Whatever the source, the error is recomputed against the
-current ``M`` when the factors are loaded and reported as ``fit_error``. A model being loaded from its file builds
-them as zeros of the rank its config records instead (no lookup, no fit).
+or an explicit ``rank=``. Factors come, in this order, from the package data (``tdn/tp/cp_factors``, written
+by ``scripts/fit_cp.py``), from the user cache directory (both through :mod:`tdn.tp.factor_store`), or from a
+one-off seeded ALS fit (:mod:`tdn.tp.cp_fit`) that is then written to the cache. Whatever the source, the error
+is recomputed against the current ``M`` when the factors are loaded and reported as ``fit_error``. A model being
+loaded from its file builds them as zeros of the rank its config records instead (no lookup, no fit).
 """
 
 from __future__ import annotations
@@ -31,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..o3 import degree_slice, dim, path_tensor
+from ..o3 import dim, path_tensor
 from . import cp_fit
 from .base import FactorisedProduct
 from .factor_store import FactorStore, format_tol  # noqa: F401  (format_tol: also importable from here)
@@ -57,18 +52,11 @@ STORE = FactorStore(
 
 def factor_name(
     lmax_in: int, lmax_sh: int, lmax_out: int, paths: str, tol: float = DEFAULT_TOL, rank: int | None = None,
-    seed: int = 0, out_degree: int | None = None,
+    seed: int = 0,
 ) -> str:
-    """``cp_{paths}_{lmax_in}_{lmax_sh}_{lmax_out}[_out{l}]_tol{tol}.npz`` (or ``_rank{R}``; ``_seed{s}`` unless 0),
-    with the exact tolerance of :func:`tdn.tp.factor_store.format_tol`; ``_out{l}``: the rows of output degree l."""
-    part = "" if out_degree is None else f"_out{out_degree}"
-    return STORE.filename(f"cp_{paths}_{lmax_in}_{lmax_sh}_{lmax_out}{part}", tol, rank, seed)
-
-
-def target_tensor(lmax_in: int, lmax_sh: int, lmax_out: int, paths: str, out_degree: int | None = None) -> np.ndarray:
-    """What the factors approximate: ``M [d3, d1, d2]``, or its rows of output degree ``l``, ``M_l [2l+1, d1, d2]``."""
-    M = path_tensor(lmax_in, lmax_sh, lmax_out, paths).numpy()
-    return M if out_degree is None else M[degree_slice(out_degree)]
+    """``cp_{paths}_{lmax_in}_{lmax_sh}_{lmax_out}_tol{tol}.npz`` (or ``_rank{R}``; ``_seed{s}`` unless 0), with the
+    exact tolerance of :func:`tdn.tp.factor_store.format_tol`."""
+    return STORE.filename(f"cp_{paths}_{lmax_in}_{lmax_sh}_{lmax_out}", tol, rank, seed)
 
 
 def cache_dir() -> Path:
@@ -92,7 +80,6 @@ class CPFactors:
     seed: int
     method: str  # "als" or "exact-slices"
     sweeps: int = 0  # ALS sweeps spent, the rank search included (deterministic, unlike the time)
-    out_degree: int | None = None  # the factors of M_l, the rows of this output degree; None: all of M
     seconds: float = 0.0  # wall time of the fit (not stored: the file's bytes depend only on the content)
 
     @property
@@ -109,7 +96,6 @@ def factor_arrays(factors: CPFactors) -> dict[str, np.ndarray]:
         "lmax_out": np.int64(factors.lmax_out), "seed": np.int64(factors.seed),
         "paths": np.array(factors.paths), "method": np.array(factors.method),
         "sweeps": np.int64(factors.sweeps),
-        "out_degree": np.int64(-1 if factors.out_degree is None else factors.out_degree),
     }
 
 
@@ -127,7 +113,6 @@ def from_arrays(data: dict[str, np.ndarray]) -> CPFactors:
         A=data["A"], B=data["B"], C=data["C"], rel_error=float(data["rel_error"]), tol=float(data["tol"]),
         lmax_in=int(data["lmax_in"]), lmax_sh=int(data["lmax_sh"]), lmax_out=int(data["lmax_out"]),
         seed=int(data["seed"]), paths=str(data["paths"]), method=str(data["method"]), sweeps=int(data["sweeps"]),
-        out_degree=int(data["out_degree"]) if int(data.get("out_degree", -1)) >= 0 else None,
     )
 
 
@@ -137,20 +122,17 @@ def load_factors(path: Path) -> CPFactors:
 
 
 def shipped_factors(directory: Path = PACKAGE_DIR) -> list[dict]:
-    """The factors shipped as package data: one dict per file with ``lmax_in, lmax_sh, lmax_out, out_degree, paths,
-    rank, rel_error, tol, seed, method, sweeps, file, bytes``, sorted by path set and degrees (for benchmark
-    reports; ``out_degree`` is -1 for factors of all of M)."""
+    """The factors shipped as package data: one dict per file with ``lmax_in, lmax_sh, lmax_out, paths, rank,
+    rel_error, tol, seed, method, sweeps, file, bytes``, sorted by path set and degrees (for benchmark reports)."""
     rows = []
     for file in sorted(directory.glob("cp_*.npz")):
         f = load_factors(file)
         rows.append(dict(
-            lmax_in=f.lmax_in, lmax_sh=f.lmax_sh, lmax_out=f.lmax_out,
-            out_degree=-1 if f.out_degree is None else f.out_degree, paths=f.paths, rank=f.rank,
+            lmax_in=f.lmax_in, lmax_sh=f.lmax_sh, lmax_out=f.lmax_out, paths=f.paths, rank=f.rank,
             rel_error=f.rel_error, tol=f.tol, seed=f.seed, method=f.method, sweeps=f.sweeps, file=file.name,
             bytes=file.stat().st_size,
         ))
-    return sorted(rows, key=lambda r: (r["paths"], r["lmax_out"], r["lmax_in"], r["lmax_sh"], r["out_degree"],
-                                       r["file"]))  # fmt: skip
+    return sorted(rows, key=lambda r: (r["paths"], r["lmax_out"], r["lmax_in"], r["lmax_sh"], r["file"]))
 
 
 # ----------------------------------------------------------------------------------------------- fitting
@@ -158,11 +140,10 @@ def shipped_factors(directory: Path = PACKAGE_DIR) -> list[dict]:
 
 def fit_factors(
     lmax_in: int, lmax_sh: int, lmax_out: int, paths: str, tol: float = DEFAULT_TOL, rank: int | None = None,
-    seed: int = 0, progress: Callable[[str], None] | None = None, out_degree: int | None = None,
+    seed: int = 0, progress: Callable[[str], None] | None = None,
 ) -> CPFactors:
-    """Fit factors of ``M`` (or of ``M_l``, see :func:`target_tensor`): the smallest rank reaching ``tol``, or the
-    best fit at a given ``rank``."""
-    M = target_tensor(lmax_in, lmax_sh, lmax_out, paths, out_degree)
+    """Fit factors of ``M``: the smallest rank reaching ``tol``, or the best fit at a given ``rank``."""
+    M = path_tensor(lmax_in, lmax_sh, lmax_out, paths).numpy()
     start = time.perf_counter()
     if rank is None:
         fit = cp_fit.fit_smallest_rank(M, tol=tol, seed=seed, progress=progress or (lambda line: None))
@@ -170,16 +151,14 @@ def fit_factors(
         fit = cp_fit.fit_fixed_rank(M, rank, seed=seed)
     return CPFactors(
         fit.A, fit.B, fit.C, fit.rel_error, lmax_in, lmax_sh, lmax_out, paths, 0.0 if rank is not None else tol,
-        seed, fit.method, sum(sweeps for _, _, sweeps in fit.history), out_degree, time.perf_counter() - start,
+        seed, fit.method, sum(sweeps for _, _, sweeps in fit.history), time.perf_counter() - start,
     )
 
 
-def _matches(
-    f: CPFactors, lmax_in: int, lmax_sh: int, lmax_out: int, paths: str, out_degree: int | None, M: np.ndarray
-) -> float | None:
+def _matches(f: CPFactors, lmax_in: int, lmax_sh: int, lmax_out: int, paths: str, M: np.ndarray) -> float | None:
     """The recomputed relative error of ``f`` against ``M``, or None if the file does not describe ``M``
     (other degrees or path set, an error far above the recorded one, or above the tolerance it was fitted for)."""
-    if (f.lmax_in, f.lmax_sh, f.lmax_out, f.paths, f.out_degree) != (lmax_in, lmax_sh, lmax_out, paths, out_degree):
+    if (f.lmax_in, f.lmax_sh, f.lmax_out, f.paths) != (lmax_in, lmax_sh, lmax_out, paths):
         return None
     if (f.A.shape[0], f.B.shape[0], f.C.shape[0]) != M.shape:
         return None
@@ -191,10 +170,9 @@ def _matches(
 
 def get_factors(
     lmax_in: int, lmax_sh: int, lmax_out: int, paths: str, tol: float = DEFAULT_TOL, rank: int | None = None,
-    seed: int = 0, out_degree: int | None = None,
+    seed: int = 0,
 ) -> tuple[CPFactors, str, Path]:
-    """Factors for ``M`` (or its rows ``M_l`` of output degree ``out_degree``) with their source ("package",
-    "cache", "fitted" or "model file") and file.
+    """Factors for ``M`` with their source ("package", "cache", "fitted" or "model file") and file.
 
     Looks in the package data, then the cache (:data:`STORE`); otherwise fits once (logging a warning, since a large
     ``M`` takes minutes) and writes the result to the cache. Loaded factors are checked against the current ``M``:
@@ -203,31 +181,30 @@ def get_factors(
     lists these factors as a placeholder, they are zeros ``A [d3, R]``, ``B [d1, R]``, ``C [d2, R]`` of the recorded
     rank (source "model file": its values replace them), and no file is read or written.
     """
-    name = factor_name(lmax_in, lmax_sh, lmax_out, paths, tol, rank, seed, out_degree)
+    name = factor_name(lmax_in, lmax_sh, lmax_out, paths, tol, rank, seed)
     planned = STORE.placeholder(name)
     if planned is not None:
-        rows = dim(lmax_out) if out_degree is None else 2 * out_degree + 1
-        A, B, C = (np.zeros((d, planned.rank)) for d in (rows, dim(lmax_in), dim(lmax_sh)))
+        shape = (dim(lmax_out), dim(lmax_in), dim(lmax_sh))
+        A, B, C = (np.zeros((d, planned.rank)) for d in shape)
         factors = CPFactors(A, B, C, planned.error, lmax_in, lmax_sh, lmax_out, paths,
-                            0.0 if rank is not None else tol, seed, "placeholder", out_degree=out_degree)  # fmt: skip
+                            0.0 if rank is not None else tol, seed, "placeholder")  # fmt: skip
         found: tuple[CPFactors, str, Path] = (factors, "model file", Path(planned.origin))
     else:
-        found = _find_or_fit(name, lmax_in, lmax_sh, lmax_out, paths, tol, rank, seed, out_degree)
+        found = _find_or_fit(name, lmax_in, lmax_sh, lmax_out, paths, tol, rank, seed)
     STORE.record(name, found[0].rank, found[0].rel_error)
     return found
 
 
 def _find_or_fit(
-    name: str, lmax_in: int, lmax_sh: int, lmax_out: int, paths: str, tol: float, rank: int | None, seed: int,
-    out_degree: int | None,
+    name: str, lmax_in: int, lmax_sh: int, lmax_out: int, paths: str, tol: float, rank: int | None, seed: int
 ) -> tuple[CPFactors, str, Path]:
     """The lookup of :func:`get_factors` for the file ``name``: package data, cache, else a fit written to the
     cache."""
-    M = target_tensor(lmax_in, lmax_sh, lmax_out, paths, out_degree)
+    M = path_tensor(lmax_in, lmax_sh, lmax_out, paths).numpy()
 
     def accept(data: dict[str, np.ndarray]) -> CPFactors | None:
         factors = from_arrays(data)
-        error = _matches(factors, lmax_in, lmax_sh, lmax_out, paths, out_degree, M)
+        error = _matches(factors, lmax_in, lmax_sh, lmax_out, paths, M)
         if error is None:
             return None
         factors.rel_error = error
@@ -238,12 +215,11 @@ def _find_or_fit(
         return found
     file = cache_dir() / name
     target = f"rank {rank}" if rank is not None else f"the smallest rank with relative error <= {tol:g}"
-    rows = "" if out_degree is None else f", output degree {out_degree}"
     log.warning(
-        "fitting CP factors for lmax_in=%d, lmax_sh=%d, lmax_out=%d, paths=%r%s (%s, seed %d); "
-        "this happens once; cached at %s", lmax_in, lmax_sh, lmax_out, paths, rows, target, seed, file,
+        "fitting CP factors for lmax_in=%d, lmax_sh=%d, lmax_out=%d, paths=%r (%s, seed %d); "
+        "this happens once; cached at %s", lmax_in, lmax_sh, lmax_out, paths, target, seed, file,
     )
-    factors = fit_factors(lmax_in, lmax_sh, lmax_out, paths, tol, rank, seed, log.info, out_degree)
+    factors = fit_factors(lmax_in, lmax_sh, lmax_out, paths, tol, rank, seed, progress=log.info)
     STORE.cache(name, factor_arrays(factors))
     log.warning("fitted CP factors: rank %d, relative error %.2e, %.1f s", factors.rank, factors.rel_error,
                 factors.seconds)
@@ -257,16 +233,13 @@ class CPProduct(FactorisedProduct):
     """``out = A [(Bᵀ x) ⊙ (Cᵀ y)] * w``: the CP form of the path-shared product with ``M``.
 
     weights="shared": one weight per channel for all paths (TDN's path-weight sharing, ``P = 1``);
-    weights="degree": one per channel and output degree (``P = lmax_out + 1``). Its factors are fitted per output
-    degree (module docstring; ``rank_groups`` holds the ranks ``R_0 .. R_L``), so each weight scales its own CP terms.
+    weights="degree": one per channel and output degree (``P = lmax_out + 1``), applied after ``A``.
     Per-path weights cannot be applied once the paths are summed into ``M``: "path" is a ValueError.
 
-    ``rank=None`` picks the smallest rank with relative error of ``M`` (of each ``M_l`` with degree weights) at most
-    ``tol``; ``rank=R`` forces one joint rank for all of ``M`` (e.g. ``7 * L**2``, the TDN paper's schedule; its error
-    is reported, not enforced; degree weights then scale after ``A``, which costs one reduction per degree). A model
-    file whose record lists joint factors for a degree-weighted product is rebuilt with joint factors. Attributes:
-    ``rank``, ``rank_groups`` (None: joint), ``fit_error`` (relative Frobenius error of ``M``), ``factors_source``
-    ("package", "cache", "fitted", or "model file": zeros of a model file's recorded rank, replaced by its values when
+    ``rank=None`` picks the smallest rank with relative error of ``M`` at most ``tol``; ``rank=R`` forces
+    one (e.g. ``7 * L**2``, the TDN paper's schedule; its error is reported, not enforced). Attributes:
+    ``rank``, ``fit_error`` (relative Frobenius error of ``M``), ``factors_source`` ("package", "cache",
+    "fitted", or "model file": zeros of a model file's recorded rank, replaced by its values when
     :func:`tdn.load_model` loads them), ``factors_file``. The factors are frozen buffers (float64 as stored, then the
     module's dtype).
     """
@@ -302,70 +275,20 @@ class CPProduct(FactorisedProduct):
             raise ValueError(f"tol must be a number in (0, 1), got {tol!r}")
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        joint_name = factor_name(lmax_in, lmax_sh, lmax_out, paths, float(tol), rank, seed)
-        by_degree = weights == "degree" and rank is None and STORE.placeholder(joint_name) is None
-        if by_degree:
-            factors, source, file = self._factors_by_degree(float(tol), seed)
-            self.rank_groups: tuple[int, ...] | None = tuple(f.rank for f in factors)
-            A = np.zeros((dim(lmax_out), sum(self.rank_groups)))  # block-diagonal: output degree x its terms
-            B, C = (np.concatenate([getattr(f, n) for f in factors], axis=1) for n in ("B", "C"))
-            start = 0
-            for l, f in enumerate(factors):
-                A[degree_slice(l), start:start + f.rank] = f.A
-                start += f.rank
-            # ||M - M_hat||^2 is the sum over the degrees' rows: e^2 = sum_l (e_l ||M_l||)^2 / ||M||^2
-            M = path_tensor(lmax_in, lmax_sh, lmax_out, paths).numpy()
-            squared = sum((f.rel_error * np.linalg.norm(M[degree_slice(l)])) ** 2 for l, f in enumerate(factors))
-            self.fit_error = float(np.sqrt(squared) / np.linalg.norm(M))
-            self.fit_method = factors[-1].method
-        else:
-            joint, source, file = get_factors(lmax_in, lmax_sh, lmax_out, paths, float(tol), rank, seed)
-            A, B, C = joint.A, joint.B, joint.C
-            self.rank_groups = None
-            self.fit_error = joint.rel_error
-            self.fit_method = joint.method
+        factors, source, file = get_factors(lmax_in, lmax_sh, lmax_out, paths, float(tol), rank, seed)
         self.tol = float(tol) if rank is None else None
         self.seed = seed
+        self.fit_error = factors.rel_error
+        self.fit_method = factors.method
         self.factors_source = source
         self.factors_file = str(file)
-        self.register_buffer("x_factor", torch.from_numpy(B.copy()))  # B  [d_in, R]
-        self.register_buffer("y_factor", torch.from_numpy(C.copy()))  # C  [d_sh, R]
-        self.register_buffer("out_factor", torch.from_numpy(np.ascontiguousarray(A.T)))  # Aᵀ [R, d_out]
-
-    def _factors_by_degree(self, tol: float, seed: int) -> tuple[list[CPFactors], str, Path]:
-        """The factors of every ``M_l`` (rank 0 for a degree no path reaches), their common source, the last file."""
-        reached = {l3 for _, _, l3 in self.path_list}
-        d_in, d_sh, _ = self.dims
-        found, sources, file = [], [], Path()
-        for l in range(self.lmax_out + 1):
-            if l not in reached:
-                empty = np.zeros((2 * l + 1, 0)), np.zeros((d_in, 0)), np.zeros((d_sh, 0))
-                found.append(CPFactors(*empty, 0.0, self.lmax_in, self.lmax_sh, self.lmax_out, self.paths, tol, seed,
-                                       "exact-slices", out_degree=l))  # fmt: skip
-                continue
-            factors, source, file = get_factors(
-                self.lmax_in, self.lmax_sh, self.lmax_out, self.paths, tol, None, seed, out_degree=l
-            )
-            found.append(factors)
-            sources.append(source)
-        # the least settled source speaks for the set: a fit anywhere makes it "fitted"
-        order = ("model file", "fitted", "cache", "package")
-        return found, min(sources, key=order.index), file
-
-    def weight_blocks(self) -> tuple[tuple[slice, slice], ...]:
-        if self.rank_groups is None:
-            return super().weight_blocks()
-        blocks, start = [], 0
-        for l, width in enumerate(self.rank_groups):
-            blocks.append((slice(start, start + width), degree_slice(l)))
-            start += width
-        return tuple(blocks)
+        self.register_buffer("x_factor", torch.from_numpy(factors.B.copy()))  # B  [d_in, R]
+        self.register_buffer("y_factor", torch.from_numpy(factors.C.copy()))  # C  [d_sh, R]
+        self.register_buffer("out_factor", torch.from_numpy(np.ascontiguousarray(factors.A.T)))  # Aᵀ [R, d_out]
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # left = B [d_in, R], right = C [d_sh, R], project = Aᵀ [R, d_out]
         return self.x_factor, self.y_factor, self.out_factor
 
     def extra_repr(self) -> str:
-        groups = "" if self.rank_groups is None else f" {list(self.rank_groups)}"
-        return (f"{super().extra_repr()}, rank={self.rank}{groups}, fit_error={self.fit_error:.2e}, "
-                f"source={self.factors_source}")
+        return f"{super().extra_repr()}, rank={self.rank}, fit_error={self.fit_error:.2e}, source={self.factors_source}"
