@@ -72,9 +72,15 @@ def test_quick_batch_benchmark_writes_its_report(tmp_path):
     rows = {(r["systems"], r["method"]): r for r in saved["rows"]}
     assert set(rows) == {(s, m) for s in (1, 2) for m in batch.METHODS}
     for (systems, _), row in rows.items():
-        assert "err" not in row and row["structure_steps_per_s"] == pytest.approx(systems / row["step_ms"] * 1e3)
+        assert "err" not in row and row["reps"] == 2
+        # on the CPU the table reads process CPU time; the wall clock is kept beside it
+        assert row["structure_steps_per_s"] == pytest.approx(systems / row["cpu_step_ms"] * 1e3)
+        assert row["wall_structure_steps_per_s"] == pytest.approx(systems / row["step_ms"] * 1e3)
     text = stem.with_suffix(".md").read_text()
-    assert "structure-steps per second" in text
+    assert "structure-steps per second" in text and "per process CPU second" in text
+    ratio_line = next(line for line in text.splitlines() if line.startswith("| 1 | 32 |"))
+    cpu_ratio = rows[(1, "calculator loop")]["cpu_step_ms"] / rows[(1, "torch-sim NVE")]["cpu_step_ms"]
+    assert f"{cpu_ratio:.2f}x" in ratio_line
     assert saved["meta"]["git"]["commit"][:12] in text
     assert stem.with_suffix(".png").stat().st_size > 0
 

@@ -10,8 +10,10 @@ Throughput (``rows``), S rattled Cu fcc cubic supercells of ``n`` atoms each (``
   from its own TDNCalculator (skin list, rebuilt only when needed): S model calls;
 * ``calculate_batch``: the same moves, then ``TDNCalculator.calculate_batch`` of all S (one graph, one call).
 
-structure-steps/s = S / (seconds per step). Timings: median of repeated calls of ``steps_per_call`` steps after a
-warm-up (:func:`tdn.bench.common.time_call`).
+structure-steps/s = S / (seconds per step). Timings: the three methods called in turn, ``reps`` rounds after a
+warm-up round (:func:`tdn.bench.common.time_interleaved`), medians. On a CPU the table's throughput counts process
+CPU seconds (one thread): on a machine shared with other jobs the wall clock of a 10 ms step measures their load
+more than the step; the wall-clock figures are kept in the JSON and in a column of their own. On a GPU: wall clock.
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ class BatchBenchConfig:
     dtype: str = "float32"
     steps_per_call: int = 1  # throughput: steps per timed call
     warmup: int = 1
-    reps: int = 3
-    max_seconds: float = 10.0
+    reps: int = 7  # timed rounds, every method once per round
+    max_seconds: float = 20.0  # per cell: fewer rounds (at least three) past this
     max_atoms: int = 40_000  # S x n above this: not measured (time and memory)
     device: str = "cpu"
     quick: bool = False
@@ -133,22 +135,34 @@ def bench_throughput(cfg: BatchBenchConfig, on_row: Callable[[dict], None]) -> N
                     on_row({**base, "method": method, "err": f"skipped: above {cfg.max_atoms} atoms in all"})
                 continue
             calls, err = common.attempt(lambda c=count, n=natoms: throughput_calls(model, c, n, cfg), cfg.device)
+            if err is None:
+                timings, err = common.attempt(lambda c=calls: timed(c, cfg), cfg.device)
             for method in METHODS:
                 row = {**base, "method": method}
                 if err is not None:
                     row["err"] = err
                 else:
-                    timing, terr = common.attempt(lambda f=calls[method]: common.time_call(
-                        f, cfg.device, warmup=cfg.warmup, reps=cfg.reps, max_seconds=cfg.max_seconds),
-                        cfg.device)  # fmt: skip
-                    if terr is not None:
-                        row["err"] = terr
-                    else:
-                        step_s = timing["median_ms"] / 1e3 / cfg.steps_per_call
-                        row.update(step_ms=step_s * 1e3, structure_steps_per_s=count / step_s, reps=timing["reps"])
+                    row.update(throughput(timings[method], count, cfg.device))
                 on_row(row)
             del calls
             common.free_memory(cfg.device)
+
+
+def timed(calls: dict[str, Callable], cfg: BatchBenchConfig) -> dict[str, dict[str, float]]:
+    return common.time_interleaved(calls, cfg.device, cfg.warmup, cfg.reps, cfg.steps_per_call, cfg.max_seconds)
+
+
+def throughput(timing: dict[str, float], count: int, device: str) -> dict[str, float]:
+    """A row's figures from :func:`tdn.bench.common.time_interleaved`: wall ms per step and structure-steps per wall
+    second; on a CPU also per process CPU second (``cpu_*``), and ``structure_steps_per_s`` is the one the table
+    reads (CPU time on a CPU, wall clock on an accelerator)."""
+    row = {"step_ms": timing["step_ms"], "wall_structure_steps_per_s": count / timing["step_ms"] * 1e3,
+           "reps": timing["reps"]}  # fmt: skip
+    on_cpu = torch.device(device).type == "cpu"
+    if on_cpu:
+        row.update(cpu_step_ms=timing["cpu_ms"], cpu_structure_steps_per_s=count / timing["cpu_ms"] * 1e3)
+    row["structure_steps_per_s"] = row["cpu_structure_steps_per_s" if on_cpu else "wall_structure_steps_per_s"]
+    return row
 
 
 # ------------------------------------------------------------------------------------------------ run + report
@@ -185,9 +199,16 @@ def _value(row: dict[str, Any] | None, key: str) -> str:
     return "—" if value is None else (f"{value:.3g}" if value < 1000 else f"{value:.0f}")
 
 
+def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str) -> float | None:
+    return a[key] / b[key] if a and b and a.get(key) and b.get(key) else None
+
+
 def markdown_report(result: dict[str, Any]) -> str:
     meta, cfg = result["meta"], result["config"]
     git = meta["git"]
+    on_cpu = torch.device(cfg["device"]).type == "cpu"
+    clock = ("throughput per process CPU second (one thread; the wall clock of a shared machine measures its load)"
+             if on_cpu else "throughput per wall-clock second")  # fmt: skip
     table = {(r["systems"], r["atoms_per_system"], r["method"]): r for r in result["rows"]}
     lines = [
         "# Batched evaluation: tdn through torch-sim against a loop of TDNCalculator calls (Cu fcc)",
@@ -195,8 +216,9 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"- machine: {common.machine_line(meta)}; OMP_NUM_THREADS={meta.get('omp_num_threads')}",
         f"- date: {meta['date']}; commit {git['commit'][:12]}{' (dirty)' if git.get('dirty') else ''}",
         f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
-        f"- throughput model: preset {cfg['preset']}, backend {cfg['backend']}, {cfg['dtype']}; median of up to "
-        f"{cfg['reps']} calls of {cfg['steps_per_call']} steps after {cfg['warmup']} warm-up",
+        f"- throughput model: preset {cfg['preset']}, backend {cfg['backend']}, {cfg['dtype']}; the methods called in "
+        f"turn, median of up to {cfg['reps']} rounds of {cfg['steps_per_call']} step(s) after {cfg['warmup']} warm-up "
+        f"round(s); {clock}",
         "- `torch-sim NVE`: one torch-sim NVE step of all S systems (neighbour lists rebuilt, ONE model call); "
         "`calculator loop`: per structure a ~1e-3 Å move and get_forces() from its own TDNCalculator (skin list), S "
         "model calls; `calculate_batch`: the same moves, then TDNCalculator.calculate_batch (one graph, one call)",
@@ -205,15 +227,16 @@ def markdown_report(result: dict[str, Any]) -> str:
         "",
     ]
     header = ["systems S", "atoms each", "atoms in all", *METHODS, "torch-sim / loop"]
+    if on_cpu:
+        header.append("torch-sim / loop, wall clock")
     body = []
     for count in cfg["systems"]:
         for natoms in cfg["sizes"]:
             cells = [table.get((count, natoms, m)) for m in METHODS]
-            ratio = None
-            if all(c and c.get("structure_steps_per_s") for c in cells[:2]):
-                ratio = cells[0]["structure_steps_per_s"] / cells[1]["structure_steps_per_s"]
+            ratios = [_ratio(cells[0], cells[1], key) for key in
+                      ("structure_steps_per_s", "wall_structure_steps_per_s")[:1 + on_cpu]]  # fmt: skip
             body.append([count, natoms, count * natoms, *[_value(c, "structure_steps_per_s") for c in cells],
-                         common.fmt_ratio(ratio)])  # fmt: skip
+                         *[common.fmt_ratio(r) for r in ratios]])  # fmt: skip
     lines.append(common.markdown_table(header, body))
     errors = [f"{r['method']} S={r['systems']} n={r['atoms_per_system']}: {r['err']}" for r in result["rows"]
               if r.get("err")]  # fmt: skip

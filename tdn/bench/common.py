@@ -141,6 +141,38 @@ def time_call(
     return out
 
 
+def time_interleaved(
+    calls: dict[str, Callable[[], Any]],
+    device: torch.device | str,
+    warmup: int = 1,
+    rounds: int = 7,
+    steps: int = 1,
+    max_seconds: float | None = None,
+) -> dict[str, dict[str, float]]:
+    """Every call once per round, in turn, so that load from other jobs on a shared machine hits all alike.
+
+    Per name: ``step_ms`` / ``min_ms`` (median / min wall ms per step, one call being ``steps`` steps), ``cpu_ms``
+    (median process CPU ms per step; NaN on a GPU) and ``reps``. ``max_seconds`` ends the timed rounds early (after
+    at least three).
+    """
+    wall: dict[str, list[float]] = {name: [] for name in calls}
+    cpu: dict[str, list[float]] = {name: [] for name in calls}
+    start = None
+    for round_ in range(warmup + rounds):
+        if round_ == warmup:
+            start = time.perf_counter()
+        for name, call in calls.items():
+            timing = time_call(call, device, warmup=0, reps=1)
+            if round_ >= warmup:
+                wall[name].append(timing["median_ms"] / steps)
+                cpu[name].append(timing.get("cpu_median_ms", float("nan")) / steps)
+        timed = round_ + 1 - warmup
+        if max_seconds is not None and start is not None and timed >= 3 and time.perf_counter() - start > max_seconds:
+            break
+    return {name: {"step_ms": statistics.median(wall[name]), "min_ms": min(wall[name]),
+                   "cpu_ms": statistics.median(cpu[name]), "reps": len(wall[name])} for name in calls}  # fmt: skip
+
+
 def _time_once(fn: Callable[[], Any], device: torch.device) -> float:
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from ase import Atoms, units
 
@@ -121,20 +120,6 @@ def edges_within(atoms: Atoms, cutoff: float) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ measurement
-def interleaved(calls: dict[str, Callable], cfg: EngineBenchConfig) -> dict[str, dict[str, float]]:
-    """Every call once per round, in turn; per name: median / min wall ms and median CPU ms per MD step."""
-    wall: dict[str, list[float]] = {name: [] for name in calls}
-    cpu: dict[str, list[float]] = {name: [] for name in calls}
-    for round_ in range(cfg.warmup + cfg.rounds):
-        for name, call in calls.items():
-            timing = common.time_call(call, cfg.device, warmup=0, reps=1)
-            if round_ >= cfg.warmup:
-                wall[name].append(timing["median_ms"] / cfg.steps)
-                cpu[name].append(timing.get("cpu_median_ms", float("nan")) / cfg.steps)
-    return {name: {"step_ms": float(np.median(wall[name])), "min_ms": min(wall[name]),
-                   "cpu_ms": float(np.median(cpu[name])), "reps": len(wall[name])} for name in calls}  # fmt: skip
-
-
 def compare(model: torch.nn.Module, atoms: Atoms, ensemble: str, cfg: EngineBenchConfig) -> dict[str, dict]:
     """Both engines on one system: per engine its timings (or ``err``) and edge count."""
     cutoff = float(model.config.cutoff)
@@ -143,7 +128,7 @@ def compare(model: torch.nn.Module, atoms: Atoms, ensemble: str, cfg: EngineBenc
         dyn_call, dyn = torch_dynamics_engine(model, atoms, ensemble, cfg)
         calls = {"torch-sim": torch_sim_engine(model, atoms, ensemble, cfg), "TorchDynamics": dyn_call}
         edges["TorchDynamics"] = dyn.num_edges
-        timings = interleaved(calls, cfg)
+        timings = common.time_interleaved(calls, cfg.device, cfg.warmup, cfg.rounds, cfg.steps)
     except Exception as err:  # noqa: BLE001 - a failure is a row of the report, not the end of the run
         return {engine: {"edges": edges.get(engine), "err": common.describe_error(err)} for engine in ENGINES}
     return {engine: {"edges": edges[engine], **timings[engine]} for engine in ENGINES}
