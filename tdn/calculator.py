@@ -57,6 +57,7 @@ from .runtime import (
     model_dtype,
     neighbor_list,
     pair_distances_squared,
+    pairs_within,
     prepare_model,
     shift_vectors,
     validate_atoms,
@@ -299,8 +300,7 @@ class TDNCalculator(Calculator):
         same energy and forces (pairs beyond the cutoff contribute exactly zero) for about 1/1.26 of the edge work
         of Cu's candidates at a 0.5 Å skin. The selection reads its size back to the host: free where the host is the
         device (:attr:`exact_pairs`)."""
-        d2 = pair_distances_squared(pos, nb.edge_index, nb.shift_vectors)
-        keep = torch.nonzero(d2 < self.cutoff**2).squeeze(1)
+        keep = pairs_within(pos, nb.edge_index, nb.shift_vectors, self.cutoff)
         return nb.edge_index.index_select(1, keep), nb.shift_vectors[keep], nb.unit_shifts[keep]
 
     def _upload(self, positions: np.ndarray) -> torch.Tensor:

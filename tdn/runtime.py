@@ -130,6 +130,16 @@ def pair_distances_squared(pos: torch.Tensor, edge_index: torch.Tensor, shift_ve
     return vectors.square().sum(dim=1)
 
 
+@torch.no_grad()
+def pairs_within(
+    pos: torch.Tensor, edge_index: torch.Tensor, shift_vectors: torch.Tensor, cutoff: float
+) -> torch.Tensor:
+    """Indices ``[E']`` of the candidate pairs closer than ``cutoff``: pairs beyond it contribute exactly zero, so a
+    skin list's candidates can be thinned to these before a model call. Reads the count back to the host: free where
+    the host is the device."""
+    return torch.nonzero(pair_distances_squared(pos, edge_index, shift_vectors) < cutoff**2).squeeze(1)
+
+
 # ------------------------------------------------------------------------------------------------ neighbours
 NEIGHBOR_LISTS = ("auto", "torch", "vesin")
 

@@ -88,6 +88,33 @@ def test_mixed_batch_equals_the_calculator_per_structure(dtype, neighbor_list):
         start = stop
 
 
+def test_the_skin_list_is_reused_and_equals_a_fresh_one():
+    """Small moves reuse the pairs within cutoff + skin (one build), a move beyond skin / 2 (made in place in the
+    state's own tensor) or a changed cell rebuilds; the results equal a list built at every call."""
+    reused, fresh = TDNTorchSimModel(model(), skin=0.5), TDNTorchSimModel(model(), skin=0.0)
+    state = state_from_atoms(mixed(), reused)
+    g = torch.Generator().manual_seed(0)
+
+    def check() -> None:
+        out, reference = reused(state), fresh(state)
+        for key in ("energy", "forces", "stress"):
+            torch.testing.assert_close(out[key], reference[key], rtol=1e-12, atol=1e-12)
+
+    for _ in range(3):
+        state.positions = state.positions + 0.02 * torch.randn(state.positions.shape, generator=g, dtype=torch.float64)
+        check()
+    assert reused.neighbor_list_builds == 1 and fresh.neighbor_list_builds == 3
+    state.positions[5] += torch.tensor([0.3, 0.0, 0.0], dtype=torch.float64)  # in place, past skin / 2
+    check()
+    assert reused.neighbor_list_builds == 2
+    state.cell = state.cell * 1.001
+    state.positions = state.positions * 1.0005
+    check()
+    assert reused.neighbor_list_builds == 3
+    with pytest.raises(ValueError, match="skin"):
+        TDNTorchSimModel(model(), skin=-0.1)
+
+
 def test_a_float64_state_around_a_float32_model():
     """``state_dtype="float64"``: torch-sim integrates float64 states; the float32 model sees the positions rounded to
     float32 and its results come back as float64, equal to what it gives on a float32 state."""

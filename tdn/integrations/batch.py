@@ -45,11 +45,12 @@ from ..runtime import (
     check_elements,
     closest_pair_error,
     pair_distances_squared,
+    pairs_within,
     shift_vectors,
     validate_atoms,
 )
 
-__all__ = ["Graph", "Systems", "build_graph", "check_structures", "evaluate", "evaluate_structures",
+__all__ = ["Graph", "SkinNeighbors", "Systems", "build_graph", "check_structures", "evaluate", "evaluate_structures",
            "systems_from_atoms", "systems_from_tensors"]  # fmt: skip
 
 CELL_TOL = 1e-8  # Å (Å^3 for volumes), the tolerance of tdn.data.atoms.cell_problem
@@ -87,6 +88,11 @@ class Graph:
     unit_shifts: torch.Tensor  # [E, 3] integer-valued, model dtype
     edge_system: torch.Tensor  # [E] structure of every edge
     shift_vectors: torch.Tensor  # [E, 3] unit_shifts @ cell in Å, model dtype (computed in float64)
+
+    def select(self, keep: torch.Tensor) -> Graph:
+        """The edges ``keep [E']`` (indices)."""
+        return Graph(self.edge_index.index_select(1, keep), self.unit_shifts[keep], self.edge_system[keep],
+                     self.shift_vectors[keep])  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ input
@@ -255,6 +261,46 @@ def build_graph(systems: Systems, cutoff: float, method: str = "auto") -> Graph:
         edge_system = torch.cat([torch.full_like(i, k) for i, k in zip(senders, owners)])
     vectors = shift_vectors(unit_shifts, systems.cell.index_select(0, edge_system), dtype)  # [E, 3]
     return Graph(edge_index, unit_shifts.to(dtype), edge_system, vectors)
+
+
+class SkinNeighbors:
+    """:func:`build_graph` at ``cutoff + skin``, reused from call to call (an MD or relaxation step) until an atom has
+    moved more than ``skin / 2`` or the structures changed (their number, atoms, atomic numbers, cell or pbc): the
+    rule of :class:`tdn.TDNCalculator`, for a batch. On the CPU (``exact_pairs``) the candidates within the cutoff are
+    selected at every call (:func:`tdn.runtime.pairs_within`), elsewhere they all go to the model (pairs beyond the
+    cutoff contribute exactly zero). ``skin = 0`` builds the exact list at every call. ``builds`` counts the builds.
+    """
+
+    def __init__(self, cutoff: float, skin: float = 0.5, method: str = "auto") -> None:
+        if not skin >= 0:
+            raise ValueError(f"skin must be >= 0, got {skin}")
+        self.cutoff, self.skin, self.method = float(cutoff), float(skin), method
+        self.builds = 0
+        self._built: tuple | None = None  # copies of what the last build saw (the caller may change its tensors)
+        self._graph: Graph | None = None
+
+    def __call__(self, systems: Systems) -> Graph:
+        if self.skin == 0:
+            self.builds += 1
+            return build_graph(systems, self.cutoff, self.method)
+        if self._graph is None or not self._still_valid(systems):
+            self._graph = build_graph(systems, self.cutoff + self.skin, self.method)
+            self._built = (list(systems.counts), systems.host_positions.copy(), systems.host_cell.copy(),
+                           systems.host_pbc.copy(), systems.atomic_numbers.clone())  # fmt: skip
+            self.builds += 1
+        if systems.positions.device.type != "cpu":
+            return self._graph
+        graph = self._graph
+        return graph.select(pairs_within(systems.positions.detach(), graph.edge_index, graph.shift_vectors,
+                                         self.cutoff))  # fmt: skip
+
+    def _still_valid(self, systems: Systems) -> bool:
+        counts, positions, cell, pbc, numbers = self._built
+        if (counts != systems.counts or not np.array_equal(cell, systems.host_cell)
+                or not np.array_equal(pbc, systems.host_pbc) or not torch.equal(numbers, systems.atomic_numbers)):
+            return False
+        moved = systems.host_positions - positions
+        return float(np.einsum("ij,ij->i", moved, moved).max(initial=0.0)) <= (0.5 * self.skin) ** 2
 
 
 # ------------------------------------------------------------------------------------------------ model

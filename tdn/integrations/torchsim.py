@@ -42,7 +42,7 @@ from ase import Atoms
 from torch import nn
 
 from ..runtime import NEIGHBOR_LISTS, model_dtype, prepare_model
-from .batch import build_graph, check_structures, evaluate, systems_from_tensors
+from .batch import SkinNeighbors, check_structures, evaluate, systems_from_tensors
 
 try:
     with warnings.catch_warnings():  # torch-sim 0.3.0's own imports (vesin.torch, torch.jit.script): not the user's
@@ -71,6 +71,10 @@ class TDNTorchSimModel(ModelInterface):
             float32 (as :class:`tdn.dynamics.TorchDynamics` does).
         neighbor_list: ``"auto"`` (on an accelerator the device's list, on the CPU the host's), ``"torch"`` (vesin
             on the model's device) or ``"vesin"`` (vesin on the host), see :func:`tdn.runtime.neighbor_list`.
+        skin: neighbour-list skin in Å: the pairs within ``cutoff + skin`` are reused from step to step until an atom
+            has moved more than ``skin / 2`` or a cell, pbc or the atoms changed
+            (:class:`tdn.integrations.batch.SkinNeighbors`; ``neighbor_list_builds`` counts the builds); 0 builds
+            the list at every call.
 
     Outputs are detached, in ``state_dtype`` and on the model's device. Input the model cannot evaluate raises before it
     runs, naming the system: an empty system, non-finite positions, an unknown element, an unusable periodic
@@ -87,6 +91,7 @@ class TDNTorchSimModel(ModelInterface):
         compute_forces: bool = True,
         compute_stress: bool = True,
         neighbor_list: str = "auto",
+        skin: float = 0.5,
         state_dtype: str | torch.dtype | None = None,
         dispersion: str | None = None,
         functional: str | None = None,
@@ -109,6 +114,7 @@ class TDNTorchSimModel(ModelInterface):
         self.cutoff = float(self.model.config.cutoff)
         self.elements = list(self.model.config.elements)
         self.neighbor_list = neighbor_list
+        self._neighbors = SkinNeighbors(self.cutoff, skin, neighbor_list)
         self._compute_forces = bool(compute_forces)
         self._compute_stress = bool(compute_stress)
         self._memory_scales_with = "n_atoms_x_density"
@@ -122,6 +128,11 @@ class TDNTorchSimModel(ModelInterface):
             cutoff = DEFAULT_CUTOFF if dispersion_cutoff is None else float(dispersion_cutoff)
             self.dispersion = D3Dispersion(dispersion, functional or "pbe", self.elements, self._device,
                                            self._model_dtype, cutoff)  # fmt: skip
+
+    @property
+    def neighbor_list_builds(self) -> int:
+        """How many neighbour lists were built (every structure of a batch in one build)."""
+        return self._neighbors.builds
 
     # torch-sim's ModelInterface makes these read-only; validate_model_outputs sets them, so they are settable here
     @property
@@ -148,7 +159,7 @@ class TDNTorchSimModel(ModelInterface):
         if self._dtype != self._model_dtype and positions.dtype == cell.dtype == self._dtype:  # see state_dtype
             positions, cell = positions.to(self._model_dtype), cell.to(self._model_dtype)
         systems = systems_from_tensors(positions, cell, pbc, numbers, system_idx, self.elements, self._model_dtype)
-        graph = build_graph(systems, self.cutoff, self.neighbor_list)
+        graph = self._neighbors(systems)
         out = evaluate(self.model, systems, graph, compute_forces=self._compute_forces,
                        compute_stress=self._compute_stress)  # fmt: skip
         results = {"energy": out["energy"]}
