@@ -90,7 +90,8 @@ def test_mixed_batch_equals_the_calculator_per_structure(dtype, neighbor_list):
 
 def test_the_skin_list_is_reused_and_equals_a_fresh_one():
     """Small moves reuse the pairs within cutoff + skin (one build), a move beyond skin / 2 (made in place in the
-    state's own tensor) or a changed cell rebuilds; the results equal a list built at every call."""
+    state's own tensor) rebuilds that structure's pairs only, a changed cell all; the results equal a list built at
+    every call."""
     reused, fresh = TDNTorchSimModel(model(), skin=0.5), TDNTorchSimModel(model(), skin=0.0)
     state = state_from_atoms(mixed(), reused)
     g = torch.Generator().manual_seed(0)
@@ -103,14 +104,16 @@ def test_the_skin_list_is_reused_and_equals_a_fresh_one():
     for _ in range(3):
         state.positions = state.positions + 0.02 * torch.randn(state.positions.shape, generator=g, dtype=torch.float64)
         check()
-    assert reused.neighbor_list_builds == 1 and fresh.neighbor_list_builds == 3
-    state.positions[5] += torch.tensor([0.3, 0.0, 0.0], dtype=torch.float64)  # in place, past skin / 2
+    neighbors = reused.neighbors
+    assert reused.neighbor_list_builds == 1 and fresh.neighbor_list_builds == 3 and neighbors.system_builds == 3
+    first = len(mixed()[0]) + 2  # an atom of the second structure (the molecule)
+    state.positions[first] += torch.tensor([0.3, 0.0, 0.0], dtype=torch.float64)  # in place, past skin / 2
     check()
-    assert reused.neighbor_list_builds == 2
+    assert reused.neighbor_list_builds == 2 and neighbors.system_builds == 4
     state.cell = state.cell * 1.001
     state.positions = state.positions * 1.0005
     check()
-    assert reused.neighbor_list_builds == 3
+    assert reused.neighbor_list_builds == 3 and neighbors.system_builds == 7
     with pytest.raises(ValueError, match="skin"):
         TDNTorchSimModel(model(), skin=-0.1)
 

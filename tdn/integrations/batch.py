@@ -230,77 +230,100 @@ def build_graph(systems: Systems, cutoff: float, method: str = "auto") -> Graph:
     ``method``: ``"vesin"`` vesin on the host (:func:`tdn.data.neighbors.neighbor_list`, one upload of all edges),
     ``"torch"`` vesin on the positions' device (:func:`tdn.data.neighbors.neighbor_list_torch`), ``"auto"`` torch
     on an accelerator, vesin on the CPU (as :func:`tdn.runtime.neighbor_list`); the same edges either way."""
+    method = _list_method(method, systems.positions.device)
+    return _assemble(systems, [_system_pairs(systems, k, cutoff, method) for k in range(systems.num_systems)], method)
+
+
+def _list_method(method: str, device: torch.device) -> str:
     if method not in NEIGHBOR_LISTS:
         raise ValueError(f"neighbor_list must be one of {NEIGHBOR_LISTS}, got {method!r}")
-    device, dtype = systems.positions.device, systems.positions.dtype
-    if method == "auto":
-        method = "vesin" if device.type == "cpu" else "torch"
-    ptr = systems.ptr
-    senders, receivers, shifts, owners = [], [], [], []
-    for k in range(systems.num_systems):
-        a, b = ptr[k], ptr[k + 1]
-        if method == "vesin":
-            i, j, s = neighbors.neighbor_list(systems.host_positions[a:b], systems.host_cell[k],
-                                              systems.host_pbc[k], cutoff)  # fmt: skip
-        else:
-            i, j, s = neighbors.neighbor_list_torch(systems.positions[a:b].detach(), systems.cell[k],
-                                                    systems.pbc[k], cutoff)  # fmt: skip
-        senders.append(i + a)
-        receivers.append(j + a)
-        shifts.append(s)
-        owners.append(k)
+    return ("vesin" if device.type == "cpu" else "torch") if method == "auto" else method
+
+
+def _system_pairs(systems: Systems, k: int, cutoff: float, method: str) -> tuple:
+    """``(i, j, unit_shifts)`` of structure ``k``, atom indices within it: numpy arrays ("vesin") or tensors."""
+    a, b = systems.ptr[k], systems.ptr[k + 1]
     if method == "vesin":
-        counts = [len(i) for i in senders]
-        edge_index = torch.from_numpy(np.stack([np.concatenate(senders), np.concatenate(receivers)])).to(device)
-        unit_shifts = torch.from_numpy(np.concatenate(shifts).astype(np.float64)).to(device)
-        edge_system = torch.repeat_interleave(torch.arange(len(counts), device=device),
-                                              torch.as_tensor(counts, device=device))  # fmt: skip
+        return neighbors.neighbor_list(systems.host_positions[a:b], systems.host_cell[k], systems.host_pbc[k], cutoff)
+    return neighbors.neighbor_list_torch(systems.positions[a:b].detach(), systems.cell[k], systems.pbc[k], cutoff)
+
+
+def _assemble(systems: Systems, pairs: Sequence[tuple], method: str) -> Graph:
+    """The structures' pairs (:func:`_system_pairs`) as one :class:`Graph`: atom offsets added, shift vectors."""
+    device, dtype = systems.positions.device, systems.positions.dtype
+    offsets = systems.ptr[:-1]
+    counts = [len(i) for i, _, _ in pairs]
+    if method == "vesin":
+        edge_index = torch.from_numpy(np.stack([np.concatenate([i + a for (i, _, _), a in zip(pairs, offsets)]),
+                                                np.concatenate([j + a for (_, j, _), a in zip(pairs, offsets)])]))
+        edge_index = edge_index.to(device)
+        unit_shifts = torch.from_numpy(np.concatenate([s for _, _, s in pairs]).astype(np.float64)).to(device)
     else:
-        edge_index = torch.stack([torch.cat(senders), torch.cat(receivers)])
-        unit_shifts = torch.cat(shifts).to(torch.float64)
-        edge_system = torch.cat([torch.full_like(i, k) for i, k in zip(senders, owners)])
+        edge_index = torch.stack([torch.cat([i + a for (i, _, _), a in zip(pairs, offsets)]),
+                                  torch.cat([j + a for (_, j, _), a in zip(pairs, offsets)])])  # fmt: skip
+        unit_shifts = torch.cat([s for _, _, s in pairs]).to(torch.float64)
+    edge_system = torch.repeat_interleave(torch.arange(len(counts), device=device),
+                                          torch.as_tensor(counts, device=device))  # fmt: skip
     vectors = shift_vectors(unit_shifts, systems.cell.index_select(0, edge_system), dtype)  # [E, 3]
     return Graph(edge_index, unit_shifts.to(dtype), edge_system, vectors)
 
 
 class SkinNeighbors:
-    """:func:`build_graph` at ``cutoff + skin``, reused from call to call (an MD or relaxation step) until an atom has
-    moved more than ``skin / 2`` or the structures changed (their number, atoms, atomic numbers, cell or pbc): the
-    rule of :class:`tdn.TDNCalculator`, for a batch. On the CPU (``exact_pairs``) the candidates within the cutoff are
-    selected at every call (:func:`tdn.runtime.pairs_within`), elsewhere they all go to the model (pairs beyond the
-    cutoff contribute exactly zero). ``skin = 0`` builds the exact list at every call. ``builds`` counts the builds.
+    """:func:`build_graph` at ``cutoff + skin``, reused from call to call (an MD or relaxation step): the rule of
+    :class:`tdn.TDNCalculator`, per structure of a batch. A structure's pairs are rebuilt once one of its atoms has
+    moved more than ``skin / 2``; all are rebuilt when the structures changed (their number, atoms, atomic numbers,
+    cells or pbc). On the CPU the candidates within the cutoff are selected at every call
+    (:func:`tdn.runtime.pairs_within`), elsewhere they all go to the model (pairs beyond the cutoff contribute
+    exactly zero). ``skin = 0`` builds the exact list at every call. ``builds`` counts the calls that rebuilt
+    something, ``system_builds`` the structures rebuilt.
     """
 
     def __init__(self, cutoff: float, skin: float = 0.5, method: str = "auto") -> None:
         if not skin >= 0:
             raise ValueError(f"skin must be >= 0, got {skin}")
+        _list_method(method, torch.device("cpu"))
         self.cutoff, self.skin, self.method = float(cutoff), float(skin), method
-        self.builds = 0
-        self._built: tuple | None = None  # copies of what the last build saw (the caller may change its tensors)
+        self.builds = self.system_builds = 0
+        self._built: tuple | None = None  # copies of what the builds saw (the caller may change its tensors)
+        self._pairs: list[tuple] = []  # per structure, see _system_pairs
         self._graph: Graph | None = None
 
     def __call__(self, systems: Systems) -> Graph:
         if self.skin == 0:
-            self.builds += 1
+            self.builds, self.system_builds = self.builds + 1, self.system_builds + systems.num_systems
             return build_graph(systems, self.cutoff, self.method)
-        if self._graph is None or not self._still_valid(systems):
-            self._graph = build_graph(systems, self.cutoff + self.skin, self.method)
-            self._built = (list(systems.counts), systems.host_positions.copy(), systems.host_cell.copy(),
-                           systems.host_pbc.copy(), systems.atomic_numbers.clone())  # fmt: skip
-            self.builds += 1
-        if systems.positions.device.type != "cpu":
-            return self._graph
+        stale = self._stale(systems)
+        if stale:
+            method = _list_method(self.method, systems.positions.device)
+            if len(stale) == systems.num_systems:
+                self._pairs = [None] * systems.num_systems
+                self._built = (list(systems.counts), systems.host_positions.copy(), systems.host_cell.copy(),
+                               systems.host_pbc.copy(), systems.atomic_numbers.clone())  # fmt: skip
+            ptr, reference = systems.ptr, self._built[1]
+            for k in stale:
+                self._pairs[k] = _system_pairs(systems, k, self.cutoff + self.skin, method)
+                reference[ptr[k]:ptr[k + 1]] = systems.host_positions[ptr[k]:ptr[k + 1]]
+            self._graph = _assemble(systems, self._pairs, method)
+            self.builds, self.system_builds = self.builds + 1, self.system_builds + len(stale)
         graph = self._graph
+        if systems.positions.device.type != "cpu":
+            return graph
         return graph.select(pairs_within(systems.positions.detach(), graph.edge_index, graph.shift_vectors,
                                          self.cutoff))  # fmt: skip
 
-    def _still_valid(self, systems: Systems) -> bool:
+    def _stale(self, systems: Systems) -> list[int]:
+        """The structures whose pairs must be rebuilt: all of them if the structures changed."""
+        everything = list(range(systems.num_systems))
+        if self._built is None:
+            return everything
         counts, positions, cell, pbc, numbers = self._built
         if (counts != systems.counts or not np.array_equal(cell, systems.host_cell)
                 or not np.array_equal(pbc, systems.host_pbc) or not torch.equal(numbers, systems.atomic_numbers)):
-            return False
+            return everything
         moved = systems.host_positions - positions
-        return float(np.einsum("ij,ij->i", moved, moved).max(initial=0.0)) <= (0.5 * self.skin) ** 2
+        squared = np.einsum("ij,ij->i", moved, moved)  # [N]
+        farthest = np.maximum.reduceat(squared, systems.ptr[:-1])  # [S]: every structure has atoms
+        return np.flatnonzero(farthest > (0.5 * self.skin) ** 2).tolist()
 
 
 # ------------------------------------------------------------------------------------------------ model

@@ -73,8 +73,8 @@ class TDNTorchSimModel(ModelInterface):
             on the model's device) or ``"vesin"`` (vesin on the host), see :func:`tdn.runtime.neighbor_list`.
         skin: neighbour-list skin in Å: the pairs within ``cutoff + skin`` are reused from step to step until an atom
             has moved more than ``skin / 2`` or a cell, pbc or the atoms changed
-            (:class:`tdn.integrations.batch.SkinNeighbors`; ``neighbor_list_builds`` counts the builds); 0 builds
-            the list at every call.
+            (:class:`tdn.integrations.batch.SkinNeighbors`, the attribute ``neighbors``, per structure of a batch;
+            ``neighbor_list_builds`` counts the calls that rebuilt pairs); 0 builds the list at every call.
 
     Outputs are detached, in ``state_dtype`` and on the model's device. Input the model cannot evaluate raises before it
     runs, naming the system: an empty system, non-finite positions, an unknown element, an unusable periodic
@@ -114,7 +114,7 @@ class TDNTorchSimModel(ModelInterface):
         self.cutoff = float(self.model.config.cutoff)
         self.elements = list(self.model.config.elements)
         self.neighbor_list = neighbor_list
-        self._neighbors = SkinNeighbors(self.cutoff, skin, neighbor_list)
+        self.neighbors = SkinNeighbors(self.cutoff, skin, neighbor_list)
         self._compute_forces = bool(compute_forces)
         self._compute_stress = bool(compute_stress)
         self._memory_scales_with = "n_atoms_x_density"
@@ -132,7 +132,7 @@ class TDNTorchSimModel(ModelInterface):
     @property
     def neighbor_list_builds(self) -> int:
         """How many neighbour lists were built (every structure of a batch in one build)."""
-        return self._neighbors.builds
+        return self.neighbors.builds
 
     # torch-sim's ModelInterface makes these read-only; validate_model_outputs sets them, so they are settable here
     @property
@@ -159,7 +159,7 @@ class TDNTorchSimModel(ModelInterface):
         if self._dtype != self._model_dtype and positions.dtype == cell.dtype == self._dtype:  # see state_dtype
             positions, cell = positions.to(self._model_dtype), cell.to(self._model_dtype)
         systems = systems_from_tensors(positions, cell, pbc, numbers, system_idx, self.elements, self._model_dtype)
-        graph = self._neighbors(systems)
+        graph = self.neighbors(systems)
         out = evaluate(self.model, systems, graph, compute_forces=self._compute_forces,
                        compute_stress=self._compute_stress)  # fmt: skip
         results = {"energy": out["energy"]}
