@@ -118,6 +118,30 @@ def test_the_skin_list_is_reused_and_equals_a_fresh_one():
         TDNTorchSimModel(model(), skin=-0.1)
 
 
+def test_groups_of_structures_give_the_one_graph_numbers(monkeypatch):
+    """On a CPU the batch is evaluated in groups of at most CPU_GROUP_ATOMS atoms: with groups of one or two
+    structures the energies, forces and stress equal one call on the whole graph, and a problem still names its
+    structure counted over the whole batch."""
+    from tdn.integrations import batch
+
+    assert batch._groups([5, 5, 20, 3], 10) == [(0, 2), (2, 3), (3, 4)]
+    assert batch._groups([5, 5], None) == [(0, 2)]
+    ts_model = TDNTorchSimModel(model())
+    structures = mixed() + mixed()[:1]
+    state = state_from_atoms(structures, ts_model)
+    monkeypatch.setattr(batch, "CPU_GROUP_ATOMS", 10**9)
+    whole = ts_model(state)
+    monkeypatch.setattr(batch, "CPU_GROUP_ATOMS", len(structures[0]) + len(structures[1]))
+    grouped = ts_model(state)
+    for key in ("energy", "forces", "stress"):
+        torch.testing.assert_close(grouped[key], whole[key], rtol=1e-12, atol=1e-12)
+    positions = state.positions.clone()
+    last = sum(len(a) for a in structures[:3])
+    positions[last + 1] = positions[last]  # two atoms of structure 3 (a later group) on top of each other
+    with pytest.raises(AtomsTooCloseError, match="structure 3"):
+        ts_model(_with(state, positions=positions))
+
+
 def test_a_float64_state_around_a_float32_model():
     """``state_dtype="float64"``: torch-sim integrates float64 states; the float32 model sees the positions rounded to
     float32 and its results come back as float64, equal to what it gives on a float32 state."""
