@@ -4,10 +4,10 @@ against :class:`tdn.dynamics.TorchDynamics`, one system) are compared by :mod:`t
 
 Throughput (``rows``), S rattled Cu fcc cubic supercells of ``n`` atoms each (``n`` in 32 ... 500), the same model:
 
-* ``torch-sim NVE``: one ``torch_sim`` NVE step of the whole batch (velocity Verlet; every system's neighbour list
-  rebuilt, one model call: :class:`tdn.integrations.torchsim.TDNTorchSimModel`);
-* ``calculator loop``: every structure moved by ~1e-3 Å (as an MD step moves it) and ``atoms.get_forces()``
-  from its own TDNCalculator (skin list, rebuilt only when needed): S model calls;
+* ``torch-sim NVE``: one ``torch_sim`` NVE step of the whole batch (velocity Verlet; skin neighbour lists per
+  system, one model call: :class:`tdn.integrations.torchsim.TDNTorchSimModel`);
+* ``calculator loop``: one ASE velocity-Verlet step (1 fs, the same start) of every structure with its own
+  TDNCalculator (skin list, rebuilt only when needed): S model calls, the same motion as torch-sim's;
 * ``calculate_batch``: the same moves, then ``TDNCalculator.calculate_batch`` of all S (one graph, one call).
 
 structure-steps/s = S / (seconds per step). Timings: the three methods called in turn, ``reps`` rounds after a
@@ -83,6 +83,7 @@ def structures(count: int, natoms: int, temperature: float = 300.0) -> list[Atom
 # ------------------------------------------------------------------------------------------------ throughput
 def throughput_calls(model: torch.nn.Module, count: int, natoms: int, cfg: BatchBenchConfig) -> dict[str, Callable]:
     """One zero-argument call per method, each doing ``cfg.steps_per_call`` steps of all ``count`` structures."""
+    from ase.md.verlet import VelocityVerlet
     from torch_sim.integrators import nve
 
     from ..calculator import TDNCalculator
@@ -102,16 +103,16 @@ def throughput_calls(model: torch.nn.Module, count: int, natoms: int, cfg: Batch
         for _ in range(k):
             holder["state"] = update(holder["state"])
 
-    loop = structures(count, natoms)
-    for atoms in loop:
+    loop = []
+    for atoms in structures(count, natoms):
         atoms.calc = TDNCalculator(model, device=cfg.device, default_dtype=cfg.dtype)
+        loop.append(VelocityVerlet(atoms, timestep=units.fs))
     rng = np.random.default_rng(0)
 
     def calculator_loop() -> None:
         for _ in range(k):
-            for atoms in loop:
-                atoms.positions += rng.normal(scale=1e-3, size=atoms.positions.shape)
-                atoms.get_forces()
+            for dyn in loop:
+                dyn.run(1)  # one force call per step (the start's forces are kept from the step before)
 
     batch = structures(count, natoms)
     calc = TDNCalculator(model, device=cfg.device, default_dtype=cfg.dtype)
@@ -219,9 +220,10 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"- throughput model: preset {cfg['preset']}, backend {cfg['backend']}, {cfg['dtype']}; the methods called in "
         f"turn, median of up to {cfg['reps']} rounds of {cfg['steps_per_call']} step(s) after {cfg['warmup']} warm-up "
         f"round(s); {clock}",
-        "- `torch-sim NVE`: one torch-sim NVE step of all S systems (neighbour lists rebuilt, ONE model call); "
-        "`calculator loop`: per structure a ~1e-3 Å move and get_forces() from its own TDNCalculator (skin list), S "
-        "model calls; `calculate_batch`: the same moves, then TDNCalculator.calculate_batch (one graph, one call)",
+        "- `torch-sim NVE`: one torch-sim NVE step of all S systems (skin neighbour lists, ONE model call); "
+        "`calculator loop`: per structure one ASE velocity-Verlet step (1 fs, the same start) with its own "
+        "TDNCalculator (skin list), S model calls; `calculate_batch`: per structure a ~1e-3 Å move, then "
+        "TDNCalculator.calculate_batch (one graph, one call)",
         "",
         "## Throughput: structure-steps per second (higher is better)",
         "",
