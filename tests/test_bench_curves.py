@@ -10,7 +10,7 @@ from helpers import SAMPLE_DATA, needs_sample
 
 from tdn.bench import curves
 from tdn.bench.accuracy_protocol import Dataset
-from tdn.bench.curves_report import summary
+from tdn.bench.curves_report import results_table, summary
 
 
 def test_snapshot_epochs():
@@ -22,9 +22,9 @@ def test_snapshot_epochs():
     assert max(gaps) <= 2.0  # geometric, not front-loaded or linear
 
 
-def point(step: int, cpu: float, force: float) -> dict:
-    return {"epoch": step, "step": step, "train_cpu_s": cpu, "train_wall_s": cpu, "test_forces_mae_meV_A": force,
-            "test_energy_mae_meV": 1.0}
+def point(step: int, cpu: float, force: float, wall: float | None = None) -> dict:
+    return {"epoch": step, "step": step, "train_cpu_s": cpu, "train_wall_s": cpu if wall is None else wall,
+            "test_forces_mae_meV_A": force, "test_energy_mae_meV": 1.0}
 
 
 def test_summary_known_table():
@@ -44,10 +44,41 @@ def test_summary_known_table():
     assert rows["cg"]["forces_mae"] == pytest.approx(12.0) and rows["cg"]["forces_range"] == (10.0, 14.0)
     assert rows["cp"]["vs_cg"] == pytest.approx(15.0 / 12.0)
     assert rows["cp"]["reach_target"] == pytest.approx(18.0)  # 1.5 x 12
-    assert rows["cp"]["reach_cpu_s"] == pytest.approx(3.0) and rows["cp"]["reach_step"] == 2
-    assert rows["cg"]["reach_cpu_s"] == pytest.approx(8.0)  # both seeds first reach it at their second point
-    assert not rows["grid"]["reach_all"] and rows["grid"]["reach_cpu_s"] is None
-    assert rows["cp"]["cpu_ms_per_step"] == pytest.approx(1e3 * 5.0 / 3)
+    assert rows["cp"]["reach_s"] == pytest.approx(3.0) and rows["cp"]["reach_step"] == 2
+    assert rows["cg"]["reach_s"] == pytest.approx(8.0)  # both seeds first reach it at their second point
+    assert not rows["grid"]["reach_all"] and rows["grid"]["reach_s"] is None
+    assert rows["cp"]["ms_per_step"] == pytest.approx(1e3 * 5.0 / 3)
+
+
+def test_gpu_tables_count_the_wall_clock_of_the_steps():
+    """On a GPU the compute is the steps' wall seconds (the CPU seconds count only the launches)."""
+    table = {"device": "cuda", "dataset": "ethanol", "size": "small", "steps": 2, "runs": {
+        "cg/seed0": {"variant": "cg", "seed": 0, "params": 10, "final": {"forces_mae_meV_A": 10.0},
+                     "points": [point(1, 4.0, 40.0, wall=1.0), point(2, 8.0, 10.0, wall=2.0)]},
+        "cp/seed0": {"variant": "cp", "seed": 0, "params": 8, "final": {"forces_mae_meV_A": 12.0},
+                     "points": [point(1, 3.0, 14.0, wall=0.5), point(2, 6.0, 12.0, wall=0.75)]}}}
+    rows = {r["variant"]: r for r in summary(table)}
+    assert rows["cp"]["train_s"] == pytest.approx(0.75) and rows["cp"]["ms_per_step"] == pytest.approx(375.0)
+    assert rows["cp"]["reach_s"] == pytest.approx(0.5) and rows["cg"]["reach_s"] == pytest.approx(2.0)
+    header = results_table(table).splitlines()[0]
+    assert "training GPU s" in header and "GPU ms / step" in header and "CPU" not in header
+    assert "CPU s" in results_table({**table, "device": "cpu"}).splitlines()[0]
+    with pytest.raises(ValueError, match="tpu"):
+        summary({**table, "device": "tpu"})
+
+
+def test_gpu_runs_train_on_the_gpu_trainer_and_keep_their_own_table(tmp_path):
+    spec = Dataset("sample", "sample", list(SAMPLE_DATA), 8, "test")
+    cpu, gpu = (curves.CurveRun(spec, "cp", 0, "quick", steps=4, batch_size=4, device=d) for d in ("cpu", "cuda"))
+    assert gpu.table == cpu.table + "_cuda" and gpu.run_dir(tmp_path) != cpu.run_dir(tmp_path)
+    assert "trainer=gpu" in gpu.overrides() and not any(o.startswith("trainer=") for o in cpu.overrides())
+    from tdn.train import compose
+
+    assert compose(gpu.overrides()).trainer.accelerator == "gpu"
+    assert compose(cpu.overrides()).trainer.accelerator == "cpu"
+    args = curves.parse_args(["--device", "cuda", "--data-root", str(tmp_path), "--out", str(tmp_path),
+                              "--work-dir", str(tmp_path), "--datasets", "ethanol", "--variants", "cp"])
+    assert all(run.device == "cuda" for run in curves.plan(args))
 
 
 def test_train_command_resumes_or_restarts(tmp_path):

@@ -49,6 +49,7 @@ SIZES = {  # model size -> overrides on top of experiment=accuracy_cpu (16 chann
 DATASETS = (*RMD17_MOLECULES, "3bpa")
 DEFAULT_DATASETS = ("ethanol", "aspirin", "3bpa")
 DEFAULT_VARIANTS = ("cg", "cp", "cp-degree", "grid")
+DEVICES = ("cpu", "cuda")  # where the runs train; a GPU's tables are kept apart and timed by the wall clock
 DEFAULT_STEPS = 6000  # optimiser steps of 10 structures: 64 epochs of rMD17's 950, 172 of 3BPA's 350
 SNAPSHOTS = 16  # points per curve (geometric in epochs, the last epoch included)
 
@@ -63,6 +64,7 @@ class CurveRun:
     size: str
     steps: int
     batch_size: int = 10
+    device: str = "cpu"
 
     @property
     def key(self) -> str:
@@ -70,9 +72,14 @@ class CurveRun:
 
     @property
     def table(self) -> str:
-        """``curves_<dataset>_<size>``, ``_steps<N>`` for a budget other than the default (a table holds one)."""
+        """``curves_<dataset>_<size>``, ``_steps<N>`` for a budget other than the default (a table holds one),
+        ``_cuda`` for runs on a GPU (whose compute is counted in other seconds)."""
         budget = "" if self.steps == DEFAULT_STEPS else f"_steps{self.steps}"
-        return f"curves_{self.dataset.name.lower()}_{self.size}{budget}"
+        return f"curves_{self.dataset.name.lower()}_{self.size}{budget}{self.device_suffix}"
+
+    @property
+    def device_suffix(self) -> str:
+        return "" if self.device == "cpu" else f"_{self.device}"
 
     def budget(self) -> Budget:
         return Budget("curve", steps=self.steps, batch_size=self.batch_size)
@@ -81,14 +88,14 @@ class CurveRun:
         return max(1, math.ceil(self.steps / math.ceil(self.dataset.train_frames / self.batch_size)))
 
     def run_dir(self, work_dir: Path) -> Path:
-        return Path(work_dir) / "curves" / f"{self.size}_steps{self.steps}" / (
+        return Path(work_dir) / "curves" / f"{self.size}_steps{self.steps}{self.device_suffix}" / (
             f"{self.dataset.name.lower()}_{self.variant}_seed{self.seed}")
 
     def overrides(self) -> list[str]:
         """``tdn-train`` overrides of this run (without its directory)."""
         snapshots = ",".join(str(e) for e in snapshot_epochs(self.epochs()))
         return [*run_overrides(self.dataset, self.variant, self.budget(), self.seed), *SIZES[self.size],
-                f"snapshots.epochs=[{snapshots}]", "loggers=[csv]"]
+                f"snapshots.epochs=[{snapshots}]", "loggers=[csv]", *(["trainer=gpu"] if self.device == "cuda" else [])]
 
 
 def snapshot_epochs(epochs: int, points: int = SNAPSHOTS) -> list[int]:
@@ -186,7 +193,7 @@ def run_record(run: CurveRun, run_dir: Path, previous: dict[str, Any] | None) ->
     model = load_model(run_dir / "model.pt")
     return {
         "dataset": run.dataset.name, "variant": run.variant, "seed": run.seed, "size": run.size, "steps": run.steps,
-        "epochs": run.epochs(), "overrides": run.overrides(), "run_dir": str(run_dir),
+        "device": run.device, "epochs": run.epochs(), "overrides": run.overrides(), "run_dir": str(run_dir),
         "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "tp": {"kind": model.config.tp, "weights": model.config.tp_weights},
         "final": {k: final[k] for k in ("forces_mae_meV_A", "energy_mae_meV", "energy_per_atom_mae_meV") if k in final},
@@ -224,8 +231,8 @@ def store(run: CurveRun, record: dict[str, Any], out_dir: Path, command: str) ->
     with locked(path):
         table = read_table(path)
         table["runs"][run.key] = record
-        table.update(dataset=run.dataset.name, size=run.size, steps=run.steps, command=command,
-                     meta=common.run_metadata("cpu", packages=("lightning", "e3nn")))
+        table.update(dataset=run.dataset.name, size=run.size, steps=run.steps, device=run.device, command=command,
+                     meta=common.run_metadata(run.device, packages=("lightning", "e3nn")))
         write_outputs(table, Path(out_dir), run.table)
     return table
 
@@ -252,9 +259,12 @@ def progress(record: dict[str, Any]) -> str:
     """The log line of a stored run."""
     if "error" in record:
         return f"FAILED {record['error']}"
+    from .curves_report import clock
+
     final, last = record.get("final", {}), record["points"][-1] if record["points"] else {}
+    key, unit = clock(record.get("device", "cpu"))
     return (f"test F {final.get('forces_mae_meV_A', math.nan):.1f} meV/Å, E {final.get('energy_mae_meV', math.nan):.2f}"
-            f" meV, {last.get('train_cpu_s') or math.nan:.0f} training CPU s")
+            f" meV, {last.get(key) or math.nan:.0f} training {unit}")
 
 
 def run_all(runs: Sequence[CurveRun], work_dir: Path, out_dir: Path, jobs: int = 2, command: str = "",
@@ -277,6 +287,8 @@ def parse_args(argv: Sequence[str] | None = None, defaults: dict[str, Path] | No
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimiser steps per run (batch of 10)")
+    parser.add_argument("--device", choices=DEVICES, default="cpu",
+                        help="the CPU (compute: CPU seconds) or one GPU (compute: its wall seconds; use --jobs 1)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the tables from their JSON; train nothing")
     parser.add_argument("--doc", type=Path, default=defaults.get("doc"),
@@ -291,7 +303,7 @@ def parse_args(argv: Sequence[str] | None = None, defaults: dict[str, Path] | No
 def plan(args: argparse.Namespace) -> list[CurveRun]:
     """The runs of a command, seed-major so that a first pass over every variant finishes before more seeds."""
     specs = [dataset_spec(name, args.data_root) for name in args.datasets]
-    return [CurveRun(spec, variant, seed, args.size, args.steps)
+    return [CurveRun(spec, variant, seed, args.size, args.steps, device=args.device)
             for seed in args.seeds for spec in specs for variant in args.variants]
 
 

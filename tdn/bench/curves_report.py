@@ -1,9 +1,10 @@
 """Tables and plots of the learning curves (:mod:`.curves`): error against compute, one file set per dataset and size.
 
 Per variant: the final test errors (EMA weights of the best validation epoch, mean and range over seeds), the
-training compute (process CPU seconds of the training steps), and the compute and steps each needed to reach
-``REACH`` times cg's final force error (the first snapshot at or below it). The plot draws test force error
-against CPU seconds and against optimiser steps, the mean over seeds with their range.
+training compute (:data:`CLOCKS`: process CPU seconds of the training steps on a CPU, their wall seconds on a GPU),
+and the compute and steps each needed to reach ``REACH`` times cg's final force error (the first snapshot at or below
+it). The plot draws test force error against that compute and against optimiser steps, the mean over seeds with their
+range.
 """
 
 from __future__ import annotations
@@ -18,6 +19,17 @@ from .accuracy_report import fmt_fixed, pyplot, save_figure
 
 REACH = 1.5  # "time to reach 1.5x cg's final error"
 ORDER = ("cg", "cg-shared", "cp", "cp-degree", "gaunt", "grid")
+# the device of a table -> the clock its compute is read from (a point's key) and the unit it is written in. A CPU
+# run counts its process CPU seconds (steady on a shared machine); a GPU run the wall seconds of its steps (the GPU's
+# time: the host waits on it, and its CPU seconds would count only the launches).
+CLOCKS = {"cpu": ("train_cpu_s", "CPU s"), "cuda": ("train_wall_s", "GPU s")}
+
+
+def clock(device: str) -> tuple[str, str]:
+    """``(point key, unit)`` of the compute of runs on ``device`` (:data:`CLOCKS`)."""
+    if device not in CLOCKS:
+        raise ValueError(f"no training clock for device {device!r}; choose from {sorted(CLOCKS)}")
+    return CLOCKS[device]
 
 
 def runs_by_variant(table: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -57,26 +69,27 @@ def reached(record: dict[str, Any], target: float) -> dict[str, float] | None:
 def summary(table: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per variant: seeds, final errors, compute, and the compute to reach REACH x cg's final force error."""
     groups = runs_by_variant(table)
+    key, _ = clock(table.get("device", "cpu"))
     cg = [final_force(r) for r in groups.get("cg", [])]
     target = REACH * statistics.fmean(cg) if cg else None
     rows = []
     for variant, records in groups.items():
         forces = [final_force(r) for r in records]
         energies = [r.get("final", {}).get("energy_mae_meV") for r in records]
-        cpu = [r["points"][-1]["train_cpu_s"] for r in records]
+        seconds = [r["points"][-1][key] for r in records]
         steps = [r["points"][-1]["step"] for r in records]
         row: dict[str, Any] = {
             "variant": variant, "seeds": [r["seed"] for r in records], "params": records[0].get("params"),
             "forces_mae": statistics.fmean(forces), "forces_range": (min(forces), max(forces)),
             "energy_mae": statistics.fmean(e for e in energies if e is not None) if any(energies) else None,
-            "train_cpu_s": statistics.fmean(cpu), "cpu_ms_per_step": 1e3 * sum(cpu) / sum(steps),
+            "train_s": statistics.fmean(seconds), "ms_per_step": 1e3 * sum(seconds) / sum(steps),
             "vs_cg": statistics.fmean(forces) / statistics.fmean(cg) if cg else None,
         }
         if target is not None:
             hits = [reached(r, target) for r in records]
             row["reach_target"] = target
             row["reach_all"] = all(h is not None for h in hits)
-            row["reach_cpu_s"] = statistics.fmean(h["train_cpu_s"] for h in hits) if row["reach_all"] else None
+            row["reach_s"] = statistics.fmean(h[key] for h in hits) if row["reach_all"] else None
             row["reach_step"] = statistics.fmean(h["step"] for h in hits) if row["reach_all"] else None
         rows.append(row)
     return rows
@@ -84,19 +97,20 @@ def summary(table: dict[str, Any]) -> list[dict[str, Any]]:
 
 def results_table(table: dict[str, Any]) -> str:
     rows = summary(table)
+    unit = clock(table.get("device", "cpu"))[1]
     target = next((r["reach_target"] for r in rows if r.get("reach_target")), None)
     reach = f"to {REACH:g}x cg final ({fmt_fixed(target)} meV/Å)" if target else f"to {REACH:g}x cg final"
-    header = ["variant", "seeds", "params", "test F MAE meV/Å (range)", "vs cg", "test E MAE meV", "training CPU s",
-              "CPU ms / step", f"CPU s {reach}", "steps " + reach.split(" (")[0]]
+    header = ["variant", "seeds", "params", "test F MAE meV/Å (range)", "vs cg", "test E MAE meV", f"training {unit}",
+              f"{unit.split()[0]} ms / step", f"{unit} {reach}", "steps " + reach.split(" (")[0]]
     lines = []
     for r in rows:
         low, high = r["forces_range"]
         spread = f" ({fmt_fixed(low)}–{fmt_fixed(high)})" if len(r["seeds"]) > 1 else ""
         lines.append([
             r["variant"], ",".join(map(str, r["seeds"])), r["params"], fmt_fixed(r["forces_mae"]) + spread,
-            common.fmt_ratio(r["vs_cg"]), fmt_fixed(r["energy_mae"], 2), f"{r['train_cpu_s']:.0f}",
-            f"{r['cpu_ms_per_step']:.1f}",
-            "—" if "reach_all" not in r else (f"{r['reach_cpu_s']:.0f}" if r["reach_all"] else "not reached"),
+            common.fmt_ratio(r["vs_cg"]), fmt_fixed(r["energy_mae"], 2), f"{r['train_s']:.0f}",
+            f"{r['ms_per_step']:.1f}",
+            "—" if "reach_all" not in r else (f"{r['reach_s']:.0f}" if r["reach_all"] else "not reached"),
             "—" if "reach_all" not in r else (f"{r['reach_step']:.0f}" if r["reach_all"] else "not reached"),
         ])
     return common.markdown_table(header, lines)
@@ -118,8 +132,10 @@ def markdown_report(table: dict[str, Any], name: str) -> str:
         f"- date of the last write: {meta.get('date')}; commit {meta.get('git', {}).get('commit', '')[:12]}"
         f"{' (dirty)' if meta.get('git', {}).get('dirty') else ''}",
         f"- data: {protocol}",
-        "- compute: process CPU seconds of the training steps (forward, backward, optimiser; one thread), from the "
-        "run's training clock; validation, snapshots and evaluation excluded",
+        "- compute: " + ("process CPU seconds of the training steps (forward, backward, optimiser; one thread)"
+                         if table.get("device", "cpu") == "cpu" else "wall seconds of the training steps on the GPU "
+                         "(forward, backward, optimiser)") + ", from the run's training clock; validation, snapshots "
+        "and evaluation excluded",
         "- test errors: EMA weights; 'final' is the exported model (best validation epoch), the curve points are "
         "snapshots after geometrically spaced epochs",
         "",
@@ -135,10 +151,11 @@ def write_plot(table: dict[str, Any], path: Path) -> Path | None:
     groups = runs_by_variant(table)
     if not groups:
         return None
+    key, unit = clock(table.get("device", "cpu"))
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for variant, records in groups.items():
-        for ax, x in zip(axes, ("train_cpu_s", "step")):
+        for ax, x in zip(axes, (key, "step")):
             xs, mean, low, high = mean_curve(records, x)
             line, = ax.plot(xs, mean, marker="o", ms=3, label=f"{variant} ({len(records)} seed"
                             f"{'s' if len(records) > 1 else ''})")
@@ -146,7 +163,8 @@ def write_plot(table: dict[str, Any], path: Path) -> Path | None:
                 ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2)
     rows = summary(table)
     target = next((r["reach_target"] for r in rows if r.get("reach_target")), None)
-    for ax, label in zip(axes, ("training CPU seconds (one thread)", "optimiser steps")):
+    compute = "training CPU seconds (one thread)" if key == "train_cpu_s" else "training GPU seconds (wall clock)"
+    for ax, label in zip(axes, (compute, "optimiser steps")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(label)
