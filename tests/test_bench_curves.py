@@ -4,13 +4,14 @@ the summary numbers against a table whose values are known."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from helpers import SAMPLE_DATA, needs_sample
 
 from tdn.bench import curves
 from tdn.bench.accuracy_protocol import Dataset
-from tdn.bench.curves_report import results_table, summary
+from tdn.bench.curves_report import error_at, reached, results_table, summary
 
 
 def test_snapshot_epochs():
@@ -44,10 +45,28 @@ def test_summary_known_table():
     assert rows["cg"]["forces_mae"] == pytest.approx(12.0) and rows["cg"]["forces_range"] == (10.0, 14.0)
     assert rows["cp"]["vs_cg"] == pytest.approx(15.0 / 12.0)
     assert rows["cp"]["reach_target"] == pytest.approx(18.0)  # 1.5 x 12
-    assert rows["cp"]["reach_s"] == pytest.approx(3.0) and rows["cp"]["reach_step"] == 2
-    assert rows["cg"]["reach_s"] == pytest.approx(8.0)  # both seeds first reach it at their second point
+    # cp crosses 18 between (2 s, 30) and (3 s, 17): log-log, t = ln(30/18) / ln(30/17) of the way
+    t = math.log(30 / 18) / math.log(30 / 17)
+    assert rows["cp"]["reach_s"] == pytest.approx(2 * 1.5**t) and rows["cp"]["reach_step"] == pytest.approx(2**t)
+    # cg's seeds cross between (4 s, 40 | 30) and (8 s, 12 | 14); the mean of the two crossings
+    cross = [4 * 2 ** (math.log(e0 / 18) / math.log(e0 / e1)) for e0, e1 in ((40, 12), (30, 14))]
+    assert rows["cg"]["reach_s"] == pytest.approx(sum(cross) / 2)
     assert not rows["grid"]["reach_all"] and rows["grid"]["reach_s"] is None
+    # equal compute: 2 s, the smallest training compute of any run (grid's); cg's seeds have no point there
+    assert all(r["equal_s"] == 2.0 for r in rows.values())
+    assert rows["cp"]["forces_at_equal"] == pytest.approx(30.0) and rows["grid"]["forces_at_equal"] == 30.0
+    assert rows["cg"]["forces_at_equal"] is None
     assert rows["cp"]["ms_per_step"] == pytest.approx(1e3 * 5.0 / 3)
+
+
+def test_error_at_and_reached_read_the_curve_log_log():
+    points = [point(1, 1.0, 40.0), point(4, 4.0, 10.0), point(5, 8.0, 8.0)]
+    assert error_at(points, 2.0, "train_cpu_s") == pytest.approx(20.0)  # halfway on log axes: sqrt(40 * 10)
+    assert error_at(points, 8.0, "train_cpu_s") == pytest.approx(8.0) and error_at(points, 0.5, "train_cpu_s") is None
+    assert error_at(points, 9.0, "train_cpu_s") is None
+    assert reached(points, 20.0, "train_cpu_s") == pytest.approx({"train_cpu_s": 2.0, "step": 2.0})
+    assert reached(points, 50.0, "train_cpu_s") == {"train_cpu_s": 1.0, "step": 1}  # the first snapshot is below
+    assert reached(points, 5.0, "train_cpu_s") is None
 
 
 def test_gpu_tables_count_the_wall_clock_of_the_steps():
@@ -59,7 +78,9 @@ def test_gpu_tables_count_the_wall_clock_of_the_steps():
                      "points": [point(1, 3.0, 14.0, wall=0.5), point(2, 6.0, 12.0, wall=0.75)]}}}
     rows = {r["variant"]: r for r in summary(table)}
     assert rows["cp"]["train_s"] == pytest.approx(0.75) and rows["cp"]["ms_per_step"] == pytest.approx(375.0)
-    assert rows["cp"]["reach_s"] == pytest.approx(0.5) and rows["cg"]["reach_s"] == pytest.approx(2.0)
+    assert rows["cp"]["reach_s"] == pytest.approx(0.5)  # its first point is already below 15
+    assert rows["cg"]["reach_s"] == pytest.approx(2 ** (math.log(40 / 15) / math.log(40 / 10)))  # 1 s -> 2 s, log-log
+    assert rows["cp"]["forces_at_equal"] == 12.0 and rows["cg"]["forces_at_equal"] is None  # cg starts at 1 s
     header = results_table(table).splitlines()[0]
     assert "training GPU s" in header and "GPU ms / step" in header and "CPU" not in header
     assert "CPU s" in results_table({**table, "device": "cpu"}).splitlines()[0]

@@ -2,9 +2,9 @@
 
 Per variant: the final test errors (EMA weights of the best validation epoch, mean and range over seeds), the
 training compute (:data:`CLOCKS`: process CPU seconds of the training steps on a CPU, their wall seconds on a GPU),
-and the compute and steps each needed to reach ``REACH`` times cg's final force error (the first snapshot at or below
-it). The plot draws test force error against that compute and against optimiser steps, the mean over seeds with their
-range.
+the test force error at equal compute (the smallest compute of any run of the table), and the compute and steps each
+needed to reach ``REACH`` times cg's final force error. Both read the curve between snapshots log-log linearly. The
+plot draws test force error against that compute and against optimiser steps, the mean over seeds with their range.
 """
 
 from __future__ import annotations
@@ -61,17 +61,48 @@ def final_force(record: dict[str, Any]) -> float:
     return record.get("final", {}).get("forces_mae_meV_A") or record["points"][-1]["test_forces_mae_meV_A"]
 
 
-def reached(record: dict[str, Any], target: float) -> dict[str, float] | None:
-    """The first snapshot whose test force MAE is at or below ``target`` (None if none is)."""
-    return next((p for p in record["points"] if p["test_forces_mae_meV_A"] <= target), None)
+def _between(a: float, b: float, t: float) -> float:
+    """``t`` of the way from ``a`` to ``b`` on a log scale (linear where a value is not positive)."""
+    return math.exp(math.log(a) + t * (math.log(b) - math.log(a))) if min(a, b) > 0 else a + t * (b - a)
+
+
+def reached(points: list[dict[str, Any]], target: float, key: str) -> dict[str, float] | None:
+    """Compute (``key``) and steps at which the test force MAE first reaches ``target``: interpolated log-log between
+    the two snapshots around the crossing (the curves are straight-ish there), the first snapshot itself if it is
+    already at or below; None if no snapshot is."""
+    previous = None
+    for point in points:
+        error = point["test_forces_mae_meV_A"]
+        if error <= target:
+            if previous is None:
+                return {key: point[key], "step": point["step"]}
+            before = previous["test_forces_mae_meV_A"]
+            t = math.log(before / target) / math.log(before / error) if before > error else 1.0
+            return {k: _between(previous[k], point[k], t) for k in (key, "step")}
+        previous = point
+    return None
+
+
+def error_at(points: list[dict[str, Any]], seconds: float, key: str) -> float | None:
+    """The test force MAE after ``seconds`` of compute (``key``), interpolated log-log between the snapshots around
+    it; None outside the curve."""
+    for a, b in zip(points, points[1:]):
+        if a[key] <= seconds <= b[key]:
+            t = math.log(seconds / a[key]) / math.log(b[key] / a[key]) if b[key] > a[key] > 0 else 1.0
+            return _between(a["test_forces_mae_meV_A"], b["test_forces_mae_meV_A"], t)
+    last = points[-1] if points else None
+    return last["test_forces_mae_meV_A"] if last is not None and last[key] == seconds else None
 
 
 def summary(table: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per variant: seeds, final errors, compute, and the compute to reach REACH x cg's final force error."""
+    """One row per variant: seeds, final errors, compute, the compute to reach REACH x cg's final force error, and
+    the force error at equal compute (the smallest training compute of any run of the table: every curve covers it).
+    """
     groups = runs_by_variant(table)
     key, _ = clock(table.get("device", "cpu"))
     cg = [final_force(r) for r in groups.get("cg", [])]
     target = REACH * statistics.fmean(cg) if cg else None
+    equal = min((r["points"][-1][key] for records in groups.values() for r in records), default=None)
     rows = []
     for variant, records in groups.items():
         forces = [final_force(r) for r in records]
@@ -84,9 +115,12 @@ def summary(table: dict[str, Any]) -> list[dict[str, Any]]:
             "energy_mae": statistics.fmean(e for e in energies if e is not None) if any(energies) else None,
             "train_s": statistics.fmean(seconds), "ms_per_step": 1e3 * sum(seconds) / sum(steps),
             "vs_cg": statistics.fmean(forces) / statistics.fmean(cg) if cg else None,
+            "equal_s": equal,
         }
+        at_equal = [error_at(r["points"], equal, key) for r in records]  # None where a curve starts later
+        row["forces_at_equal"] = None if None in at_equal else statistics.fmean(at_equal)
         if target is not None:
-            hits = [reached(r, target) for r in records]
+            hits = [reached(r["points"], target, key) for r in records]
             row["reach_target"] = target
             row["reach_all"] = all(h is not None for h in hits)
             row["reach_s"] = statistics.fmean(h[key] for h in hits) if row["reach_all"] else None
@@ -100,8 +134,9 @@ def results_table(table: dict[str, Any]) -> str:
     unit = clock(table.get("device", "cpu"))[1]
     target = next((r["reach_target"] for r in rows if r.get("reach_target")), None)
     reach = f"to {REACH:g}x cg final ({fmt_fixed(target)} meV/Å)" if target else f"to {REACH:g}x cg final"
+    equal = f"test F MAE at {rows[0]['equal_s']:.0f} {unit} (equal compute)" if rows else "at equal compute"
     header = ["variant", "seeds", "params", "test F MAE meV/Å (range)", "vs cg", "test E MAE meV", f"training {unit}",
-              f"{unit.split()[0]} ms / step", f"{unit} {reach}", "steps " + reach.split(" (")[0]]
+              f"{unit.split()[0]} ms / step", equal, f"{unit} {reach}", "steps " + reach.split(" (")[0]]
     lines = []
     for r in rows:
         low, high = r["forces_range"]
@@ -109,7 +144,7 @@ def results_table(table: dict[str, Any]) -> str:
         lines.append([
             r["variant"], ",".join(map(str, r["seeds"])), r["params"], fmt_fixed(r["forces_mae"]) + spread,
             common.fmt_ratio(r["vs_cg"]), fmt_fixed(r["energy_mae"], 2), f"{r['train_s']:.0f}",
-            f"{r['ms_per_step']:.1f}",
+            f"{r['ms_per_step']:.1f}", fmt_fixed(r["forces_at_equal"]),
             "—" if "reach_all" not in r else (f"{r['reach_s']:.0f}" if r["reach_all"] else "not reached"),
             "—" if "reach_all" not in r else (f"{r['reach_step']:.0f}" if r["reach_all"] else "not reached"),
         ])
@@ -137,7 +172,8 @@ def markdown_report(table: dict[str, Any], name: str) -> str:
                          "(forward, backward, optimiser)") + ", from the run's training clock; validation, snapshots "
         "and evaluation excluded",
         "- test errors: EMA weights; 'final' is the exported model (best validation epoch), the curve points are "
-        "snapshots after geometrically spaced epochs",
+        "snapshots after geometrically spaced epochs; the error at equal compute and the compute to reach the target "
+        "are read between snapshots (log-log linear)",
         "",
         f"![{name}]({name}.png)",
         "",
