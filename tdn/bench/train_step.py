@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +35,13 @@ from . import common
 MOLECULES = ("CH3CH2OH", "C6H6", "CH3CONH2", "CH3COOH", "C5H5N", "C4H4O", "HCOOCH3", "CH3CH2NH2", "C4H4NH",
              "CH3COCH3")  # fmt: skip
 ELEMENTS = (1, 6, 7, 8)
-# conf/experiment/accuracy_cpu.yaml's model, and MACE-medium (tdn.models.PRESETS)
+# conf/experiment/accuracy_cpu.yaml's model, the learning curves' larger model (tdn.bench.curves.SIZES["large"]),
+# and MACE-medium (tdn.models.PRESETS)
+_ACCURACY_CPU = dict(channels=16, lmax=2, lmax_hidden=1, correlation=2, num_layers=2, num_bessel=8, radial_mlp=[32, 32],
+                     readout_mlp=16, cutoff=5.0)  # fmt: skip
 SIZES = {
-    "accuracy_cpu": dict(channels=16, lmax=2, lmax_hidden=1, correlation=2, num_layers=2, num_bessel=8,
-                         radial_mlp=[32, 32], readout_mlp=16, cutoff=5.0),
+    "accuracy_cpu": _ACCURACY_CPU,
+    "accuracy_cpu_large": {**_ACCURACY_CPU, "channels": 64, "lmax": 3, "correlation": 3},
     "mace-medium": "mace-medium",
 }  # fmt: skip
 WORKER = Path(__file__).with_name("_mace_train_worker.py")
@@ -50,7 +55,7 @@ class TrainBenchConfig:
     backends: tuple[str, ...] | None = None  # None: every backend, with its default weights
     references: tuple[str, ...] = ("mace-e3nn",)
     warmup: int = 2
-    reps: int = 10
+    reps: int = 10  # rounds: every backend once per round, in turn (load from other jobs hits all alike)
     max_seconds: float | None = 60.0
     mace_python: str = sys.executable
     mace_pythonpath: str | None = None
@@ -120,10 +125,24 @@ def training_step(model: torch.nn.Module, batch: Batch, optimizer: torch.optim.O
     return step
 
 
+def warm_step(backend: str, values: dict[str, Any], dtype: str, avg_num_neighbors: float, batch: Batch,
+              device: str) -> Callable[[], None]:  # fmt: skip
+    """A fresh model of ``backend`` at the widths ``values`` and its training step, run once (a failure raises here,
+    before any timing)."""
+    from ..models import build_model
+    from .md import backend_fields
+
+    torch.manual_seed(0)
+    model = build_model(**{**values, **backend_fields(backend), "elements": list(ELEMENTS), "dtype": dtype,
+                           "avg_num_neighbors": avg_num_neighbors}).to(device).train()  # fmt: skip
+    step = training_step(model, batch, torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True))
+    step()
+    return step
+
+
 def bench_tdn(cfg: TrainBenchConfig) -> list[dict[str, Any]]:
     from ..data.graph import atoms_to_graph
-    from ..models import build_model
-    from .md import backend_fields, tdn_backends
+    from .md import tdn_backends
 
     molecules = batch_molecules()
     rows = []
@@ -133,23 +152,20 @@ def bench_tdn(cfg: TrainBenchConfig) -> list[dict[str, Any]]:
         for dtype in cfg.dtypes:
             batch = Batch.from_data_list([atoms_to_graph(m, values.get("cutoff", 5.0), dtype=dtype)
                                           for m in molecules]).to(cfg.device)  # fmt: skip
+            steps, cells = {}, {}
             for backend in tdn_backends(cfg):
-                row: dict[str, Any] = {"impl": f"tdn-{backend}", "size": size, "dtype": dtype}
-                torch.manual_seed(0)
-                model = build_model(**{**values, **backend_fields(backend), "elements": list(ELEMENTS), "dtype": dtype,
-                                       "avg_num_neighbors": avg}).to(cfg.device).train()  # fmt: skip
-                optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True)
-                timing, err = common.attempt(
-                    lambda m=model, o=optimizer, b=batch: common.time_call(
-                        training_step(m, b, o), cfg.device, cfg.warmup, cfg.reps, cfg.max_seconds
-                    ),
-                    cfg.device,
-                )
+                cells[backend] = {"impl": f"tdn-{backend}", "size": size, "dtype": dtype}
+                build = partial(warm_step, backend, values, dtype, avg, batch, cfg.device)
+                steps[backend], err = common.attempt(build, cfg.device)
                 if err:
-                    row["err"] = err
-                else:
-                    row.update(step_ms=timing["median_ms"], cpu_ms=timing.get("cpu_median_ms"),
-                               steps_per_s=1e3 / timing["median_ms"], reps=timing["reps"])  # fmt: skip
+                    cells[backend]["err"] = err
+                    del steps[backend]
+            timings = common.time_interleaved(steps, cfg.device, cfg.warmup, max(cfg.reps, 1),
+                                              max_seconds=cfg.max_seconds) if steps else {}  # fmt: skip
+            for backend, row in cells.items():
+                if backend in timings:
+                    t = timings[backend]
+                    row.update(step_ms=t["step_ms"], cpu_ms=t["cpu_ms"], steps_per_s=1e3 / t["step_ms"], reps=t["reps"])
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     return rows
@@ -221,6 +237,8 @@ def markdown_report(result: dict[str, Any]) -> str:
         "- step: energy and forces (create_graph), loss MSE(E/atom) + 10 MSE(F), backward, Adam (amsgrad); the "
         "same loop around each model; molecules: " + ", ".join(result["molecules"]),
         "- widths: " + "; ".join(f"{s}: {v}" for s, v in result["models"].items()),
+        "- cells: optimiser steps per second (wall clock) and, on a CPU, the median process CPU ms per step; tdn's "
+        "backends are timed in turn, one step each per round, so load from other jobs hits them alike",
         "",
     ]
     header = ["size", "dtype", *[f"{i} steps/s" for i in impls], "best tdn / mace-e3nn"]
@@ -244,7 +262,8 @@ def _rate(row: dict[str, Any] | None) -> str:
         return "—"
     if row.get("err"):
         return "error: " + row["err"][:60]
-    return f"{row['steps_per_s']:.3g}"
+    cpu_ms = row.get("cpu_ms")
+    return f"{row['steps_per_s']:.3g}" + (f" ({cpu_ms:.0f} CPU ms)" if cpu_ms and math.isfinite(cpu_ms) else "")
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
