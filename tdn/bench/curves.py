@@ -262,7 +262,7 @@ def progress(record: dict[str, Any]) -> str:
     from .curves_report import clock
 
     final, last = record.get("final", {}), record["points"][-1] if record["points"] else {}
-    key, unit = clock(record.get("device", "cpu"))
+    key, unit, _, _ = clock(record.get("device", "cpu"))
     return (f"test F {final.get('forces_mae_meV_A', math.nan):.1f} meV/Å, E {final.get('energy_mae_meV', math.nan):.2f}"
             f" meV, {last.get(key) or math.nan:.0f} training {unit}")
 

@@ -12,24 +12,45 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import common
 from .accuracy_report import fmt_fixed, pyplot, save_figure
 
 REACH = 1.5  # "time to reach 1.5x cg's final error"
 ORDER = ("cg", "cg-shared", "cp", "cp-degree", "gaunt", "grid")
-# the device of a table -> the clock its compute is read from (a point's key) and the unit it is written in. A CPU
-# run counts its process CPU seconds (steady on a shared machine); a GPU run the wall seconds of its steps (the GPU's
-# time: the host waits on it, and its CPU seconds would count only the launches).
-CLOCKS = {"cpu": ("train_cpu_s", "CPU s"), "cuda": ("train_wall_s", "GPU s")}
 
 
-def clock(device: str) -> tuple[str, str]:
-    """``(point key, unit)`` of the compute of runs on ``device`` (:data:`CLOCKS`)."""
+class Clock(NamedTuple):
+    """Where the compute of a table's runs is read: a curve point's ``key``, its ``unit``, the plot's ``axis`` label
+    and what it counts (``what``, for the report)."""
+
+    key: str
+    unit: str
+    axis: str
+    what: str
+
+
+# A CPU run counts its process CPU seconds (steadier on a shared machine than the wall clock); a GPU run the wall
+# seconds of its steps (the GPU's time: the host waits on it, and its CPU seconds would count only the launches).
+CLOCKS = {
+    "cpu": Clock("train_cpu_s", "CPU s", "training CPU seconds (one thread)",
+                 "process CPU seconds of the training steps (forward, backward, optimiser; one thread)"),
+    "cuda": Clock("train_wall_s", "GPU s", "training GPU seconds (wall clock)",
+                  "wall seconds of the training steps on the GPU (forward, backward, optimiser)"),
+}  # fmt: skip
+
+
+def clock(device: str) -> Clock:
+    """The :class:`Clock` of runs on ``device`` (:data:`CLOCKS`)."""
     if device not in CLOCKS:
         raise ValueError(f"no training clock for device {device!r}; choose from {sorted(CLOCKS)}")
     return CLOCKS[device]
+
+
+def table_clock(table: dict[str, Any]) -> Clock:
+    """The clock of a curve table (tables written before devices were recorded ran on the CPU)."""
+    return clock(table.get("device", "cpu"))
 
 
 def runs_by_variant(table: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -99,7 +120,7 @@ def summary(table: dict[str, Any]) -> list[dict[str, Any]]:
     the force error at equal compute (the smallest training compute of any run of the table: every curve covers it).
     """
     groups = runs_by_variant(table)
-    key, _ = clock(table.get("device", "cpu"))
+    key = table_clock(table).key
     cg = [final_force(r) for r in groups.get("cg", [])]
     target = REACH * statistics.fmean(cg) if cg else None
     equal = min((r["points"][-1][key] for records in groups.values() for r in records), default=None)
@@ -131,7 +152,7 @@ def summary(table: dict[str, Any]) -> list[dict[str, Any]]:
 
 def results_table(table: dict[str, Any]) -> str:
     rows = summary(table)
-    unit = clock(table.get("device", "cpu"))[1]
+    unit = table_clock(table).unit
     target = next((r["reach_target"] for r in rows if r.get("reach_target")), None)
     reach = f"to {REACH:g}x cg final ({fmt_fixed(target)} meV/Å)" if target else f"to {REACH:g}x cg final"
     equal = f"test F MAE at {rows[0]['equal_s']:.0f} {unit} (equal compute)" if rows else "at equal compute"
@@ -167,10 +188,8 @@ def markdown_report(table: dict[str, Any], name: str) -> str:
         f"- date of the last write: {meta.get('date')}; commit {meta.get('git', {}).get('commit', '')[:12]}"
         f"{' (dirty)' if meta.get('git', {}).get('dirty') else ''}",
         f"- data: {protocol}",
-        "- compute: " + ("process CPU seconds of the training steps (forward, backward, optimiser; one thread)"
-                         if table.get("device", "cpu") == "cpu" else "wall seconds of the training steps on the GPU "
-                         "(forward, backward, optimiser)") + ", from the run's training clock; validation, snapshots "
-        "and evaluation excluded",
+        f"- compute: {table_clock(table).what}, from the run's training clock; validation, snapshots and evaluation "
+        "excluded",
         "- test errors: EMA weights; 'final' is the exported model (best validation epoch), the curve points are "
         "snapshots after geometrically spaced epochs; the error at equal compute and the compute to reach the target "
         "are read between snapshots (log-log linear)",
@@ -187,7 +206,7 @@ def write_plot(table: dict[str, Any], path: Path) -> Path | None:
     groups = runs_by_variant(table)
     if not groups:
         return None
-    key, unit = clock(table.get("device", "cpu"))
+    key, _, axis, _ = table_clock(table)
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for variant, records in groups.items():
@@ -199,8 +218,7 @@ def write_plot(table: dict[str, Any], path: Path) -> Path | None:
                 ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2)
     rows = summary(table)
     target = next((r["reach_target"] for r in rows if r.get("reach_target")), None)
-    compute = "training CPU seconds (one thread)" if key == "train_cpu_s" else "training GPU seconds (wall clock)"
-    for ax, label in zip(axes, (compute, "optimiser steps")):
+    for ax, label in zip(axes, (axis, "optimiser steps")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(label)
