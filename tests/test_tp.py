@@ -134,6 +134,19 @@ def test_cg_shared_and_degree_equal_path_with_expanded_weights(weights, paths, d
     assert relative_error(tp(x, y, w), per_path(x, y, expanded)) < 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", KINDS)
+def test_degree_weights_scale_each_output_degree(kind, dtype):
+    tp = build(kind, (2, 2, 2), weights="degree").to(dtype)
+    w = torch.tensor([1.5, -2.0, 0.25], dtype=dtype).expand(4, tp.channels, 3).clone().requires_grad_()
+    expanded = tp.expand_weights(w)
+    expected = torch.tensor([1.5] + [-2.0] * 3 + [0.25] * 5, dtype=dtype).expand(4, tp.channels, 9)
+    assert expanded.dtype == dtype and torch.equal(expanded, expected)
+    # the gradient sums each degree's components: 1, 3 and 5 of them
+    (grad,) = torch.autograd.grad(expanded.sum(), w)
+    assert torch.equal(grad, torch.tensor([1.0, 3.0, 5.0], dtype=dtype).expand(4, tp.channels, 3))
+
+
 @pytest.mark.parametrize("degrees", GAUNT_DEGREES)
 @pytest.mark.parametrize("weights", ["shared", "degree"])
 @pytest.mark.parametrize("kind", GAUNT_KINDS)
