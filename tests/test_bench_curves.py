@@ -59,6 +59,33 @@ def test_summary_known_table():
     assert rows["cp"]["ms_per_step"] == pytest.approx(1e3 * 5.0 / 3)
 
 
+def test_timed_axis_is_steps_times_the_step_cost():
+    """Tables with timed step costs read the same curves on a second axis: steps x ms per step."""
+    table = {"step_costs": {"ms": {"cg": 2000.0, "cp": 500.0}}, "runs": {
+        "cg/seed0": {"variant": "cg", "seed": 0, "params": 10, "final": {"forces_mae_meV_A": 10.0},
+                     "points": [point(1, 4.0, 40.0), point(4, 8.0, 10.0)]},
+        "cp/seed0": {"variant": "cp", "seed": 0, "params": 8, "final": {"forces_mae_meV_A": 12.0},
+                     "points": [point(2, 3.0, 30.0), point(8, 6.0, 12.0)]},
+        "grid/seed0": {"variant": "grid", "seed": 0, "params": 8, "final": {"forces_mae_meV_A": 11.0},
+                       "points": [point(1, 2.0, 30.0), point(2, 2.5, 11.0)]}}}
+    rows = {r["variant"]: r for r in summary(table)}
+    # timed compute: cg 4 steps x 2 s = 8 s, cp 8 x 0.5 = 4 s (the smallest); grid is not timed
+    assert rows["cp"]["timed_equal_s"] == pytest.approx(4.0) and rows["cp"]["step_ms"] == 500.0
+    assert rows["cp"]["forces_at_timed_equal"] == pytest.approx(12.0)  # its last point
+    # cg after 4 s is 2 steps: between (1, 40) and (4, 10), halfway on log axes
+    assert rows["cg"]["forces_at_timed_equal"] == pytest.approx(20.0)
+    # the target 15 (1.5 x 10): cg reaches it at step 4 ** (ln(40/15) / ln(4)), i.e. 2 s per step later
+    cg_step = 4 ** (math.log(40 / 15) / math.log(4))
+    assert rows["cg"]["timed_reach_s"] == pytest.approx(2.0 * cg_step)
+    cp_step = 2 * 4 ** (math.log(30 / 15) / math.log(30 / 12))
+    assert rows["cp"]["timed_reach_s"] == pytest.approx(0.5 * cp_step)
+    assert "step_ms" not in rows["grid"]
+    text = results_table(table)
+    assert "test F MAE at 4 CPU s (timed)" in text.splitlines()[0]
+    assert text.splitlines()[-1].endswith("| — | — | — |")  # grid: not timed
+    assert "timed" not in results_table({"runs": table["runs"]})  # untimed tables keep their columns
+
+
 def test_error_at_and_reached_read_the_curve_log_log():
     points = [point(1, 1.0, 40.0), point(4, 4.0, 10.0), point(5, 8.0, 8.0)]
     assert error_at(points, 2.0, "train_cpu_s") == pytest.approx(20.0)  # halfway on log axes: sqrt(40 * 10)
@@ -137,6 +164,10 @@ def test_runs_accumulate(tmp_path):
     assert set(table["runs"]) == {"cp/seed0", "cp/seed1"}
     assert table["runs"]["cp/seed0"] == {**record, "complete": True}
     assert any(line.endswith(f"(in {run.table}.json)") for line in lines)
+    # the step cost of the table's variant, timed with its run's model on the dataset's batch
+    costs = curves.store_step_costs(run, out, reps=2)
+    assert costs["errors"] == {} and costs["ms"]["cp"] > 0 and costs["structures"] == 4
+    assert json.loads((out / f"{run.table}.json").read_text())["step_costs"]["ms"] == costs["ms"]
 
 
 def test_report_only_rewrites_tables_and_page(tmp_path):

@@ -148,8 +148,8 @@ def train_run(run: CurveRun, work_dir: Path, log: Callable[[str], None]) -> Path
 # ------------------------------------------------------------------------------------------------- evaluation
 
 
-def held_out_loader(run: CurveRun) -> tuple[Any, list[str]]:
-    """The run's test split (what ``tdn-train`` tests on) as a data loader, and its metric names."""
+def held_out(run: CurveRun) -> tuple[Any, str, list[str]]:
+    """The data module of the run's test split (what ``tdn-train`` tests on), the split's name and the metrics."""
     from omegaconf import OmegaConf
 
     from ..evaluate import eval_datamodule
@@ -158,7 +158,13 @@ def held_out_loader(run: CurveRun) -> tuple[Any, list[str]]:
     cfg = compose(run.overrides())
     datamodule, split, _ = eval_datamodule(OmegaConf.to_container(cfg.data, resolve=True), "test")
     metrics = OmegaConf.to_container(cfg.training_module.metrics, resolve=True)
-    return datamodule.eval_dataloader(split), [metrics] if isinstance(metrics, str) else list(metrics)
+    return datamodule, split, [metrics] if isinstance(metrics, str) else list(metrics)
+
+
+def held_out_loader(run: CurveRun) -> tuple[Any, list[str]]:
+    """The run's test split as a data loader, and its metric names."""
+    datamodule, split, metrics = held_out(run)
+    return datamodule.eval_dataloader(split), metrics
 
 
 def evaluate_snapshots(run: CurveRun, run_dir: Path, done: set[int]) -> list[dict[str, Any]]:
@@ -200,6 +206,68 @@ def run_record(run: CurveRun, run_dir: Path, previous: dict[str, Any] | None) ->
         "points": [points[e] for e in sorted(points)],
         "protocol": run.dataset.protocol, "train_frames": run.dataset.train_frames,
     }
+
+
+# ------------------------------------------------------------------------------------------------- step costs
+
+STEP_REPS = 30  # timed rounds of the step costs (after STEP_WARMUP), every variant once per round
+STEP_WARMUP = 3
+
+
+def timing_batch(run: CurveRun) -> Any:
+    """The first ``run.batch_size`` structures of the run's test split as one batch (the size of a training batch
+    of this dataset), on the run's device."""
+    from torch_geometric.data import Batch
+
+    datamodule, split, _ = held_out(run)
+    dataset = datamodule.prepared(split)[0]
+    structures = [dataset[i] for i in range(min(run.batch_size, len(dataset)))]
+    return Batch.from_data_list(structures).to(run.device)
+
+
+def time_steps(table: dict[str, Any], run: CurveRun, reps: int = STEP_REPS) -> dict[str, Any]:
+    """The cost of one training step of every variant of ``table`` with the code as it is now, timed in turn (one
+    step of each per round, so load from other jobs hits all alike): the model of the variant's first run (its
+    ``model.pt``), the dataset's batch, the loss and optimiser of :func:`.train_step.training_step`. On a CPU the
+    median process CPU ms per step, on a GPU the median wall ms. A variant whose model cannot be loaded or stepped
+    is reported in ``errors``."""
+    from ..io import load_model
+    from .curves_report import runs_by_variant
+    from .train_step import training_step
+
+    torch.set_num_threads(1)
+    batch = timing_batch(run)
+
+    def warm_step(record: dict[str, Any]) -> Callable[[], None]:
+        torch.manual_seed(0)
+        model = load_model(Path(record["run_dir"]) / "model.pt", device=run.device).train()
+        step = training_step(model, batch, torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True))
+        step()  # a failure raises here, before any timing
+        return step
+
+    steps, errors = {}, {}
+    for variant, records in runs_by_variant(table).items():
+        step, error = common.attempt(lambda r=records[0]: warm_step(r), run.device)
+        if error:
+            errors[variant] = error
+        else:
+            steps[variant] = step
+    timings = common.time_interleaved(steps, run.device, STEP_WARMUP, reps) if steps else {}
+    unit = "cpu_ms" if run.device == "cpu" else "step_ms"
+    return {"ms": {v: t[unit] for v, t in timings.items()}, "errors": errors, "reps": reps,
+            "structures": int(batch.num_graphs), "atoms": int(batch.num_nodes), "edges": int(batch.edge_index.shape[1]),
+            "meta": common.run_metadata(run.device)}  # fmt: skip
+
+
+def store_step_costs(run: CurveRun, out_dir: Path, reps: int = STEP_REPS) -> dict[str, Any]:
+    """Time the steps of ``run``'s table (:func:`time_steps`) and keep them in its JSON as ``step_costs``."""
+    path = Path(out_dir) / f"{run.table}.json"
+    costs = time_steps(read_table(path), run, reps)
+    with locked(path):
+        table = read_table(path)
+        table["step_costs"] = costs
+        common.write_json(path, table)
+    return costs
 
 
 # ------------------------------------------------------------------------------------------------- the tables
@@ -291,6 +359,9 @@ def parse_args(argv: Sequence[str] | None = None, defaults: dict[str, Path] | No
                         help="the CPU (compute: CPU seconds) or one GPU (compute: its wall seconds; use --jobs 1)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the tables from their JSON; train nothing")
+    parser.add_argument("--time-steps", action="store_true",
+                        help="time one training step of every variant of each table in turn with the current code "
+                             "(a load-independent compute axis: steps x step cost)")
     parser.add_argument("--doc", type=Path, default=defaults.get("doc"),
                         help="markdown page whose <!-- BEGIN curves_... --> sections are rewritten")
     for option, help_text in (("data-root", "folder of the reference data (rmd17/, 3bpa/)"),
@@ -320,10 +391,14 @@ def main(argv: Sequence[str] | None = None, defaults: dict[str, Path] | None = N
         start = time.perf_counter()
         run_all(runs, args.work_dir, args.out, args.jobs, command, log=lambda line: print(line, flush=True))
         print(f"{len(runs)} runs in {time.perf_counter() - start:.0f} s; tables in {args.out}", flush=True)
-    for name in sorted({r.table for r in runs}):
+    for name, run in sorted({r.table: r for r in runs}.items()):
         path = Path(args.out) / f"{name}.json"
         if not path.is_file():
             continue
+        if args.time_steps:
+            costs = store_step_costs(run, args.out)
+            print(f"{name}: step costs " + ", ".join(f"{v} {ms:.1f} ms" for v, ms in costs["ms"].items())
+                  + "".join(f"; {v} failed: {e}" for v, e in costs["errors"].items()), flush=True)
         with locked(path):
             table = read_table(path)
             print("wrote", *write_outputs(table, Path(args.out), name).values(), flush=True)

@@ -5,6 +5,10 @@ training compute (:data:`CLOCKS`: process CPU seconds of the training steps on a
 the test force error at equal compute (the smallest compute of any run of the table), and the compute and steps each
 needed to reach ``REACH`` times cg's final force error. Both read the curve between snapshots log-log linearly. The
 plot draws test force error against that compute and against optimiser steps, the mean over seeds with their range.
+
+A table whose step costs were timed (``step_costs``: one training step of each variant, timed in turn with the code
+of that day) gets the same two figures on a second compute axis, steps x step cost: free of the load the runs shared
+the machine with, and current when the code gets faster (the curves against steps do not change with it).
 """
 
 from __future__ import annotations
@@ -124,6 +128,9 @@ def summary(table: dict[str, Any]) -> list[dict[str, Any]]:
     cg = [final_force(r) for r in groups.get("cg", [])]
     target = REACH * statistics.fmean(cg) if cg else None
     equal = min((r["points"][-1][key] for records in groups.values() for r in records), default=None)
+    costs = table.get("step_costs", {}).get("ms", {})  # variant -> ms per step, timed in turn
+    timed_equal = min((r["points"][-1]["step"] * costs[v] / 1e3 for v, records in groups.items() if v in costs
+                       for r in records), default=None)  # fmt: skip
     rows = []
     for variant, records in groups.items():
         forces = [final_force(r) for r in records]
@@ -146,8 +153,19 @@ def summary(table: dict[str, Any]) -> list[dict[str, Any]]:
             row["reach_all"] = all(h is not None for h in hits)
             row["reach_s"] = statistics.fmean(h[key] for h in hits) if row["reach_all"] else None
             row["reach_step"] = statistics.fmean(h["step"] for h in hits) if row["reach_all"] else None
+        if variant in costs:
+            row.update(timed_cost(records, costs[variant], timed_equal, row.get("reach_step")))
         rows.append(row)
     return rows
+
+
+def timed_cost(records: list[dict[str, Any]], ms: float, equal_s: float, reach_step: float | None) -> dict[str, Any]:
+    """The figures of the steps x step cost axis: the step cost ``ms``, the test force error after ``equal_s``
+    seconds (``equal_s / ms`` steps, read between snapshots) and the seconds to the target (``reach_step`` steps)."""
+    at_equal = [error_at(r["points"], 1e3 * equal_s / ms, "step") for r in records]
+    return {"step_ms": ms, "timed_equal_s": equal_s,
+            "forces_at_timed_equal": None if None in at_equal else statistics.fmean(at_equal),
+            "timed_reach_s": None if reach_step is None else reach_step * ms / 1e3}  # fmt: skip
 
 
 def results_table(table: dict[str, Any]) -> str:
@@ -158,6 +176,11 @@ def results_table(table: dict[str, Any]) -> str:
     equal = f"test F MAE at {rows[0]['equal_s']:.0f} {unit} (equal compute)" if rows else "at equal compute"
     header = ["variant", "seeds", "params", "test F MAE meV/Å (range)", "vs cg", "test E MAE meV", f"training {unit}",
               f"{unit.split()[0]} ms / step", equal, f"{unit} {reach}", "steps " + reach.split(" (")[0]]
+    timed = next((r for r in rows if "step_ms" in r), None)
+    if timed:
+        short = reach.split(" (")[0]
+        header += [f"timed {unit.split()[0]} ms / step", f"test F MAE at {timed['timed_equal_s']:.0f} {unit} (timed)",
+                   f"timed {unit} {short}"]
     lines = []
     for r in rows:
         low, high = r["forces_range"]
@@ -169,6 +192,10 @@ def results_table(table: dict[str, Any]) -> str:
             "—" if "reach_all" not in r else (f"{r['reach_s']:.0f}" if r["reach_all"] else "not reached"),
             "—" if "reach_all" not in r else (f"{r['reach_step']:.0f}" if r["reach_all"] else "not reached"),
         ])
+        if timed:
+            lines[-1] += ["—"] * 3 if "step_ms" not in r else [
+                f"{r['step_ms']:.1f}", fmt_fixed(r["forces_at_timed_equal"]),
+                "—" if "reach_all" not in r else (f"{r['timed_reach_s']:.0f}" if r["reach_all"] else "not reached")]
     return common.markdown_table(header, lines)
 
 
@@ -190,6 +217,7 @@ def markdown_report(table: dict[str, Any], name: str) -> str:
         f"- data: {protocol}",
         f"- compute: {table_clock(table).what}, from the run's training clock; validation, snapshots and evaluation "
         "excluded",
+        *([step_costs_line(table)] if table.get("step_costs") else []),
         "- test errors: EMA weights; 'final' is the exported model (best validation epoch), the curve points are "
         "snapshots after geometrically spaced epochs; the error at equal compute and the compute to reach the target "
         "are read between snapshots (log-log linear)",
@@ -200,6 +228,19 @@ def markdown_report(table: dict[str, Any], name: str) -> str:
         "",
         *(["Failed runs:", *failed, ""] if failed else []),
     ])
+
+
+def step_costs_line(table: dict[str, Any]) -> str:
+    """The report's account of the timed step costs (the second compute axis)."""
+    costs = table["step_costs"]
+    meta = costs.get("meta", {})
+    git = meta.get("git", {})
+    failed = "".join(f"; {v} not timed: {e}" for v, e in costs.get("errors", {}).items())
+    return (f"- timed compute: steps x the cost of one training step (energy and forces in the loss, backward, "
+            f"Adam) of each variant, timed in turn ({costs.get('reps')} rounds, median) on a batch of the dataset "
+            f"({costs.get('structures')} structures, {costs.get('atoms')} atoms, {costs.get('edges')} edges) with the "
+            f"code of commit {git.get('commit', '')[:12]}{' (dirty)' if git.get('dirty') else ''}, "
+            f"{meta.get('date')}{failed}")
 
 
 def write_plot(table: dict[str, Any], path: Path) -> Path | None:
