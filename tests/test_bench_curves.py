@@ -91,6 +91,7 @@ def test_error_at_and_reached_read_the_curve_log_log():
     assert error_at(points, 2.0, "train_cpu_s") == pytest.approx(20.0)  # halfway on log axes: sqrt(40 * 10)
     assert error_at(points, 8.0, "train_cpu_s") == pytest.approx(8.0) and error_at(points, 0.5, "train_cpu_s") is None
     assert error_at(points, 9.0, "train_cpu_s") is None
+    assert error_at(points, 8.0 * (1 + 1e-13), "train_cpu_s") == 8.0  # the end, reached by another axis
     assert reached(points, 20.0, "train_cpu_s") == pytest.approx({"train_cpu_s": 2.0, "step": 2.0})
     assert reached(points, 50.0, "train_cpu_s") == {"train_cpu_s": 1.0, "step": 1}  # the first snapshot is below
     assert reached(points, 5.0, "train_cpu_s") is None

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 import tdn.data
@@ -185,3 +186,45 @@ def test_bundled_sample_is_what_make_sample_writes(tmp_path):
             assert np.allclose(a.calc.results["forces"], b.calc.results["forces"], atol=1e-5)
             assert np.array_equal(a.get_tags(), b.get_tags()) and a.info.get("sid") == b.info.get("sid")
     assert max(len(a) for a in tdn.data.read(SAMPLE / "oc20")) <= 40
+
+
+def test_graphs_cached_once_built_and_handed_out_as_copies(tmp_path, monkeypatch):
+    import tdn.data.graph as graph_module
+
+    built: list[int] = []
+    real_build = graph_module.atoms_to_graph
+
+    def counting_build(atoms, *args, **kwargs):
+        built.append(len(atoms))
+        return real_build(atoms, *args, **kwargs)
+
+    monkeypatch.setattr(graph_module, "atoms_to_graph", counting_build)
+    options = dict(train=str(SAMPLE / "molecules.xyz"), val_size=10, batch_size=8, cutoff=4.0, seed=1)
+    dm = tdn.data.TDNDataModule(**options)  # cache_graphs="auto": a small split without workers
+    dm.setup()
+    train = dm.datasets["train"]
+    assert train.cache is not None
+    first = train[3]
+    first.pos += 1.0  # what a caller does to its copy stays there
+    first.padding = True
+    again = train[3]
+    assert len(built) == 1 and "padding" not in again
+    fresh = tdn.data.TDNDataModule(**options, cache_graphs=False)
+    fresh.setup()
+    assert fresh.datasets["train"].cache is None
+    reference = fresh.datasets["train"][3]
+    assert len(built) == 2  # uncached: built on every access
+    for key in graph_module.GRAPH_FIELDS:
+        assert torch.equal(again[key], reference[key]), key
+    # a subset shares its parent's cache
+    assert train.subset([3, 4])[0] is not None and len(built) == 2
+    # one epoch builds every graph once, a second epoch none
+    for _ in range(2):
+        for _ in dm.train_dataloader():
+            pass
+    assert len(built) == 2 + len(train) - 1
+    with_workers = tdn.data.TDNDataModule(**options, num_workers=1)
+    with_workers.setup()
+    assert with_workers.datasets["train"].cache is None  # auto: each worker would hold its own copy
+    with pytest.raises(ValueError, match="cache_graphs"):
+        tdn.data.TDNDataModule(**options, cache_graphs="yes")

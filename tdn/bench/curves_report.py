@@ -115,8 +115,8 @@ def error_at(points: list[dict[str, Any]], seconds: float, key: str) -> float | 
         if a[key] <= seconds <= b[key]:
             t = math.log(seconds / a[key]) / math.log(b[key] / a[key]) if b[key] > a[key] > 0 else 1.0
             return _between(a["test_forces_mae_meV_A"], b["test_forces_mae_meV_A"], t)
-    last = points[-1] if points else None
-    return last["test_forces_mae_meV_A"] if last is not None and last[key] == seconds else None
+    last = points[-1] if points else None  # its own end, as computed on another axis (round-off)
+    return last["test_forces_mae_meV_A"] if last is not None and math.isclose(last[key], seconds) else None
 
 
 def summary(table: dict[str, Any]) -> list[dict[str, Any]]:

@@ -38,6 +38,11 @@ def _file_identity(path: str) -> list:
     return [[str(q.resolve()), q.stat().st_size, q.stat().st_mtime_ns] for q in files if q.exists()]
 
 
+# cache_graphs="auto" keeps the graphs of splits up to this many structures in memory (tens to hundreds of MB for
+# molecules); larger sets, and loaders with worker processes (each would hold its own copy), build them per epoch
+CACHE_GRAPHS_AUTO_MAX = 20_000
+
+
 class TDNDataModule(L.LightningDataModule):
     """Train / val / test graphs from dataset files, batched under atom or edge caps.
 
@@ -63,6 +68,8 @@ class TDNDataModule(L.LightningDataModule):
         eval_batch_size: structures per validation/test batch (default: ``batch_size``); the atom and
             edge caps apply as well.
         num_workers: DataLoader worker processes (LMDB / SQLite handles reopen in each worker).
+        cache_graphs: keep built graphs in memory (read and neighbour-listed once, not every epoch): true, false,
+            or "auto" (splits of at most ``CACHE_GRAPHS_AUTO_MAX`` structures, without worker processes).
         pin_memory: DataLoader pin_memory.
         seed: seed of the split and of the per-epoch shuffling (identical on every rank).
         skip_invalid: skip invalid records (counted by reason and logged) instead of failing.
@@ -105,6 +112,7 @@ class TDNDataModule(L.LightningDataModule):
         stats_file: str | None = None,
         stats_max_structures: int | None = None,
         cache_dir: str | None = None,
+        cache_graphs: bool | str = "auto",
     ):
         super().__init__()
         self.train_paths = _as_paths(train)
@@ -132,6 +140,9 @@ class TDNDataModule(L.LightningDataModule):
         self.stats_file = stats_file
         self.stats_max_structures = stats_max_structures
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        if cache_graphs not in (True, False, "auto"):
+            raise ValueError(f"cache_graphs must be true, false or auto, got {cache_graphs!r}")
+        self.cache_graphs = cache_graphs
         if batch_size is None and max_atoms is None and max_edges is None:
             raise ValueError("give at least one of batch_size, max_atoms, max_edges")
         self.datasets: dict[str, GraphDataset] = {}
@@ -153,7 +164,12 @@ class TDNDataModule(L.LightningDataModule):
         return dataset
 
     def _graphs(self, atoms, indices=None) -> GraphDataset:
-        return GraphDataset(atoms, self.cutoff, dtype=self.dtype, max_neighbors=self.max_neighbors, indices=indices)
+        size = len(atoms) if indices is None else len(indices)
+        cache = self.cache_graphs is True or (
+            self.cache_graphs == "auto" and self.num_workers == 0 and size <= CACHE_GRAPHS_AUTO_MAX
+        )
+        return GraphDataset(atoms, self.cutoff, dtype=self.dtype, max_neighbors=self.max_neighbors, indices=indices,
+                            cache=cache)  # fmt: skip
 
     def setup(self, stage: str | None = None) -> None:
         """Open the files and build the splits (idempotent; cheap: nothing is decoded here but split ids)."""
