@@ -135,6 +135,13 @@ def test_train_command_resumes_or_restarts(tmp_path):
     run = curves.CurveRun(spec, "cp", 0, "quick", steps=4, batch_size=4)
     assert run.table == "curves_sample_quick_steps4"  # another budget never shares a table with the default one
     assert curves.CurveRun(spec, "cp", 0, "small", curves.DEFAULT_STEPS).table == "curves_sample_small"
+    cosine = curves.CurveRun(spec, "cp", 0, "quick", steps=4, batch_size=4, schedule="cosine")
+    assert cosine.table == run.table + "_cosine" and cosine.run_dir(tmp_path) != run.run_dir(tmp_path)
+    from tdn.train import compose
+
+    scheduler = compose(cosine.overrides()).training_module.lr_scheduler
+    assert scheduler.name == "cosine" and scheduler.min_lr_ratio == 0.01
+    assert compose(run.overrides()).training_module.lr_scheduler.name == "plateau"
     run_dir = run.run_dir(tmp_path)
     assert not any(a.startswith(("ckpt_path=", "overwrite=")) for a in curves.train_command(run, run_dir))
     run_dir.mkdir(parents=True)

@@ -51,6 +51,13 @@ DEFAULT_DATASETS = ("ethanol", "aspirin", "3bpa")
 DEFAULT_VARIANTS = ("cg", "cp", "cp-degree", "grid")
 DEVICES = ("cpu", "cuda")  # where the runs train; a GPU's tables are kept apart and timed by the wall clock
 DEFAULT_STEPS = 6000  # optimiser steps of 10 structures: 64 epochs of rMD17's 950, 172 of 3BPA's 350
+# learning-rate schedules -> overrides on top of experiment=accuracy_cpu (plateau: lr x0.8 after 5 epochs without a
+# better validation loss); cosine decays to 1 % of the lr over the budget, so the curve ends at a floor
+SCHEDULES = {
+    "plateau": [],
+    "cosine": ["training_module.lr_scheduler.name=cosine", "training_module.lr_scheduler.warmup_epochs=1",
+               "training_module.lr_scheduler.min_lr_ratio=0.01"],
+}
 SNAPSHOTS = 16  # points per curve (geometric in epochs, the last epoch included)
 
 
@@ -65,6 +72,7 @@ class CurveRun:
     steps: int
     batch_size: int = 10
     device: str = "cpu"
+    schedule: str = "plateau"
 
     @property
     def key(self) -> str:
@@ -75,7 +83,12 @@ class CurveRun:
         """``curves_<dataset>_<size>``, ``_steps<N>`` for a budget other than the default (a table holds one),
         ``_cuda`` for runs on a GPU (whose compute is counted in other seconds)."""
         budget = "" if self.steps == DEFAULT_STEPS else f"_steps{self.steps}"
+        budget += self.schedule_suffix
         return f"curves_{self.dataset.name.lower()}_{self.size}{budget}{self.device_suffix}"
+
+    @property
+    def schedule_suffix(self) -> str:
+        return "" if self.schedule == "plateau" else f"_{self.schedule}"
 
     @property
     def device_suffix(self) -> str:
@@ -88,14 +101,15 @@ class CurveRun:
         return max(1, math.ceil(self.steps / math.ceil(self.dataset.train_frames / self.batch_size)))
 
     def run_dir(self, work_dir: Path) -> Path:
-        return Path(work_dir) / "curves" / f"{self.size}_steps{self.steps}{self.device_suffix}" / (
-            f"{self.dataset.name.lower()}_{self.variant}_seed{self.seed}")
+        budget = f"{self.size}_steps{self.steps}{self.schedule_suffix}{self.device_suffix}"
+        return Path(work_dir) / "curves" / budget / f"{self.dataset.name.lower()}_{self.variant}_seed{self.seed}"
 
     def overrides(self) -> list[str]:
         """``tdn-train`` overrides of this run (without its directory)."""
         snapshots = ",".join(str(e) for e in snapshot_epochs(self.epochs()))
         return [*run_overrides(self.dataset, self.variant, self.budget(), self.seed), *SIZES[self.size],
-                f"snapshots.epochs=[{snapshots}]", "loggers=[csv]", *(["trainer=gpu"] if self.device == "cuda" else [])]
+                *SCHEDULES[self.schedule], f"snapshots.epochs=[{snapshots}]", "loggers=[csv]",
+                *(["trainer=gpu"] if self.device == "cuda" else [])]
 
 
 def snapshot_epochs(epochs: int, points: int = SNAPSHOTS) -> list[int]:
@@ -299,7 +313,8 @@ def store(run: CurveRun, record: dict[str, Any], out_dir: Path, command: str) ->
     with locked(path):
         table = read_table(path)
         table["runs"][run.key] = record
-        table.update(dataset=run.dataset.name, size=run.size, steps=run.steps, device=run.device, command=command,
+        table.update(dataset=run.dataset.name, size=run.size, steps=run.steps, device=run.device,
+                     schedule=run.schedule, command=command,
                      meta=common.run_metadata(run.device, packages=("lightning", "e3nn")))
         write_outputs(table, Path(out_dir), run.table)
     return table
@@ -355,6 +370,8 @@ def parse_args(argv: Sequence[str] | None = None, defaults: dict[str, Path] | No
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimiser steps per run (batch of 10)")
+    parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="plateau",
+                        help="learning-rate schedule (cosine: to 1%% of the lr at the last step; tables of its own)")
     parser.add_argument("--device", choices=DEVICES, default="cpu",
                         help="the CPU (compute: CPU seconds) or one GPU (compute: its wall seconds; use --jobs 1)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
@@ -374,7 +391,7 @@ def parse_args(argv: Sequence[str] | None = None, defaults: dict[str, Path] | No
 def plan(args: argparse.Namespace) -> list[CurveRun]:
     """The runs of a command, seed-major so that a first pass over every variant finishes before more seeds."""
     specs = [dataset_spec(name, args.data_root) for name in args.datasets]
-    return [CurveRun(spec, variant, seed, args.size, args.steps, device=args.device)
+    return [CurveRun(spec, variant, seed, args.size, args.steps, device=args.device, schedule=args.schedule)
             for seed in args.seeds for spec in specs for variant in args.variants]
 
 

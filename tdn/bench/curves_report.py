@@ -207,7 +207,8 @@ def markdown_report(table: dict[str, Any], name: str) -> str:
     protocol = records[0].get("protocol", "") if records else ""
     failed = [f"- {key}: {r['error']}" for key, r in sorted(table.get("runs", {}).items()) if "error" in r]
     return "\n".join([
-        f"# Learning curves: {table.get('dataset')}, {table.get('size')} model, {table.get('steps')} optimiser steps",
+        f"# Learning curves: {table.get('dataset')}, {table.get('size')} model, {table.get('steps')} optimiser steps, "
+        f"{table.get('schedule', 'plateau')} schedule",
         "",
         f"- command: `{table.get('command', '')}`",
         f"- machine: {machine}; 1-min load average at the last write: "
