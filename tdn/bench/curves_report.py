@@ -189,14 +189,19 @@ def results_table(table: dict[str, Any]) -> str:
             r["variant"], ",".join(map(str, r["seeds"])), r["params"], fmt_fixed(r["forces_mae"]) + spread,
             common.fmt_ratio(r["vs_cg"]), fmt_fixed(r["energy_mae"], 2), f"{r['train_s']:.0f}",
             f"{r['ms_per_step']:.1f}", fmt_fixed(r["forces_at_equal"]),
-            "—" if "reach_all" not in r else (f"{r['reach_s']:.0f}" if r["reach_all"] else "not reached"),
-            "—" if "reach_all" not in r else (f"{r['reach_step']:.0f}" if r["reach_all"] else "not reached"),
+            reach_cell(r, "reach_s"), reach_cell(r, "reach_step"),
         ])
         if timed:
             lines[-1] += ["—"] * 3 if "step_ms" not in r else [
-                f"{r['step_ms']:.1f}", fmt_fixed(r["forces_at_timed_equal"]),
-                "—" if "reach_all" not in r else (f"{r['timed_reach_s']:.0f}" if r["reach_all"] else "not reached")]
+                f"{r['step_ms']:.1f}", fmt_fixed(r["forces_at_timed_equal"]), reach_cell(r, "timed_reach_s")]
     return common.markdown_table(header, lines)
+
+
+def reach_cell(row: dict[str, Any], key: str) -> str:
+    """A summary row's compute or steps to the target: "—" without a target, "not reached" when a seed missed it."""
+    if "reach_all" not in row:
+        return "—"
+    return f"{row[key]:.0f}" if row["reach_all"] else "not reached"
 
 
 def markdown_report(table: dict[str, Any], name: str) -> str:
