@@ -162,3 +162,16 @@ def test_bad_training_options(tmp_path):
 def test_conf_dir_is_the_repository_one():
     """The package's config tree is the repository's conf/ (tdn/conf links to it), not a copy that could drift."""
     assert CONF_DIR.resolve() == Path(__file__).resolve().parents[1] / "conf"
+
+
+def test_compose_from_several_threads_at_once():
+    """Hydra's global state is per process: concurrent compose calls must not trip over each other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tdn.train import compose
+
+    overrides = [[f"seed={k}", "tp=grid" if k % 2 else "tp=cp"] for k in range(16)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        configs = list(pool.map(compose, overrides))
+    assert [c.seed for c in configs] == list(range(16))
+    assert [c.tp.kind for c in configs] == ["cp", "grid"] * 8

@@ -6,6 +6,8 @@ result = train(compose(["tp=grid", "epochs=2"]), "outputs/run")
 
 from __future__ import annotations
 
+import threading
+
 from . import resolvers
 from .ema import EMA
 from .errors import ConfigError, NonFiniteLossError
@@ -13,16 +15,20 @@ from .losses import LossConfig, PotentialLoss
 from .metrics import METRICS, GenericMetrics, MetricSet, PubChemQCRMetrics, S2EFMetrics
 from .resolvers import CONF_DIR
 
+_COMPOSE_LOCK = threading.Lock()
+
 
 def compose(overrides: list[str] | None = None, config_name: str = "train"):
-    """The config ``tdn-train`` would use for ``overrides`` (Hydra's compose API on the repository's conf/)."""
+    """The config ``tdn-train`` would use for ``overrides`` (Hydra's compose API on the repository's conf/).
+    Safe to call from several threads at once (Hydra's global state is held for one call at a time)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    with _COMPOSE_LOCK:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=list(overrides or []))
 
 
 def train(cfg, output_dir):
