@@ -169,7 +169,7 @@ class TDNDataModule(L.LightningDataModule):
             self.cache_graphs == "auto" and self.num_workers == 0 and size <= CACHE_GRAPHS_AUTO_MAX
         )
         return GraphDataset(atoms, self.cutoff, dtype=self.dtype, max_neighbors=self.max_neighbors, indices=indices,
-                            cache=cache)  # fmt: skip
+                            cache={} if cache else None)  # fmt: skip
 
     def setup(self, stage: str | None = None) -> None:
         """Open the files and build the splits (idempotent; cheap: nothing is decoded here but split ids)."""

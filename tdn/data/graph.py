@@ -85,21 +85,21 @@ class GraphDataset(torch.utils.data.Dataset):
         atoms: any Sequence of ase.Atoms with ``.get(i)`` (a reader, a subset, a list).
         cutoff, dtype, max_neighbors: as for :func:`atoms_to_graph`.
         indices: positions of ``atoms`` to expose (default all), e.g. a split.
-        cache: keep every graph once built (in this process) and hand out copies: reading a record and building
-            its neighbour list is done once, not once per epoch. Shared with :meth:`subset`.
+        cache: a dict (usually empty) that keeps every graph once built, by position in ``atoms``, in this process;
+            copies are handed out. Reading a record and building its neighbour list is then done once, not once per
+            epoch. :meth:`subset` shares it. None: build on every access.
 
     ``dataset[k]`` is the graph of ``atoms[indices[k]]``, or None for a record skipped as invalid.
     """
 
     def __init__(self, atoms: Sequence, cutoff: float, *, dtype=torch.float32, max_neighbors: int | None = None,
-                 indices=None, cache: bool | dict[int, Data | None] = False):
+                 indices=None, cache: dict[int, Data | None] | None = None):
         self.atoms = atoms
         self.cutoff = float(cutoff)
         self.dtype = resolve_dtype(dtype)
         self.max_neighbors = max_neighbors
         self.indices = np.arange(len(atoms), dtype=np.int64) if indices is None else np.asarray(indices, np.int64)
-        # graphs by position in ``atoms`` (None: not caching); a dict given is shared (a subset of a cached dataset)
-        self.cache: dict[int, Data | None] | None = cache if isinstance(cache, dict) else ({} if cache else None)
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -134,8 +134,7 @@ class GraphDataset(torch.utils.data.Dataset):
     def subset(self, positions) -> GraphDataset:
         """The same graphs restricted to some of this dataset's positions."""
         return GraphDataset(self.atoms, self.cutoff, dtype=self.dtype, max_neighbors=self.max_neighbors,
-                            indices=self.indices[np.asarray(positions, dtype=np.int64)],
-                            cache=False if self.cache is None else self.cache)
+                            indices=self.indices[np.asarray(positions, dtype=np.int64)], cache=self.cache)
 
 
 def collate(graphs: Sequence[Data | None]) -> Batch:
