@@ -22,9 +22,9 @@ def graph(num_nodes: int = 30, num_edges: int = 200, seed: int = 0) -> tuple[tor
     return sender, receiver
 
 
-@pytest.mark.parametrize(("kind", "weights"), [("cp", "shared"), ("cp", "degree"), ("grid", "shared"),
-                                               ("grid", "degree")])  # fmt: skip
-@pytest.mark.parametrize("lmax_in", [0, 1])
+@pytest.mark.parametrize(("kind", "weights"), [("cp", "shared"), ("cp", "degree"), ("cp", "inout"),
+                                               ("grid", "shared"), ("grid", "degree"), ("grid", "inout")])  # fmt: skip
+@pytest.mark.parametrize("lmax_in", [0, 1, 2])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_receiver_conv_equals_the_backend_conv(kind, weights, lmax_in, dtype, tol, monkeypatch):
     """Values and first derivatives (x, y, w) of tp.conv's reference, in several chunks of receivers."""

@@ -15,6 +15,7 @@ from e3nn import o3 as e3nn_o3
 
 import tdn
 from tdn.o3 import (
+    degree_slice,
     e3nn_irreps,
     equivariance_error,
     from_e3nn_layout,
@@ -132,6 +133,36 @@ def test_cg_shared_and_degree_equal_path_with_expanded_weights(weights, paths, d
         l_out = torch.tensor([l3 for _, _, l3 in per_path.path_list])
         expanded = w[:, :, l_out]  # the weight of the path's output degree
     assert relative_error(tp(x, y, w), per_path(x, y, expanded)) < 1e-12
+
+
+def pair_weights_per_path(tp: tdn.tp.TensorProduct, w: torch.Tensor) -> torch.Tensor:
+    """"inout" weights ``[E, C, pairs]`` -> the per-path weights ``[E, C, paths]`` of the same map."""
+    index = torch.tensor([tp.degree_pairs.index((l1, l3)) for l1, _, l3 in tp.path_list])
+    return w[:, :, index]
+
+
+@pytest.mark.parametrize("degrees", [(1, 2, 2), (2, 2, 2), (2, 1, 3), (3, 2, 1), (0, 2, 2), (1, 3, 3)])
+@pytest.mark.parametrize("paths", ["o3", "so3"])
+def test_inout_weights_equal_path_weights_shared_within_each_degree_pair(paths, degrees):
+    """cg "inout" is the per-path product whose paths of one (l_in, l_out) pair share a weight; cp "inout" is it
+    up to the fit error of its factors, grid "inout" the Gaunt tensor split by input degree."""
+    tp = build("cg", degrees, paths=paths, weights="inout")
+    per_path = build("cg", degrees, paths=paths, weights="path")
+    x, y, w = random_inputs(tp)
+    expected = per_path(x, y, pair_weights_per_path(tp, w))
+    assert relative_error(tp(x, y, w), expected) < 1e-12
+    if (paths, degrees) == ("o3", (1, 2, 2)):  # the small model's second layer: (1, 0, 1) and (1, 2, 1) share
+        assert (tp.num_weights, per_path.num_weights) == (6, 7)
+    if degrees[1] == degrees[2]:  # shipped cp factors (other degrees would be fitted on first use)
+        cp = build("cp", degrees, paths=paths, weights="inout")
+        assert cp.degree_pairs == tp.degree_pairs
+        assert relative_error(cp(x, y, w), expected) < 20 * cp.fit_error
+    if paths == "o3":
+        grid = build("grid", degrees, weights="inout")
+        gaunt = torch.einsum("kij,eci,ej->ecik", gaunt_tensor(*degrees), x, y)  # [E, C, d_in, d_out] per component
+        per_degree = torch.stack([gaunt[:, :, degree_slice(l)].sum(2) for l in range(degrees[0] + 1)], 2)
+        scale = torch.stack([grid.pair_weights(w, l) for l in range(degrees[0] + 1)], 2)  # [E, C, L_in+1, d_out]
+        assert relative_error(grid(x, y, w), (per_degree * scale).sum(2)) < 1e-10
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -257,7 +288,8 @@ def test_num_weights(kind):
     degrees = degrees_for(kind)[-1]
     for paths, weights in supported(kind):
         tp = build(kind, degrees, paths=paths, weights=weights)
-        expected = {"shared": 1, "degree": degrees[2] + 1, "path": len(tp.path_list)}[weights]
+        pairs = {(l1, l3) for l1, _, l3 in tp.path_list}
+        expected = {"shared": 1, "degree": degrees[2] + 1, "inout": len(pairs), "path": len(tp.path_list)}[weights]
         assert tp.num_weights == expected
         x, y, w = random_inputs(tp)
         assert tp(x, y, w).shape == (x.shape[0], tp.channels, (degrees[2] + 1) ** 2)
@@ -320,7 +352,7 @@ def test_unsupported_and_unknown_weights(kind):
                 tdn.tp.build(kind, lmax=1, paths=paths, weights=weights)
     if kind in ("grid", "gaunt"):
         assert "path" not in cls.supported_weights
-    with pytest.raises(ValueError, match=r"weights must be one of \('shared', 'degree', 'path'\), got 'edge'"):
+    with pytest.raises(ValueError, match=r"weights must be one of \('shared', 'degree', 'inout', 'path'\), got 'edge'"):
         tdn.tp.build(kind, lmax=1, paths=paths, weights="edge")
 
 

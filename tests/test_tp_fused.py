@@ -47,17 +47,18 @@ SCRIPT = textwrap.dedent(
     b = tp.conv(x, y, wt, sender, receiver, fused=False)
     assert (a - b).abs().max() <= 1e-5 * b.abs().max()
 
-    # one weight per output degree: one fused reduction per degree vs the per-edge product, values and gradients
-    for kind in ("cp", "grid"):
-        tp = tdn.tp.build(kind, lmax=2, channels=channels, weights="degree")
+    # one weight per output degree (per degree pair): one fused reduction per weight vs the per-edge product,
+    # values and gradients
+    for kind, weights in (("cp", "degree"), ("grid", "degree"), ("cp", "inout"), ("grid", "inout")):
+        tp = tdn.tp.build(kind, lmax=2, channels=channels, weights=weights)
         x = torch.randn(num_nodes, channels, 9, requires_grad=True)
-        wd = torch.randn(num_edges, channels, 3, requires_grad=True)
+        wd = torch.randn(num_edges, channels, tp.num_weights, requires_grad=True)
         a = tp.conv(x, y, wd, sender, receiver, fused=True)
         b = tp.conv(x, y, wd, sender, receiver, fused=False)
-        assert (a - b).abs().max() <= 1e-5 * b.abs().max(), (kind, (a - b).abs().max())
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max(), (kind, weights, (a - b).abs().max())
         g = torch.randn_like(b)
         for ga, gb in zip(torch.autograd.grad(a, (x, wd), g), torch.autograd.grad(b, (x, wd), g)):
-            assert (ga - gb).abs().max() <= 1e-5 * gb.abs().max(), (kind, (ga - gb).abs().max())
+            assert (ga - gb).abs().max() <= 1e-5 * gb.abs().max(), (kind, weights, (ga - gb).abs().max())
     # the kernel is first order: differentiating its backward again raises (force training uses the reference)
     out = edge_conv(xb, yc, w, sender, receiver, num_nodes, fused=True)
     (gx,) = torch.autograd.grad((out ** 2).sum(), xb, create_graph=True)

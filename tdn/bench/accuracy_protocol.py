@@ -19,6 +19,9 @@ VARIANTS = {  # variant name -> tp overrides
     "grid": ["tp=grid"],
     "cg-shared": ["tp=cg", "tp.weights=shared"],  # the exact map cp approximates (same path-weight sharing)
     "cp-degree": ["tp=cp", "tp.weights=degree"],  # cp with one weight per channel and output degree
+    # one weight per channel and (input degree, output degree) pair
+    "cp-inout": ["tp=cp", "tp.weights=inout"],
+    "grid-inout": ["tp=grid", "tp.weights=inout"],
 }
 TABLES = ("rmd17", "3bpa", "acac", "oxides")
 RMD17_MOLECULES = ("aspirin", "azobenzene", "benzene", "ethanol", "malonaldehyde", "naphthalene", "salicylic",

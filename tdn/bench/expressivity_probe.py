@@ -134,9 +134,8 @@ def build_backend(kind: str, lmax: int, paths: str, channels: int, allow_fit: bo
 def weight_counts(kind: str, lmax: int, paths: str) -> dict[str, int]:
     """``{mode: P}`` for every weight mode the backend offers (P = weights per channel)."""
     cls = tdn_tp.BACKENDS[kind]
-    num_paths = len(tdn_o3.path_list(lmax, lmax, lmax, paths))
-    counts = {"shared": 1, "degree": lmax + 1, "path": num_paths}
-    return {mode: counts[mode] for mode in cls.supported_weights}
+    path_list = tdn_o3.path_list(lmax, lmax, lmax, paths)
+    return {mode: tdn_tp.weights_per_channel(mode, path_list, lmax) for mode in cls.supported_weights}
 
 
 def backend_row(kind: str, lmax: int, paths: str, cfg: dict[str, Any]) -> dict[str, Any]:

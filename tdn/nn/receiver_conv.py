@@ -168,7 +168,7 @@ def receiver_conv(
     Triton kernel runs, ``torch.compile`` tracing, autocast, no edges, or a graph whose padding would exceed
     ``MAX_PADDING``. The caller then runs ``tp.conv``.
     """
-    if not isinstance(tp, FactorisedProduct) or tp.weights not in ("shared", "degree"):
+    if not isinstance(tp, FactorisedProduct) or tp.weights not in ("shared", "degree", "inout"):
         return None
     if triton_available(x.device) or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
         return None
@@ -178,8 +178,20 @@ def receiver_conv(
     if table is None:
         return None
     left, right, project = tp.factors()
+    yc = y @ right  # [E, R]
     if tp.weights == "shared":
         blocks: tuple[tuple[int, int], ...] = ((0, project.shape[1]),)
-    else:  # one weight per output degree l: components l^2 .. (l+1)^2
+    elif tp.weights == "degree":  # one weight per output degree l: components l^2 .. (l+1)^2
         blocks = tuple((l * l, (l + 1) ** 2) for l in range(tp.lmax_out + 1))
-    return _ReceiverConv.apply(x, y @ right, w, left, project, sender, table.slots, table.valid, blocks)
+    else:  # "inout": one product per input degree, on its components and rows of `left`, its pairs' weights
+        out = x.new_zeros(x.shape[0], x.shape[1], project.shape[1])
+        for l_in in tp.input_degrees:
+            pairs = [p for p, (l1, _) in enumerate(tp.degree_pairs) if l1 == l_in]
+            blocks = tuple((l * l, (l + 1) ** 2) for l in (tp.degree_pairs[p][1] for p in pairs))
+            columns = torch.cat([torch.arange(start, stop) for start, stop in blocks]).to(x.device)
+            rows = slice(l_in * l_in, (l_in + 1) ** 2)
+            part = _ReceiverConv.apply(x[:, :, rows].contiguous(), yc, w[:, :, pairs], left[rows], project, sender,
+                                       table.slots, table.valid, blocks)  # fmt: skip  # [N, C, len(columns)]
+            out = out.index_add(2, columns, part)
+        return out
+    return _ReceiverConv.apply(x, yc, w, left, project, sender, table.slots, table.valid, blocks)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import MAX_LMAX, WEIGHT_MODES, FactorisedProduct, TensorProduct, check_support
+from .base import MAX_LMAX, WEIGHT_MODES, FactorisedProduct, TensorProduct, check_support, weights_per_channel
 from .cg import CGProduct
 from .cp import CPProduct
 from .gaunt import GauntProduct
@@ -75,4 +75,5 @@ __all__ = [
     "backend",
     "build",
     "check_support",
+    "weights_per_channel",
 ]

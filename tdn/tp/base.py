@@ -17,7 +17,18 @@ from ..o3 import check_path_set, degree_of_component, degree_slice, dim, path_li
 from .fused import edge_conv, triton_available
 
 MAX_LMAX = 8
-WEIGHT_MODES = ("shared", "degree", "path")
+WEIGHT_MODES = ("shared", "degree", "inout", "path")
+
+
+def weights_per_channel(weights: str, paths: list[tuple[int, int, int]], lmax_out: int) -> int:
+    """``P``, the weights per channel of mode ``weights`` for the coupling paths ``paths`` (``(l1, l2, l3)``)."""
+    if weights == "shared":
+        return 1
+    if weights == "degree":
+        return lmax_out + 1
+    if weights == "inout":
+        return len({(l1, l3) for l1, _, l3 in paths})
+    return len(paths)
 
 
 def check_lmax(name: str, value: int) -> int:
@@ -72,6 +83,9 @@ class TensorProduct(nn.Module):
 
     weights="shared": P = 1, one weight per channel multiplies every path;
     weights="degree": P = lmax_out + 1, one weight per channel and output degree;
+    weights="inout":  P = number of (input degree, output degree) pairs with a path, one weight per channel and
+                      pair: paths from different input degrees no longer share a weight (a scalar's and a vector's
+                      contributions to one output degree, above all), only paths that differ in the harmonic's;
     weights="path":   P = number of paths, one weight per channel and path (MACE's "uvu" product).
     """
 
@@ -102,11 +116,17 @@ class TensorProduct(nn.Module):
                 f"no coupling path for lmax_in={lmax_in}, lmax_sh={lmax_sh}, lmax_out={lmax_out}, paths={paths!r}"
             )
         self.num_paths = len(self.path_list)
-        self.num_weights = {"shared": 1, "degree": lmax_out + 1, "path": self.num_paths}[weights]
+        self.degree_pairs = sorted({(l1, l3) for l1, _, l3 in self.path_list})  # (l_in, l_out) of the "inout" weights
+        self.num_weights = weights_per_channel(weights, self.path_list, lmax_out)
         # [L+1, D_out] one-hot of each component's degree: expanding degree weights by a matmul differentiates
         # (twice, in force training) far cheaper than indexing, whose backward is a scatter (2.4x, CPU)
         expansion = nn.functional.one_hot(degree_of_component(lmax_out), lmax_out + 1).T.double()
         self.register_buffer("_degree_expansion", expansion, persistent=False)
+        # [L_in+1, P, D_out]: "inout" weights to the output scale of the input degree l's part, w @ E[l]
+        pairs = torch.zeros(lmax_in + 1, len(self.degree_pairs), dim(lmax_out), dtype=torch.float64)
+        for p, (l1, l3) in enumerate(self.degree_pairs):
+            pairs[l1, p, degree_slice(l3)] = 1.0
+        self.register_buffer("_pair_expansion", pairs, persistent=False)
 
     def _apply(self, fn, recurse: bool = True):
         # Tables are computed in float64. Casting float64 -> float32 -> float64 would keep float32 round-off,
@@ -177,6 +197,16 @@ class TensorProduct(nn.Module):
             return w @ self._degree_expansion.to(w.dtype)  # [E, C, L+1] @ [L+1, D_out]
         return w
 
+    @property
+    def input_degrees(self) -> list[int]:
+        """The input degrees with at least one path, in order (the parts of an "inout" product)."""
+        return sorted({l1 for l1, _ in self.degree_pairs})
+
+    def pair_weights(self, w: torch.Tensor, l_in: int) -> torch.Tensor:
+        """``w [E, C, P]`` ("inout") -> the output scale ``[E, C, D_out]`` of the part from input degree ``l_in``
+        (zero on the output degrees it has no path to)."""
+        return w @ self._pair_expansion[l_in].to(w.dtype)  # [E, C, P] @ [P, D_out]
+
     def forward(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         self.check_inputs(x, y, w)
         return self.product(x, y, w)
@@ -222,7 +252,19 @@ class FactorisedProduct(TensorProduct):
 
     def product(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         left, right, project = self.factors()
-        return (((x @ left) * (y @ right).unsqueeze(1)) @ project) * self.expand_weights(w)  # [E, C, D_out]
+        if self.weights != "inout":
+            return (((x @ left) * (y @ right).unsqueeze(1)) @ project) * self.expand_weights(w)  # [E, C, D_out]
+        # "inout": the part of each input degree l on its own rows of ``left``, scaled by its pairs' weights
+        yc = y @ right  # [E, R]
+        out = None
+        for l in self.input_degrees:
+            if l == 0:  # a scalar input: linear in y alone, through one [d_sh, d_out] matrix (no [E, C, R] tensor)
+                part = x[:, :, :1] * (y @ ((right * left[0]) @ project)).unsqueeze(1)
+            else:
+                part = ((x[:, :, degree_slice(l)] @ left[degree_slice(l)]) * yc.unsqueeze(1)) @ project
+            part = part * self.pair_weights(w, l)  # [E, C, D_out]
+            out = part if out is None else out + part
+        return out
 
     def conv(
         self,
@@ -236,17 +278,24 @@ class FactorisedProduct(TensorProduct):
         # degree weights: one reduction per output degree pays with the kernel; without it the per-edge product
         # is faster (measured on a CPU: 34 vs 100 ms fwd+bwd at L = 3, docs/benchmarks/conv_cpu_quick.md)
         per_degree = fused if fused is not None else triton_available(x.device)
-        if self.weights == "path" or (self.weights == "degree" and not per_degree):
+        if self.weights == "path" or (self.weights in ("degree", "inout") and not per_degree):
             return super().conv(x, y, w, sender, receiver, fused)  # per-edge messages
         self.check_inputs(x, y, w, num_edges=y.shape[0])
         self.check_edges(y, sender, receiver)
         left, right, project = self.factors()
-        xb, yc = x @ left, y @ right  # [N, C, R], [E, R]
+        yc = y @ right  # [E, R]
         if self.weights == "shared":
+            xb = x @ left  # [N, C, R]
             return edge_conv(xb, yc, w[:, :, 0], sender, receiver, x.shape[0], fused) @ project  # [N, C, D_out]
-        # one weight per output degree l: one reduction per degree, each projected onto its own rows
-        parts = [
-            edge_conv(xb, yc, w[:, :, l], sender, receiver, x.shape[0], fused) @ project[:, degree_slice(l)]
-            for l in range(self.lmax_out + 1)
-        ]
+        # one reduction per weight, projected onto the rows of its output degree: per output degree l ("degree"),
+        # per pair (l_in, l) on the terms of input degree l_in alone ("inout")
+        pairs = self.degree_pairs if self.weights == "inout" else [(None, l) for l in range(self.lmax_out + 1)]
+        xb = {l_in: x @ left if l_in is None else x[:, :, degree_slice(l_in)] @ left[degree_slice(l_in)]
+              for l_in in dict.fromkeys(l_in for l_in, _ in pairs)}  # fmt: skip  # [N, C, R] each
+        per_degree_parts: list[list[torch.Tensor]] = [[] for _ in range(self.lmax_out + 1)]
+        for p, (l_in, l) in enumerate(pairs):
+            summed = edge_conv(xb[l_in], yc, w[:, :, p], sender, receiver, x.shape[0], fused)  # [N, C, R]
+            per_degree_parts[l].append(summed @ project[:, degree_slice(l)])
+        parts = [sum(ps) if ps else x.new_zeros(x.shape[0], x.shape[1], 2 * l + 1)
+                 for l, ps in enumerate(per_degree_parts)]  # fmt: skip
         return torch.cat(parts, dim=2)  # [N, C, D_out]

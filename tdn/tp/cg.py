@@ -13,8 +13,9 @@ from .fused import edge_chunks
 class CGProduct(TensorProduct):
     """``out[e, c] = sum_p w[e, c, p] CG_p(x[e, c], y[e])`` with the normalised path blocks of ``M``.
 
-    "shared"/"degree": the edge's ``y`` is contracted with the whole tensor first,
-    ``T[e] = M . y[e]`` ``[d_out, d_in]`` (cost per edge, not per channel), then ``out = x T^T``.
+    "shared"/"degree"/"inout": the edge's ``y`` is contracted with the whole tensor first,
+    ``T[e] = M . y[e]`` ``[d_out, d_in]`` (cost per edge, not per channel), then ``out = x T^T`` ("inout": one
+    product per input degree on its columns of ``T``).
     "path" (MACE's "uvu" product), all paths in one batched product: with ``Z[e, c, (p, i)] = w[e, c, p] x[e, c, i]``
     and the per-edge table ``T[e, (p, i), k] = sum_j M_p[k, i, j] y[e, j]`` (``M_p`` the path's block of ``M``,
     zero outside its degrees), ``out[e, c] = Z[e, c] T[e]``: ``[C, P d_in] x [P d_in, d_out]`` per edge. Its
@@ -45,8 +46,12 @@ class CGProduct(TensorProduct):
             return torch.bmm(_weighted_inputs(x, w), _edge_table(y, self.path_table, self.dims[2]))  # [E, C, d_out]
         d_in, _, d_out = self.dims
         t = (y @ self.m_flat).view(-1, d_out, d_in)  # [E, d_out, d_in]
-        out = torch.bmm(x, t.transpose(1, 2))  # [E, C, d_out]
-        return out * self.expand_weights(w)
+        if self.weights != "inout":
+            return torch.bmm(x, t.transpose(1, 2)) * self.expand_weights(w)  # [E, C, d_out]
+        # "inout": the part of each input degree on its own columns of T, scaled by its pairs' weights
+        parts = [torch.bmm(x[:, :, degree_slice(l)], t[:, :, degree_slice(l)].transpose(1, 2)) * self.pair_weights(w, l)
+                 for l in self.input_degrees]  # fmt: skip
+        return sum(parts[1:], parts[0])  # [E, C, d_out]
 
     def reference_product(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The per-path loop (weights="path"): one small product per path, the definition tests compare to."""

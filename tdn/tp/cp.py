@@ -233,7 +233,9 @@ class CPProduct(FactorisedProduct):
     """``out = A [(Bᵀ x) ⊙ (Cᵀ y)] * w``: the CP form of the path-shared product with ``M``.
 
     weights="shared": one weight per channel for all paths (TDN's path-weight sharing, ``P = 1``);
-    weights="degree": one per channel and output degree (``P = lmax_out + 1``), applied after ``A``.
+    weights="degree": one per channel and output degree (``P = lmax_out + 1``), applied after ``A``;
+    weights="inout": one per channel and (input degree, output degree) pair, each input degree's part on its own
+    rows of ``B`` (the same factors: ``M`` restricted to those rows is exact in them).
     Per-path weights cannot be applied once the paths are summed into ``M``: "path" is a ValueError.
 
     ``rank=None`` picks the smallest rank with relative error of ``M`` at most ``tol``; ``rank=R`` forces
@@ -246,7 +248,7 @@ class CPProduct(FactorisedProduct):
 
     kind = "cp"
     supported_paths = ("o3", "so3")
-    supported_weights = ("shared", "degree")
+    supported_weights = ("shared", "degree", "inout")
     # one weight per channel: "degree" lowers the force error by ~7 % but doubles the MD step on a CPU
     # (docs/accuracy.md, learning curves; docs/benchmarks/md_cpu_weight_modes.md)
     default_weights = "shared"

@@ -20,7 +20,8 @@ GAUNT_REASON = (
 
 class GauntSupport:
     """What the Gaunt-product backends ("grid" here, "gaunt" in .gaunt) accept: a product of sphere functions has
-    the 'o3' couplings only, and no per-path weights (the split of the product over paths is fixed)."""
+    the 'o3' couplings only, and no per-path weights (the split of the product over paths is fixed). The grid
+    product also takes "inout" weights: its factors split by input degree (the rows of the sphere values of x)."""
 
     supported_paths = ("o3",)
     supported_weights = ("shared", "degree")
@@ -30,6 +31,7 @@ class GauntSupport:
 
 class GridProduct(GauntSupport, FactorisedProduct):
     kind = "grid"
+    supported_weights = ("shared", "degree", "inout")
 
     def __init__(self, lmax_in: int, lmax_sh: int, lmax_out: int, channels: int, paths: str = "o3",
                  weights: str = "shared") -> None:
