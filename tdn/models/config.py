@@ -75,7 +75,7 @@ class ModelConfig:
 
     elements: list[int]  # atomic numbers the model knows, in the order of atomic_energies
     tp: str = "cp"  # tensor-product backend of the convolution and the product basis: cg | cp | gaunt | grid
-    tp_weights: str | None = None  # shared | degree | path; None: DEFAULT_TP_WEIGHTS[tp]
+    tp_weights: str | None = None  # shared | degree | inout | path; None: DEFAULT_TP_WEIGHTS[tp]
     tp_options: dict[str, Any] = field(default_factory=dict)  # extra keywords for tdn.tp.build (e.g. rank, tol)
     product_options: dict[str, Any] = field(default_factory=dict)  # extra keywords for ProductBasis (cp: tol, rank)
     paths: str = "o3"  # o3 (natural parity; gaunt/grid need it) | so3

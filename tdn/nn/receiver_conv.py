@@ -186,8 +186,8 @@ def receiver_conv(
     else:  # "inout": one product per input degree, on its components and rows of `left`, its pairs' weights
         out = x.new_zeros(x.shape[0], x.shape[1], project.shape[1])
         for l_in in tp.input_degrees:
-            pairs = [p for p, (l1, _) in enumerate(tp.degree_pairs) if l1 == l_in]
-            blocks = tuple((l * l, (l + 1) ** 2) for l in (tp.degree_pairs[p][1] for p in pairs))
+            pairs = tp.pairs_of(l_in)
+            blocks = tuple((l * l, (l + 1) ** 2) for _, l in tp.degree_pairs[pairs])
             columns = torch.cat([torch.arange(start, stop) for start, stop in blocks]).to(x.device)
             rows = slice(l_in * l_in, (l_in + 1) ** 2)
             part = _ReceiverConv.apply(x[:, :, rows].contiguous(), yc, w[:, :, pairs], left[rows], project, sender,

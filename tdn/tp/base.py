@@ -122,10 +122,11 @@ class TensorProduct(nn.Module):
         # (twice, in force training) far cheaper than indexing, whose backward is a scatter (2.4x, CPU)
         expansion = nn.functional.one_hot(degree_of_component(lmax_out), lmax_out + 1).T.double()
         self.register_buffer("_degree_expansion", expansion, persistent=False)
-        # [L_in+1, P, D_out]: "inout" weights to the output scale of the input degree l's part, w @ E[l]
-        pairs = torch.zeros(lmax_in + 1, len(self.degree_pairs), dim(lmax_out), dtype=torch.float64)
-        for p, (l1, l3) in enumerate(self.degree_pairs):
-            pairs[l1, p, degree_slice(l3)] = 1.0
+        # [P, D_out] one-hot of each "inout" weight's output components; the pairs of one input degree are
+        # consecutive (sorted), so that degree's part is scaled by w[:, :, pairs] @ E[pairs]
+        pairs = torch.zeros(len(self.degree_pairs), dim(lmax_out), dtype=torch.float64)
+        for p, (_, l3) in enumerate(self.degree_pairs):
+            pairs[p, degree_slice(l3)] = 1.0
         self.register_buffer("_pair_expansion", pairs, persistent=False)
 
     def _apply(self, fn, recurse: bool = True):
@@ -202,10 +203,16 @@ class TensorProduct(nn.Module):
         """The input degrees with at least one path, in order (the parts of an "inout" product)."""
         return sorted({l1 for l1, _ in self.degree_pairs})
 
+    def pairs_of(self, l_in: int) -> slice:
+        """The "inout" weights of input degree ``l_in``: a slice of ``w``'s last dimension (empty without a path)."""
+        indices = [p for p, (l1, _) in enumerate(self.degree_pairs) if l1 == l_in]
+        return slice(indices[0], indices[-1] + 1) if indices else slice(0, 0)
+
     def pair_weights(self, w: torch.Tensor, l_in: int) -> torch.Tensor:
         """``w [E, C, P]`` ("inout") -> the output scale ``[E, C, D_out]`` of the part from input degree ``l_in``
         (zero on the output degrees it has no path to)."""
-        return w @ self._pair_expansion[l_in].to(w.dtype)  # [E, C, P] @ [P, D_out]
+        pairs = self.pairs_of(l_in)
+        return w[:, :, pairs] @ self._pair_expansion[pairs].to(w.dtype)  # [E, C, P_l] @ [P_l, D_out]
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         self.check_inputs(x, y, w)
@@ -259,10 +266,12 @@ class FactorisedProduct(TensorProduct):
         out = None
         for l in self.input_degrees:
             if l == 0:  # a scalar input: linear in y alone, through one [d_sh, d_out] matrix (no [E, C, R] tensor)
-                part = x[:, :, :1] * (y @ ((right * left[0]) @ project)).unsqueeze(1)
+                pairs = self.pairs_of(0)  # the weights meet the scalar before their expansion to components
+                scaled = (x[:, :, :1] * w[:, :, pairs]) @ self._pair_expansion[pairs].to(w.dtype)  # [E, C, D_out]
+                part = scaled * (y @ ((right * left[0]) @ project)).unsqueeze(1)
             else:
                 part = ((x[:, :, degree_slice(l)] @ left[degree_slice(l)]) * yc.unsqueeze(1)) @ project
-            part = part * self.pair_weights(w, l)  # [E, C, D_out]
+                part = part * self.pair_weights(w, l)  # [E, C, D_out]
             out = part if out is None else out + part
         return out
 
