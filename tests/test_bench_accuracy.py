@@ -10,6 +10,7 @@ import pytest
 
 from tdn.bench import accuracy, expressivity
 from tdn.o3 import path_list
+from tdn.tp.base import inout_key
 from tdn.train import compose
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # the reference data beside the checkout
@@ -36,7 +37,7 @@ def test_expressivity_quick(tmp_path: Path) -> None:
             assert g["paths_active_odd"] == 0 and g["dist_M_degree"] > 0.05
         assert rows[("cg", "so3", L)]["paths_active_odd"] > 0
         assert "equiv_f64" not in rows[("gaunt", "so3", L)] and 0 < rows[("gaunt", "so3", L)]["odd_fraction"] < 1
-        pairs = len({(l1, l3) for l1, _, l3 in path_list(L, L, L, "o3")})
+        pairs = len({inout_key(path) for path in path_list(L, L, L, "o3")})
         assert cg["weights_per_channel"] == {"shared": 1, "degree": L + 1, "inout": pairs, "path": cg["num_paths"]}
         assert cp["weights_per_channel"] == {"shared": 1, "degree": L + 1, "inout": pairs}
     curve = result["cp_curve"]

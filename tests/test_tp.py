@@ -24,6 +24,7 @@ from tdn.o3 import (
     to_e3nn_layout,
 )
 from tdn.tp import BACKENDS, MAX_LMAX, WEIGHT_MODES
+from tdn.tp.base import inout_key
 
 pytestmark = pytest.mark.usefixtures("one_thread", "float64", "seed")
 
@@ -135,34 +136,46 @@ def test_cg_shared_and_degree_equal_path_with_expanded_weights(weights, paths, d
     assert relative_error(tp(x, y, w), per_path(x, y, expanded)) < 1e-12
 
 
-def pair_weights_per_path(tp: tdn.tp.TensorProduct, w: torch.Tensor) -> torch.Tensor:
-    """"inout" weights ``[E, C, pairs]`` -> the per-path weights ``[E, C, paths]`` of the same map."""
-    index = torch.tensor([tp.degree_pairs.index((l1, l3)) for l1, _, l3 in tp.path_list])
+def inout_weights_per_path(tp: tdn.tp.TensorProduct, w: torch.Tensor) -> torch.Tensor:
+    """"inout" weights ``[E, C, keys]`` -> the per-path weights ``[E, C, paths]`` of the same map."""
+    index = torch.tensor([tp.inout_keys.index(inout_key(path)) for path in tp.path_list])
     return w[:, :, index]
 
 
-@pytest.mark.parametrize("degrees", [(1, 2, 2), (2, 2, 2), (2, 1, 3), (3, 2, 1), (0, 2, 2), (1, 3, 3)])
+def test_inout_keys():
+    """Paths of one (l_in, l_out) pair share a weight, except the scalar harmonic's (l, 0, l)."""
+    assert [inout_key(p) for p in [(0, 2, 2), (1, 0, 1), (1, 2, 1), (1, 1, 2), (1, 3, 2), (2, 0, 2)]] == [
+        (0, 2, False), (1, 1, True), (1, 1, False), (1, 2, False), (1, 2, False), (2, 2, True)]
+    tp = build("cg", (1, 2, 2), weights="inout")  # the small model's second layer: every path has its own weight
+    assert tp.num_weights == tp.num_paths == 7
+    tp = build("cg", (1, 3, 3), weights="inout")  # (1, 1, 2) and (1, 3, 2) share one
+    assert (tp.num_weights, tp.num_paths) == (9, 10)
+
+
+@pytest.mark.parametrize("degrees", [(1, 2, 2), (2, 2, 2), (2, 1, 3), (3, 2, 1), (0, 2, 2), (1, 3, 3), (1, 1, 1)])
 @pytest.mark.parametrize("paths", ["o3", "so3"])
-def test_inout_weights_equal_path_weights_shared_within_each_degree_pair(paths, degrees):
-    """cg "inout" is the per-path product whose paths of one (l_in, l_out) pair share a weight; cp "inout" is it
-    up to the fit error of its factors, grid "inout" the Gaunt tensor split by input degree."""
+def test_inout_weights_equal_path_weights_shared_within_each_key(paths, degrees):
+    """cg "inout" is the per-path product whose paths of one key share a weight; cp "inout" is it up to the fit
+    error of its factors; grid "inout" is the Gaunt tensor's paths, weighted the same way."""
     tp = build("cg", degrees, paths=paths, weights="inout")
     per_path = build("cg", degrees, paths=paths, weights="path")
     x, y, w = random_inputs(tp)
-    expected = per_path(x, y, pair_weights_per_path(tp, w))
+    expected = per_path(x, y, inout_weights_per_path(tp, w))
     assert relative_error(tp(x, y, w), expected) < 1e-12
-    if (paths, degrees) == ("o3", (1, 2, 2)):  # the small model's second layer: (1, 0, 1) and (1, 2, 1) share
-        assert (tp.num_weights, per_path.num_weights) == (6, 7)
     if degrees[1] == degrees[2]:  # shipped cp factors (other degrees would be fitted on first use)
         cp = build("cp", degrees, paths=paths, weights="inout")
-        assert cp.degree_pairs == tp.degree_pairs
+        assert cp.inout_keys == tp.inout_keys
         assert relative_error(cp(x, y, w), expected) < 20 * cp.fit_error
     if paths == "o3":
         grid = build("grid", degrees, weights="inout")
-        gaunt = torch.einsum("kij,eci,ej->ecik", gaunt_tensor(*degrees), x, y)  # [E, C, d_in, d_out] per component
-        per_degree = torch.stack([gaunt[:, :, degree_slice(l)].sum(2) for l in range(degrees[0] + 1)], 2)
-        scale = torch.stack([grid.pair_weights(w, l) for l in range(degrees[0] + 1)], 2)  # [E, C, L_in+1, d_out]
-        assert relative_error(grid(x, y, w), (per_degree * scale).sum(2)) < 1e-10
+        gaunt = gaunt_tensor(*degrees)  # [d_out, d_in, d_sh]
+        per_key = inout_weights_per_path(grid, w)
+        expected = torch.zeros(x.shape[0], x.shape[1], gaunt.shape[0])
+        for p, (l1, l2, l3) in enumerate(grid.path_list):
+            block = gaunt[degree_slice(l3), degree_slice(l1), degree_slice(l2)]
+            part = torch.einsum("kij,eci,ej->eck", block, x[:, :, degree_slice(l1)], y[:, degree_slice(l2)])
+            expected[:, :, degree_slice(l3)] += per_key[:, :, p : p + 1] * part
+        assert relative_error(grid(x, y, w), expected) < 1e-10
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -288,8 +301,8 @@ def test_num_weights(kind):
     degrees = degrees_for(kind)[-1]
     for paths, weights in supported(kind):
         tp = build(kind, degrees, paths=paths, weights=weights)
-        pairs = {(l1, l3) for l1, _, l3 in tp.path_list}
-        expected = {"shared": 1, "degree": degrees[2] + 1, "inout": len(pairs), "path": len(tp.path_list)}[weights]
+        keys = {inout_key(path) for path in tp.path_list}
+        expected = {"shared": 1, "degree": degrees[2] + 1, "inout": len(keys), "path": len(tp.path_list)}[weights]
         assert tp.num_weights == expected
         x, y, w = random_inputs(tp)
         assert tp(x, y, w).shape == (x.shape[0], tp.channels, (degrees[2] + 1) ** 2)

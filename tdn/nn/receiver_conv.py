@@ -186,12 +186,12 @@ def receiver_conv(
     else:  # "inout": one product per input degree, on its components and rows of `left`, its pairs' weights
         out = x.new_zeros(x.shape[0], x.shape[1], project.shape[1])
         for l_in in tp.input_degrees:
-            pairs = tp.pairs_of(l_in)
-            blocks = tuple((l * l, (l + 1) ** 2) for _, l in tp.degree_pairs[pairs])
+            keys = [p for p in range(len(tp.inout_keys))[tp.pairs_of(l_in)] if not tp.inout_keys[p][2]]
+            blocks = tuple((l * l, (l + 1) ** 2) for _, l, _ in (tp.inout_keys[p] for p in keys))
             columns = torch.cat([torch.arange(start, stop) for start, stop in blocks]).to(x.device)
             rows = slice(l_in * l_in, (l_in + 1) ** 2)
-            part = _ReceiverConv.apply(x[:, :, rows].contiguous(), yc, w[:, :, pairs], left[rows], project, sender,
+            part = _ReceiverConv.apply(x[:, :, rows].contiguous(), yc, w[:, :, keys], left[rows], project, sender,
                                        table.slots, table.valid, blocks)  # fmt: skip  # [N, C, len(columns)]
             out = out.index_add(2, columns, part)
-        return out
+        return tp.add_scalar_harmonic_paths(out, x, y, w, sender, receiver)
     return _ReceiverConv.apply(x, yc, w, left, project, sender, table.slots, table.valid, blocks)

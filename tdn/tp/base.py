@@ -20,6 +20,17 @@ MAX_LMAX = 8
 WEIGHT_MODES = ("shared", "degree", "inout", "path")
 
 
+def inout_key(path: tuple[int, int, int]) -> tuple[int, int, bool]:
+    """The "inout" weight of a path ``(l1, l2, l3)``: ``(l1, l3, through the scalar harmonic)``.
+
+    Paths that share a key share a weight: those of one (input degree, output degree) pair, except the path
+    ``(l, 0, l)`` for ``l > 0`` (the input feature passed on unchanged, times the harmonic's constant), which has a
+    weight of its own. Paths with a scalar input ``(0, l, l)`` are alone in their pair anyway.
+    """
+    l1, l2, l3 = path
+    return l1, l3, l2 == 0 and l1 > 0
+
+
 def weights_per_channel(weights: str, paths: list[tuple[int, int, int]], lmax_out: int) -> int:
     """``P``, the weights per channel of mode ``weights`` for the coupling paths ``paths`` (``(l1, l2, l3)``)."""
     if weights == "shared":
@@ -27,7 +38,7 @@ def weights_per_channel(weights: str, paths: list[tuple[int, int, int]], lmax_ou
     if weights == "degree":
         return lmax_out + 1
     if weights == "inout":
-        return len({(l1, l3) for l1, _, l3 in paths})
+        return len({inout_key(p) for p in paths})
     return len(paths)
 
 
@@ -83,9 +94,10 @@ class TensorProduct(nn.Module):
 
     weights="shared": P = 1, one weight per channel multiplies every path;
     weights="degree": P = lmax_out + 1, one weight per channel and output degree;
-    weights="inout":  P = number of (input degree, output degree) pairs with a path, one weight per channel and
-                      pair: paths from different input degrees no longer share a weight (a scalar's and a vector's
-                      contributions to one output degree, above all), only paths that differ in the harmonic's;
+    weights="inout":  one weight per channel and (input degree, output degree) pair, with the path through the
+                      scalar harmonic, ``(l, 0, l)`` (the neighbour's feature passed on unchanged), apart from its
+                      pair's other paths (:func:`inout_key`): only paths that differ in a harmonic of degree > 0
+                      share a weight; below that the cp and grid products cost little more than "degree";
     weights="path":   P = number of paths, one weight per channel and path (MACE's "uvu" product).
     """
 
@@ -116,17 +128,18 @@ class TensorProduct(nn.Module):
                 f"no coupling path for lmax_in={lmax_in}, lmax_sh={lmax_sh}, lmax_out={lmax_out}, paths={paths!r}"
             )
         self.num_paths = len(self.path_list)
-        self.degree_pairs = sorted({(l1, l3) for l1, _, l3 in self.path_list})  # (l_in, l_out) of the "inout" weights
+        self.inout_keys = sorted({inout_key(p) for p in self.path_list})  # the "inout" weights, in order
         self.num_weights = weights_per_channel(weights, self.path_list, lmax_out)
         # [L+1, D_out] one-hot of each component's degree: expanding degree weights by a matmul differentiates
         # (twice, in force training) far cheaper than indexing, whose backward is a scatter (2.4x, CPU)
         expansion = nn.functional.one_hot(degree_of_component(lmax_out), lmax_out + 1).T.double()
         self.register_buffer("_degree_expansion", expansion, persistent=False)
-        # [P, D_out] one-hot of each "inout" weight's output components; the pairs of one input degree are
-        # consecutive (sorted), so that degree's part is scaled by w[:, :, pairs] @ E[pairs]
-        pairs = torch.zeros(len(self.degree_pairs), dim(lmax_out), dtype=torch.float64)
-        for p, (_, l3) in enumerate(self.degree_pairs):
-            pairs[p, degree_slice(l3)] = 1.0
+        # [P, D_out] one-hot of each "inout" pair weight's output components (zero rows: the scalar-harmonic
+        # paths, added apart); the weights of one input degree are consecutive (sorted), so that degree's part is
+        # scaled by w[:, :, keys] @ E[keys]
+        pairs = torch.zeros(len(self.inout_keys), dim(lmax_out), dtype=torch.float64)
+        for p, (_, l3, scalar_harmonic) in enumerate(self.inout_keys):
+            pairs[p, degree_slice(l3)] = float(not scalar_harmonic)
         self.register_buffer("_pair_expansion", pairs, persistent=False)
 
     def _apply(self, fn, recurse: bool = True):
@@ -201,18 +214,42 @@ class TensorProduct(nn.Module):
     @property
     def input_degrees(self) -> list[int]:
         """The input degrees with at least one path, in order (the parts of an "inout" product)."""
-        return sorted({l1 for l1, _ in self.degree_pairs})
+        return sorted({l1 for l1, _, _ in self.inout_keys})
 
     def pairs_of(self, l_in: int) -> slice:
         """The "inout" weights of input degree ``l_in``: a slice of ``w``'s last dimension (empty without a path)."""
-        indices = [p for p, (l1, _) in enumerate(self.degree_pairs) if l1 == l_in]
+        indices = [p for p, (l1, _, _) in enumerate(self.inout_keys) if l1 == l_in]
         return slice(indices[0], indices[-1] + 1) if indices else slice(0, 0)
 
     def pair_weights(self, w: torch.Tensor, l_in: int) -> torch.Tensor:
         """``w [E, C, P]`` ("inout") -> the output scale ``[E, C, D_out]`` of the part from input degree ``l_in``
-        (zero on the output degrees it has no path to)."""
+        (zero on the output degrees it has no path to). The part includes its path through the scalar harmonic at
+        its pair's weight; :meth:`scalar_harmonic_paths` corrects that to the path's own weight."""
         pairs = self.pairs_of(l_in)
         return w[:, :, pairs] @ self._pair_expansion[pairs].to(w.dtype)  # [E, C, P_l] @ [P_l, D_out]
+
+    def scalar_harmonic_coupling(self, l: int) -> torch.Tensor:
+        """``S [2l+1, 2l+1]``: the path ``(l, 0, l)`` of this product, ``out_l = y_0 x_l S`` (a multiple of the
+        identity for the exact coupling; the backend's own tensor, fit error included, for a factorised one)."""
+        raise NotImplementedError
+
+    def scalar_harmonic_paths(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+        """The "inout" correction of the paths ``(l, 0, l)``, ``l > 0``, from their pair's weight to their own:
+        ``x [E, C, D_in]`` (per edge), ``y [E, D_sh]``, ``w [E, C, P]`` -> ``[E, C, D_out]``, or None without
+        such a path. Cheap: ``[E, C, 2l+1]`` per degree, no coupling."""
+        out = None
+        for p, (l, _, scalar_harmonic) in enumerate(self.inout_keys):
+            if not scalar_harmonic:
+                continue
+            delta = w[:, :, p : p + 1]  # [E, C, 1]: own weight minus the pair's (none: 0)
+            if (l, l, False) in self.inout_keys:
+                q = self.inout_keys.index((l, l, False))
+                delta = delta - w[:, :, q : q + 1]
+            coupling = self.scalar_harmonic_coupling(l).to(x.dtype)  # [2l+1, 2l+1]
+            part = (x[:, :, degree_slice(l)] @ coupling) * (y[:, :1].unsqueeze(1) * delta)  # [E, C, 2l+1]
+            part = nn.functional.pad(part, (l * l, dim(self.lmax_out) - (l + 1) ** 2))  # [E, C, D_out]
+            out = part if out is None else out + part
+        return out
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         self.check_inputs(x, y, w)
@@ -273,7 +310,12 @@ class FactorisedProduct(TensorProduct):
                 part = ((x[:, :, degree_slice(l)] @ left[degree_slice(l)]) * yc.unsqueeze(1)) @ project
                 part = part * self.pair_weights(w, l)  # [E, C, D_out]
             out = part if out is None else out + part
-        return out
+        own = self.scalar_harmonic_paths(x, y, w)
+        return out if own is None else out + own
+
+    def scalar_harmonic_coupling(self, l: int) -> torch.Tensor:
+        left, right, project = self.factors()
+        return (left[degree_slice(l)] * right[0]) @ project[:, degree_slice(l)]  # [2l+1, 2l+1]
 
     def conv(
         self,
@@ -297,14 +339,27 @@ class FactorisedProduct(TensorProduct):
             xb = x @ left  # [N, C, R]
             return edge_conv(xb, yc, w[:, :, 0], sender, receiver, x.shape[0], fused) @ project  # [N, C, D_out]
         # one reduction per weight, projected onto the rows of its output degree: per output degree l ("degree"),
-        # per pair (l_in, l) on the terms of input degree l_in alone ("inout")
-        pairs = self.degree_pairs if self.weights == "inout" else [(None, l) for l in range(self.lmax_out + 1)]
+        # per pair (l_in, l) on the terms of input degree l_in alone ("inout"; its scalar-harmonic paths apart)
+        if self.weights == "inout":
+            pairs = [(l_in, l) for l_in, l, scalar_harmonic in self.inout_keys if not scalar_harmonic]
+            weight_of = [p for p, key in enumerate(self.inout_keys) if not key[2]]
+        else:
+            pairs, weight_of = [(None, l) for l in range(self.lmax_out + 1)], list(range(self.lmax_out + 1))
         xb = {l_in: x @ left if l_in is None else x[:, :, degree_slice(l_in)] @ left[degree_slice(l_in)]
               for l_in in dict.fromkeys(l_in for l_in, _ in pairs)}  # fmt: skip  # [N, C, R] each
         per_degree_parts: list[list[torch.Tensor]] = [[] for _ in range(self.lmax_out + 1)]
-        for p, (l_in, l) in enumerate(pairs):
+        for p, (l_in, l) in zip(weight_of, pairs):
             summed = edge_conv(xb[l_in], yc, w[:, :, p], sender, receiver, x.shape[0], fused)  # [N, C, R]
             per_degree_parts[l].append(summed @ project[:, degree_slice(l)])
         parts = [sum(ps) if ps else x.new_zeros(x.shape[0], x.shape[1], 2 * l + 1)
                  for l, ps in enumerate(per_degree_parts)]  # fmt: skip
-        return torch.cat(parts, dim=2)  # [N, C, D_out]
+        return self.add_scalar_harmonic_paths(torch.cat(parts, dim=2), x, y, w, sender, receiver)  # [N, C, D_out]
+
+    def add_scalar_harmonic_paths(self, summed: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+                                  sender: torch.Tensor, receiver: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """``summed [N, C, D_out]`` plus the "inout" scalar-harmonic corrections of the edges, summed on their
+        receivers (per-edge ``[E, C, D_out]`` messages: no coupling, cheap; ``x`` node features)."""
+        if self.weights != "inout":
+            return summed
+        own = self.scalar_harmonic_paths(x.index_select(0, sender), y, w)
+        return summed if own is None else summed.index_add(0, receiver, own)

@@ -51,7 +51,13 @@ class CGProduct(TensorProduct):
         # "inout": the part of each input degree on its own columns of T, scaled by its pairs' weights
         parts = [torch.bmm(x[:, :, degree_slice(l)], t[:, :, degree_slice(l)].transpose(1, 2)) * self.pair_weights(w, l)
                  for l in self.input_degrees]  # fmt: skip
-        return sum(parts[1:], parts[0])  # [E, C, d_out]
+        own = self.scalar_harmonic_paths(x, y, w)
+        return sum(parts[1:], parts[0] if own is None else parts[0] + own)  # [E, C, d_out]
+
+    def scalar_harmonic_coupling(self, l: int) -> torch.Tensor:
+        d_in, _, d_out = self.dims
+        m_0 = self.m_flat[0].view(d_out, d_in)  # M . e_0: the harmonic Y_0's coupling [d_out, d_in]
+        return m_0[degree_slice(l), degree_slice(l)].T  # [2l+1 (in), 2l+1 (out)]
 
     def reference_product(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The per-path loop (weights="path"): one small product per path, the definition tests compare to."""
