@@ -183,9 +183,10 @@ def receiver_conv(
         blocks: tuple[tuple[int, int], ...] = ((0, project.shape[1]),)
     elif tp.weights == "degree":  # one weight per output degree l: components l^2 .. (l+1)^2
         blocks = tuple((l * l, (l + 1) ** 2) for l in range(tp.lmax_out + 1))
-    else:  # "inout": one product per input degree, on its components and rows of `left`, its pairs' weights
+    else:  # "inout": one product per input degree l > 0, on its components and rows of `left`, its pairs' weights;
+        # the paths without coupling per edge (tp.add_uncoupled_paths)
         out = x.new_zeros(x.shape[0], x.shape[1], project.shape[1])
-        for l_in in tp.input_degrees:
+        for l_in in tp.coupled_input_degrees:
             keys = [p for p in range(len(tp.inout_keys))[tp.pairs_of(l_in)] if not tp.inout_keys[p][2]]
             blocks = tuple((l * l, (l + 1) ** 2) for _, l, _ in (tp.inout_keys[p] for p in keys))
             columns = torch.cat([torch.arange(start, stop) for start, stop in blocks]).to(x.device)
@@ -193,5 +194,5 @@ def receiver_conv(
             part = _ReceiverConv.apply(x[:, :, rows].contiguous(), yc, w[:, :, keys], left[rows], project, sender,
                                        table.slots, table.valid, blocks)  # fmt: skip  # [N, C, len(columns)]
             out = out.index_add(2, columns, part)
-        return tp.add_scalar_harmonic_paths(out, x, y, w, sender, receiver)
+        return tp.add_uncoupled_paths(out, x, y, w, sender, receiver)
     return _ReceiverConv.apply(x, yc, w, left, project, sender, table.slots, table.valid, blocks)

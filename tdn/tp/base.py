@@ -141,6 +141,20 @@ class TensorProduct(nn.Module):
         for p, (_, l3, scalar_harmonic) in enumerate(self.inout_keys):
             pairs[p, degree_slice(l3)] = float(not scalar_harmonic)
         self.register_buffer("_pair_expansion", pairs, persistent=False)
+        # the scalar-harmonic paths (l, 0, l), l = 1 .. min(lmax_in, lmax_out): their input components, the
+        # difference of weights each gets (own minus its pair's) and the block of its output degree
+        own = [(p, l) for p, (l, _, scalar_harmonic) in enumerate(self.inout_keys) if scalar_harmonic]
+        self._self_components = slice(1, dim(own[-1][1]) if own else 1)
+        delta = torch.zeros(len(self.inout_keys), self._self_components.stop - 1, dtype=torch.float64)
+        mask = torch.zeros(self._self_components.stop - 1, dim(lmax_out), dtype=torch.float64)
+        for p, l in own:
+            rows = slice(l * l - 1, (l + 1) ** 2 - 1)
+            delta[p, rows] = 1.0
+            if (l, l, False) in self.inout_keys:
+                delta[self.inout_keys.index((l, l, False)), rows] = -1.0
+            mask[rows, degree_slice(l)] = 1.0
+        self.register_buffer("_self_delta", delta, persistent=False)  # [P, n_self]
+        self.register_buffer("_self_mask", mask, persistent=False)  # [n_self, D_out]
 
     def _apply(self, fn, recurse: bool = True):
         # Tables are computed in float64. Casting float64 -> float32 -> float64 would keep float32 round-off,
@@ -212,9 +226,10 @@ class TensorProduct(nn.Module):
         return w
 
     @property
-    def input_degrees(self) -> list[int]:
-        """The input degrees with at least one path, in order (the parts of an "inout" product)."""
-        return sorted({l1 for l1, _, _ in self.inout_keys})
+    def coupled_input_degrees(self) -> list[int]:
+        """The input degrees ``l > 0`` with a path, in order: the coupled parts of an "inout" product (the scalar
+        input's part is one of the :meth:`uncoupled_paths`)."""
+        return sorted({l1 for l1, _, _ in self.inout_keys if l1 > 0})
 
     def pairs_of(self, l_in: int) -> slice:
         """The "inout" weights of input degree ``l_in``: a slice of ``w``'s last dimension (empty without a path)."""
@@ -224,32 +239,34 @@ class TensorProduct(nn.Module):
     def pair_weights(self, w: torch.Tensor, l_in: int) -> torch.Tensor:
         """``w [E, C, P]`` ("inout") -> the output scale ``[E, C, D_out]`` of the part from input degree ``l_in``
         (zero on the output degrees it has no path to). The part includes its path through the scalar harmonic at
-        its pair's weight; :meth:`scalar_harmonic_paths` corrects that to the path's own weight."""
+        its pair's weight; :meth:`uncoupled_paths` corrects that to the path's own weight."""
         pairs = self.pairs_of(l_in)
         return w[:, :, pairs] @ self._pair_expansion[pairs].to(w.dtype)  # [E, C, P_l] @ [P_l, D_out]
 
-    def scalar_harmonic_coupling(self, l: int) -> torch.Tensor:
-        """``S [2l+1, 2l+1]``: the path ``(l, 0, l)`` of this product, ``out_l = y_0 x_l S`` (a multiple of the
-        identity for the exact coupling; the backend's own tensor, fit error included, for a factorised one)."""
+    def scalar_couplings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This product's couplings through a scalar: ``(m0 [D_sh, D_out], m_self [D_in, D_out])`` with
+        ``T(e_0, y) = y @ m0`` (a scalar input) and ``T(x, e_0) = x @ m_self`` (the scalar harmonic); the exact
+        ones for the exact product, the backend's own (fit error included) for a factorised one."""
         raise NotImplementedError
 
-    def scalar_harmonic_paths(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
-        """The "inout" correction of the paths ``(l, 0, l)``, ``l > 0``, from their pair's weight to their own:
-        ``x [E, C, D_in]`` (per edge), ``y [E, D_sh]``, ``w [E, C, P]`` -> ``[E, C, D_out]``, or None without
-        such a path. Cheap: ``[E, C, 2l+1]`` per degree, no coupling."""
-        out = None
-        for p, (l, _, scalar_harmonic) in enumerate(self.inout_keys):
-            if not scalar_harmonic:
-                continue
-            delta = w[:, :, p : p + 1]  # [E, C, 1]: own weight minus the pair's (none: 0)
-            if (l, l, False) in self.inout_keys:
-                q = self.inout_keys.index((l, l, False))
-                delta = delta - w[:, :, q : q + 1]
-            coupling = self.scalar_harmonic_coupling(l).to(x.dtype)  # [2l+1, 2l+1]
-            part = (x[:, :, degree_slice(l)] @ coupling) * (y[:, :1].unsqueeze(1) * delta)  # [E, C, 2l+1]
-            part = nn.functional.pad(part, (l * l, dim(self.lmax_out) - (l + 1) ** 2))  # [E, C, D_out]
-            out = part if out is None else out + part
-        return out
+    def uncoupled_paths(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The "inout" paths that need no coupling, as one product per edge: ``x [E, C, D_in]``, ``y [E, D_sh]``,
+        ``w [E, C, P]`` -> ``[E, C, D_out]``.
+
+        The scalar input's paths ``(0, l, l)`` at their weights, plus, for ``l > 0``, the scalar harmonic's path
+        ``(l, 0, l)`` at its own weight minus its pair's (which the coupled part of degree ``l`` applied to it):
+        ``U [E, C, n] = [x_0 w_(0, l) ..., x_l (w_self - w_pair) ...]`` times the per-edge ``G [E, n, D_out]`` of
+        the couplings (per edge, not per channel).
+        """
+        m0, m_self = (m.to(x.dtype) for m in self.scalar_couplings())
+        pairs0 = self.pairs_of(0)
+        u = [x[:, :, :1] * w[:, :, pairs0]]  # [E, C, n0]
+        g = [(y @ m0).unsqueeze(1) * self._pair_expansion[pairs0].to(x.dtype)]  # [E, n0, D_out]
+        if self._self_components.stop > 1:
+            u.append(x[:, :, self._self_components] * (w @ self._self_delta.to(x.dtype)))  # [E, C, n_self]
+            coupling = m_self[self._self_components] * self._self_mask.to(x.dtype)  # [n_self, D_out]
+            g.append(y[:, :1].unsqueeze(2) * coupling)  # [E, n_self, D_out]
+        return torch.bmm(torch.cat(u, 2), torch.cat(g, 1))  # [E, C, D_out]
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         self.check_inputs(x, y, w)
@@ -298,24 +315,18 @@ class FactorisedProduct(TensorProduct):
         left, right, project = self.factors()
         if self.weights != "inout":
             return (((x @ left) * (y @ right).unsqueeze(1)) @ project) * self.expand_weights(w)  # [E, C, D_out]
-        # "inout": the part of each input degree l on its own rows of ``left``, scaled by its pairs' weights
-        yc = y @ right  # [E, R]
-        out = None
-        for l in self.input_degrees:
-            if l == 0:  # a scalar input: linear in y alone, through one [d_sh, d_out] matrix (no [E, C, R] tensor)
-                pairs = self.pairs_of(0)  # the weights meet the scalar before their expansion to components
-                scaled = (x[:, :, :1] * w[:, :, pairs]) @ self._pair_expansion[pairs].to(w.dtype)  # [E, C, D_out]
-                part = scaled * (y @ ((right * left[0]) @ project)).unsqueeze(1)
-            else:
-                part = ((x[:, :, degree_slice(l)] @ left[degree_slice(l)]) * yc.unsqueeze(1)) @ project
-                part = part * self.pair_weights(w, l)  # [E, C, D_out]
-            out = part if out is None else out + part
-        own = self.scalar_harmonic_paths(x, y, w)
-        return out if own is None else out + own
+        # "inout": the paths without coupling in one product per edge, then each input degree l > 0 on its own
+        # rows of ``left``, scaled by its pairs' weights
+        out = self.uncoupled_paths(x, y, w)  # [E, C, D_out]
+        yc = (y @ right).unsqueeze(1)  # [E, 1, R]
+        for l in self.coupled_input_degrees:
+            part = ((x[:, :, degree_slice(l)] @ left[degree_slice(l)]) * yc) @ project  # [E, C, D_out]
+            out = out + part * self.pair_weights(w, l)
+        return out
 
-    def scalar_harmonic_coupling(self, l: int) -> torch.Tensor:
+    def scalar_couplings(self) -> tuple[torch.Tensor, torch.Tensor]:
         left, right, project = self.factors()
-        return (left[degree_slice(l)] * right[0]) @ project[:, degree_slice(l)]  # [2l+1, 2l+1]
+        return (right * left[0]) @ project, (left * right[0]) @ project  # [D_sh, D_out], [D_in, D_out]
 
     def conv(
         self,
@@ -340,9 +351,10 @@ class FactorisedProduct(TensorProduct):
             return edge_conv(xb, yc, w[:, :, 0], sender, receiver, x.shape[0], fused) @ project  # [N, C, D_out]
         # one reduction per weight, projected onto the rows of its output degree: per output degree l ("degree"),
         # per pair (l_in, l) on the terms of input degree l_in alone ("inout"; its scalar-harmonic paths apart)
-        if self.weights == "inout":
-            pairs = [(l_in, l) for l_in, l, scalar_harmonic in self.inout_keys if not scalar_harmonic]
-            weight_of = [p for p, key in enumerate(self.inout_keys) if not key[2]]
+        if self.weights == "inout":  # the coupled pairs (l_in > 0); the uncoupled paths per edge, added below
+            weight_of = [p for p, (l_in, _, scalar_harmonic) in enumerate(self.inout_keys)
+                         if l_in > 0 and not scalar_harmonic]  # fmt: skip
+            pairs = [self.inout_keys[p][:2] for p in weight_of]
         else:
             pairs, weight_of = [(None, l) for l in range(self.lmax_out + 1)], list(range(self.lmax_out + 1))
         xb = {l_in: x @ left if l_in is None else x[:, :, degree_slice(l_in)] @ left[degree_slice(l_in)]
@@ -353,13 +365,12 @@ class FactorisedProduct(TensorProduct):
             per_degree_parts[l].append(summed @ project[:, degree_slice(l)])
         parts = [sum(ps) if ps else x.new_zeros(x.shape[0], x.shape[1], 2 * l + 1)
                  for l, ps in enumerate(per_degree_parts)]  # fmt: skip
-        return self.add_scalar_harmonic_paths(torch.cat(parts, dim=2), x, y, w, sender, receiver)  # [N, C, D_out]
+        return self.add_uncoupled_paths(torch.cat(parts, dim=2), x, y, w, sender, receiver)  # [N, C, D_out]
 
-    def add_scalar_harmonic_paths(self, summed: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
-                                  sender: torch.Tensor, receiver: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """``summed [N, C, D_out]`` plus the "inout" scalar-harmonic corrections of the edges, summed on their
-        receivers (per-edge ``[E, C, D_out]`` messages: no coupling, cheap; ``x`` node features)."""
+    def add_uncoupled_paths(self, summed: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+                            sender: torch.Tensor, receiver: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """``summed [N, C, D_out]`` plus the "inout" :meth:`uncoupled_paths` of the edges, summed on their
+        receivers (per-edge ``[E, C, D_out]`` messages, ``x`` node features); ``summed`` for other modes."""
         if self.weights != "inout":
             return summed
-        own = self.scalar_harmonic_paths(x.index_select(0, sender), y, w)
-        return summed if own is None else summed.index_add(0, receiver, own)
+        return summed.index_add(0, receiver, self.uncoupled_paths(x.index_select(0, sender), y, w))

@@ -48,16 +48,18 @@ class CGProduct(TensorProduct):
         t = (y @ self.m_flat).view(-1, d_out, d_in)  # [E, d_out, d_in]
         if self.weights != "inout":
             return torch.bmm(x, t.transpose(1, 2)) * self.expand_weights(w)  # [E, C, d_out]
-        # "inout": the part of each input degree on its own columns of T, scaled by its pairs' weights
-        parts = [torch.bmm(x[:, :, degree_slice(l)], t[:, :, degree_slice(l)].transpose(1, 2)) * self.pair_weights(w, l)
-                 for l in self.input_degrees]  # fmt: skip
-        own = self.scalar_harmonic_paths(x, y, w)
-        return sum(parts[1:], parts[0] if own is None else parts[0] + own)  # [E, C, d_out]
+        # "inout": the paths without coupling in one product per edge, then each input degree l > 0 on its own
+        # columns of T, scaled by its pairs' weights
+        out = self.uncoupled_paths(x, y, w)
+        for l in self.coupled_input_degrees:
+            part = torch.bmm(x[:, :, degree_slice(l)], t[:, :, degree_slice(l)].transpose(1, 2))  # [E, C, d_out]
+            out = out + part * self.pair_weights(w, l)
+        return out
 
-    def scalar_harmonic_coupling(self, l: int) -> torch.Tensor:
-        d_in, _, d_out = self.dims
-        m_0 = self.m_flat[0].view(d_out, d_in)  # M . e_0: the harmonic Y_0's coupling [d_out, d_in]
-        return m_0[degree_slice(l), degree_slice(l)].T  # [2l+1 (in), 2l+1 (out)]
+    def scalar_couplings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        d_in, d_sh, d_out = self.dims
+        m = self.m_flat.T.reshape(d_out, d_in, d_sh)  # M [d_out, d_in, d_sh]
+        return m[:, 0, :].T, m[:, :, 0].T  # [d_sh, d_out], [d_in, d_out]
 
     def reference_product(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The per-path loop (weights="path"): one small product per path, the definition tests compare to."""
