@@ -222,22 +222,26 @@ def energy_of(model, atoms: Atoms) -> float:
     return run(model, atoms, compute_forces=False)["energy"].item()
 
 
+def assert_forces_match_finite_differences(model, atoms: Atoms, h: float = 1e-4) -> None:
+    """Forces against central differences of the energy (float64), to 1e-5 of the largest force."""
+    forces = run(model, atoms)["forces"].numpy()
+    numeric = np.zeros_like(forces)
+    for a in range(len(atoms)):
+        for k in range(3):
+            plus, minus = atoms.copy(), atoms.copy()
+            plus.positions[a, k] += h
+            minus.positions[a, k] -= h
+            numeric[a, k] = -(energy_of(model, plus) - energy_of(model, minus)) / (2 * h)
+    assert np.abs(forces).max() > 1e-5
+    assert np.abs(numeric - forces).max() <= 1e-5 * np.abs(forces).max()
+
+
 @pytest.mark.parametrize("kind", BACKENDS)
 def test_forces_and_stress_match_finite_differences(kind):
     model = tiny_model(kind)
     h = 1e-4
     for atoms in (slab()[:5] + Atoms("H", positions=[[0.5, 0.5, 8.0]]), triclinic_bulk()):
-        out = run(model, atoms, compute_stress=True)
-        forces = out["forces"].numpy()
-        numeric = np.zeros_like(forces)
-        for a in range(len(atoms)):
-            for k in range(3):
-                plus, minus = atoms.copy(), atoms.copy()
-                plus.positions[a, k] += h
-                minus.positions[a, k] -= h
-                numeric[a, k] = -(energy_of(model, plus) - energy_of(model, minus)) / (2 * h)
-        assert np.abs(forces).max() > 1e-5
-        assert np.abs(numeric - forces).max() <= 1e-5 * np.abs(forces).max()
+        assert_forces_match_finite_differences(model, atoms, h)
 
     # stress against finite strains (ASE's definition: sigma = (1/V) dE/d(strain))
     atoms = triclinic_bulk()
@@ -257,6 +261,22 @@ def test_forces_and_stress_match_finite_differences(kind):
             numeric[i, j] = (energies[0] - energies[1]) / (2 * h) / volume
     assert np.abs(stress).max() > 1e-4
     assert np.abs(numeric - stress).max() <= 1e-5 * np.abs(stress).max()
+
+
+@pytest.mark.parametrize("kind", ["cg", "cp", "grid"])
+def test_inout_weights_in_the_model(kind):
+    """tp.weights="inout" in the assembled model: forces against finite differences, rotation equivariance, and the
+    eval-mode convolution (one product per receiver on a CPU) equal to training mode's per-edge messages."""
+    model = tiny_model(kind, tp_weights="inout")
+    assert_forces_match_finite_differences(model, slab()[:5] + Atoms("H", positions=[[0.5, 0.5, 8.0]]))
+    graph = make_graph(methanol())
+    out = run(model, [graph])
+    rotation = random_rotation(generator=torch.Generator().manual_seed(7))
+    rotated = graph.clone()
+    rotated.pos = graph.pos @ rotation.T
+    assert_close(run(model, [rotated])["forces"], out["forces"] @ rotation.T, kind)
+    trained = run(model.train(), [graph])
+    assert_close(trained["forces"].detach(), out["forces"], "cg", rtol=1e-10)
 
 
 def test_stress_sign_matches_ase():
