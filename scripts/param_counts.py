@@ -60,7 +60,8 @@ def markdown(elements: list[int]) -> str:
         "",
         "Trainable parameters only (CG tables, CP factors and quadrature grids are fixed buffers). "
         "`P` is the number of radial-MLP output weights per channel of each layer's convolution "
-        "(`shared`: 1, `degree`: lmax_out + 1, `path`: number of coupling paths); the radial MLP's last layer "
+        "(`shared`: 1, `degree`: lmax_out + 1, `inout`: (input degree, output degree) pairs plus the scalar harmonic's "
+        "paths (l, 0, l), `path`: number of coupling paths); the radial MLP's last layer "
         "has `64 x channels x P` weights, which is where the backends differ in the convolution. "
         "The product-basis counts come from `tdn.nn.product.ProductBasis` at correlation 3. "
         "Default weight modes are marked with *.",

@@ -29,6 +29,7 @@ from torch.autograd.function import once_differentiable
 
 from .._cache import cached_on
 from ..contractions.chunked import first_order
+from ..o3 import degree_slice, dim
 from ..tp.base import FactorisedProduct
 from ..tp.fused import triton_available
 
@@ -78,10 +79,14 @@ def _chunks(rows: int, width: int) -> list[slice]:
 
 class _ReceiverConv(torch.autograd.Function):
     """``(x [N, C, d_in], yc [E, R], w [E, C, P], left [d_in, R], project [R, d_out], sender [E], slots, valid,
-    blocks) -> [N, C, d_out]``; weight ``p`` scales the output components ``blocks[p] = (start, stop)``."""
+    blocks, expansion) -> [N, C, d_out]``; block ``b`` covers the output components ``blocks[b] = (start, stop)``.
+
+    ``expansion`` None: weight ``b`` scales block ``b`` (P = number of blocks). Else ``[P, B, d_in]``: block ``b``'s
+    weight of input component ``i`` is ``w @ expansion[:, b, i]`` (a weight per block and input degree), formed
+    per chunk of receivers, never for all edges at once."""
 
     @staticmethod
-    def forward(ctx, x, yc, w, left, project, sender, slots, valid, blocks):
+    def forward(ctx, x, yc, w, left, project, sender, slots, valid, blocks, expansion=None):
         num_nodes, channels, d_in = x.shape
         rank, k = left.shape[1], slots.shape[1]
         xt = x.transpose(1, 2).contiguous()  # [N, d_in, C]: a receiver's gathered rows stack into [K d_in, C]
@@ -91,13 +96,13 @@ class _ReceiverConv(torch.autograd.Function):
             n = edges.shape[0] // k
             xs = xt.index_select(0, sender.index_select(0, edges))  # [n K, d_in, C]
             v = _edge_factor(yc, edges, valid[rows], left).view(n, k * d_in, rank)  # [n, K d_in, R]
-            w_slots = w.index_select(0, edges)  # [n K, C, P]
+            w_slots = _slot_weights(w.index_select(0, edges), expansion)  # [n K, C, P] or [n K, B, d_in, C]
             for p in range(len(blocks)):
-                w_p = w_slots[:, None, :, p]  # [n K, 1, C]
+                w_p = _block_weight(w_slots, p, expansion)  # [n K, 1 or d_in, C]
                 u = xs.mul_(w_p) if len(blocks) == 1 else xs * w_p  # [n K, d_in, C]
                 torch.bmm(u.view(n, k * d_in, channels).transpose(1, 2), v, out=acc[p, rows])  # [n, C, R]
         ctx.save_for_backward(xt, yc, w, left, project, sender, slots, valid)
-        ctx.blocks = blocks
+        ctx.blocks, ctx.expansion = blocks, expansion
         # the output projection once for all receivers: [N C, R] x [R, d_out_p] per weight p
         parts = [acc[p].view(-1, rank) @ project[:, start:stop] for p, (start, stop) in enumerate(blocks)]
         return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).view(num_nodes, channels, -1)
@@ -123,16 +128,18 @@ class _ReceiverConv(torch.autograd.Function):
             n = edges.shape[0] // k
             senders = sender.index_select(0, edges)
             xs = xt.index_select(0, senders)  # [n K, d_in, C]
-            w_slots = w.index_select(0, edges)  # [n K, C, P]
+            w_slots = _slot_weights(w.index_select(0, edges), ctx.expansion)  # [n K, C, P] or [n K, B, d_in, C]
             v = _edge_factor(yc, edges, valid[rows], left).view(n, k * d_in, rank)
             grad_xs = grad_v = None  # sums over the weights p, started by the first (no zero fill)
             for p in range(len(ctx.blocks)):
                 g = grad_acc[p][rows]  # [n, C, R]
-                w_p = w_slots[:, None, :, p]  # [n K, 1, C]
+                w_p = _block_weight(w_slots, p, ctx.expansion)  # [n K, 1 or d_in, C]
                 if need_x or need_w:
                     grad_u = torch.bmm(v, g.transpose(1, 2)).view(n * k, d_in, channels)  # zero on padding (v is)
-                    if need_w:
+                    if need_w and ctx.expansion is None:
                         grad_w[:, :, p].index_add_(0, edges, (grad_u * xs).sum(1))
+                    elif need_w:  # back through the expansion: [n K, C, d_in] @ [d_in, P]
+                        grad_w.index_add_(0, edges, (grad_u * xs).transpose(1, 2) @ ctx.expansion[:, p].T)
                     if need_x:
                         grad_xs = grad_u.mul_(w_p) if grad_xs is None else grad_xs.addcmul_(grad_u, w_p)
                 if need_yc:
@@ -144,7 +151,23 @@ class _ReceiverConv(torch.autograd.Function):
                 per_edge = (grad_v.view(n * k, d_in, rank) * left).sum(1)  # [n K, R]
                 grad_yc.index_add_(0, edges, per_edge.mul_(valid[rows].reshape(-1, 1)))
         grad_x = grad_xt.transpose(1, 2) if need_x else None
-        return grad_x, grad_yc, grad_w, None, None, None, None, None, None
+        return grad_x, grad_yc, grad_w, None, None, None, None, None, None, None
+
+
+def _slot_weights(w_slots: torch.Tensor, expansion: torch.Tensor | None) -> torch.Tensor:
+    """The gathered edges' weights ``[n K, C, P]``, expanded once per chunk to ``[n K, B, d_in, C]`` where
+    ``expansion [P, B, d_in]`` is given."""
+    if expansion is None:
+        return w_slots
+    num_weights, num_blocks, d_in = expansion.shape
+    expanded = w_slots @ expansion.reshape(num_weights, -1)  # [n K, C, B d_in]
+    return expanded.view(w_slots.shape[0], w_slots.shape[1], num_blocks, d_in).permute(0, 2, 3, 1).contiguous()
+
+
+def _block_weight(w_slots: torch.Tensor, p: int, expansion: torch.Tensor | None) -> torch.Tensor:
+    """Block ``p``'s weights of the gathered edges (:func:`_slot_weights`) -> ``[n K, 1, C]`` (one per block) or
+    ``[n K, d_in, C]`` (per input component)."""
+    return w_slots[:, None, :, p] if expansion is None else w_slots[:, p]
 
 
 def _edge_factor(yc: torch.Tensor, edges: torch.Tensor, valid: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
@@ -183,16 +206,44 @@ def receiver_conv(
         blocks: tuple[tuple[int, int], ...] = ((0, project.shape[1]),)
     elif tp.weights == "degree":  # one weight per output degree l: components l^2 .. (l+1)^2
         blocks = tuple((l * l, (l + 1) ** 2) for l in range(tp.lmax_out + 1))
-    else:  # "inout": one product per input degree l > 0, on its components and rows of `left`, its pairs' weights;
-        # the paths without coupling per edge (tp.add_uncoupled_paths)
-        out = x.new_zeros(x.shape[0], x.shape[1], project.shape[1])
-        for l_in in tp.coupled_input_degrees:
-            keys = [p for p in range(len(tp.inout_keys))[tp.pairs_of(l_in)] if not tp.inout_keys[p][2]]
-            blocks = tuple((l * l, (l + 1) ** 2) for _, l, _ in (tp.inout_keys[p] for p in keys))
-            columns = torch.cat([torch.arange(start, stop) for start, stop in blocks]).to(x.device)
-            rows = slice(l_in * l_in, (l_in + 1) ** 2)
-            part = _ReceiverConv.apply(x[:, :, rows].contiguous(), yc, w[:, :, keys], left[rows], project, sender,
-                                       table.slots, table.valid, blocks)  # fmt: skip  # [N, C, len(columns)]
-            out = out.index_add(2, columns, part)
-        return tp.add_uncoupled_paths(out, x, y, w, sender, receiver)
+    else:
+        return _inout_receiver_conv(tp, x, y, yc, w, sender, table)
     return _ReceiverConv.apply(x, yc, w, left, project, sender, table.slots, table.valid, blocks)
+
+
+def _inout_receiver_conv(tp: FactorisedProduct, x: torch.Tensor, y: torch.Tensor, yc: torch.Tensor, w: torch.Tensor,
+                         sender: torch.Tensor, table: ReceiverSlots) -> torch.Tensor:  # fmt: skip
+    """"inout" weights: one receiver product with a weight per output degree and input component (the weight of
+    their pair, through :func:`inout_expansion`), plus one per scalar-harmonic path ``(l, 0, l)`` (rank ``2l+1``:
+    its coupling as ``left``, the harmonic ``y_0`` as ``yc``, its own weight minus its pair's) on its columns."""
+    left, _, project = tp.factors()
+    blocks = tuple((l * l, (l + 1) ** 2) for l in range(tp.lmax_out + 1))
+    # a scalar input (the first layer): its pairs (0, l) are the blocks, in order; no expansion needed
+    plain = tp.lmax_in == 0 and tp.num_weights == tp.lmax_out + 1
+    expansion = None if plain else inout_expansion(tp).to(dtype=x.dtype, device=x.device)
+    out = _ReceiverConv.apply(x, yc, w, left, project, sender, table.slots, table.valid, blocks, expansion)
+    _, m_self = tp.scalar_couplings()
+    keys = tp.inout_keys
+    for own, (l, _, scalar_harmonic) in enumerate(keys):
+        if not scalar_harmonic:
+            continue
+        delta = w[:, :, own : own + 1]  # the path's own weight minus its pair's (none: 0)
+        if (l, l, False) in keys:
+            delta = delta - w[:, :, keys.index((l, l, False))].unsqueeze(2)  # [E, C, 1]
+        rows, width = degree_slice(l), 2 * l + 1
+        y0 = y[:, :1].expand(-1, width).contiguous()  # [E, 2l+1]
+        identity = torch.eye(width, dtype=x.dtype, device=x.device)
+        part = _ReceiverConv.apply(x[:, :, rows].contiguous(), y0, delta, m_self[rows, rows], identity, sender,
+                                   table.slots, table.valid, ((0, width),))  # fmt: skip  # [N, C, 2l+1]
+        out = out.index_add(2, torch.arange(rows.start, rows.stop, device=x.device), part)
+    return out
+
+
+def inout_expansion(tp: FactorisedProduct) -> torch.Tensor:
+    """``[P, L_out+1, d_in]``: the "inout" weight of output degree ``l`` and input component ``i`` is that of the
+    pair (degree of ``i``, ``l``), zero where the pair has no path (the scalar-harmonic keys: added apart)."""
+    expansion = torch.zeros(tp.num_weights, tp.lmax_out + 1, dim(tp.lmax_in), dtype=torch.float64)
+    for p, (l_in, l, scalar_harmonic) in enumerate(tp.inout_keys):
+        if not scalar_harmonic:
+            expansion[p, l, degree_slice(l_in)] = 1.0
+    return expansion
