@@ -58,7 +58,7 @@ def test_a_users_config_directory_layers_on_top(tmp_path):
     """`tdn-train --config-dir my_conf`: a group option of the user's own sits beside the shipped ones."""
     (tmp_path / "tp").mkdir()
     shipped = (ROOT / "conf" / "tp" / "cp.yaml").read_text()
-    (tmp_path / "tp" / "mine.yaml").write_text(shipped.replace("weights: shared", "weights: degree"))
+    (tmp_path / "tp" / "mine.yaml").write_text(shipped.replace("weights: inout", "weights: degree"))
     code = "import sys; from tdn.train.cli import main; sys.argv = sys.argv[1:]; main()"
     result = subprocess.run([sys.executable, "-c", code, "tdn-train", "--config-dir", str(tmp_path), "tp=mine",
                              "--cfg", "job"], cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -249,9 +249,9 @@ class CPProduct(FactorisedProduct):
     kind = "cp"
     supported_paths = ("o3", "so3")
     supported_weights = ("shared", "degree", "inout")
-    # one weight per channel: "degree" lowers the force error by ~7 % but doubles the MD step on a CPU
-    # (docs/accuracy.md, learning curves; docs/benchmarks/md_cpu_weight_modes.md)
-    default_weights = "shared"
+    # models default to "inout": cg's force error at equal steps and the lowest at equal training compute (the
+    # learning curves of docs/accuracy.md); "shared" is the fast MD step (4.5x faster on a CPU, 1.2-1.3x the error)
+    default_weights = "inout"
     options = ("rank", "tol", "seed")
     unsupported_weights_reason = (
         "CP factorises the sum of all paths (the stacked tensor M), so per-path weights cannot be applied; "
