@@ -207,15 +207,15 @@ if ((DRY)); then
     --name "conv_$SUFFIX" --lmax 1 --channels 4 --edges 64 --neighbors 8 --reps 1 \
     --impls "cp fused" "cp ref" "e3nn uvu"
   step bench_md 40 "${PYL[@]}" scripts/bench_md.py --device cpu --out "$RESULTS" --name "md_$SUFFIX" --quick \
-    --sizes 32 --dtypes float32 --backends cp --warmup 0 --reps 1 --max-seconds 1 "${MACE[@]}"
+    --sizes 32 --dtypes float32 --backends cp:shared --warmup 0 --reps 1 --max-seconds 1 "${MACE[@]}"
   step bench_md_float64 30 "${PYL[@]}" scripts/bench_md.py --device cpu --out "$RESULTS" \
-    --name "md_float64_$SUFFIX" --quick --sizes 32 --dtypes float64 --backends cp --engine-backends \
+    --name "md_float64_$SUFFIX" --quick --sizes 32 --dtypes float64 --backends cp:shared --engine-backends \
     --warmup 0 --reps 1 --references
   step bench_md_large 30 "${PYL[@]}" scripts/bench_md.py --device cpu --out "$RESULTS" \
-    --name "md_large_$SUFFIX" --quick --sizes 108 --dtypes float32 --backends cp --engine-backends \
+    --name "md_large_$SUFFIX" --quick --sizes 108 --dtypes float32 --backends cp:shared --engine-backends \
     --warmup 0 --reps 1 --references
   step profile_step 30 "${PYL[@]}" scripts/profile_step.py --device cpu --out "$RESULTS" \
-    --name "profile_$SUFFIX" --natoms 32 --preset tiny --backends cp --reps 1
+    --name "profile_$SUFFIX" --natoms 32 --preset tiny --backends cp:shared --reps 1
   step bench_neighbors 20 "${PYL[@]}" scripts/bench_neighbors.py --device cpu --out "$RESULTS" \
     --name "neighbors_$SUFFIX" --quick
   step bench_engines 30 "${PYL[@]}" scripts/bench_engines.py --device cpu --out "$RESULTS" \
@@ -229,13 +229,13 @@ else
   step bench_md 90 "${PYL[@]}" scripts/bench_md.py --device cuda --out "$RESULTS" --name "md_$SUFFIX" \
     --sizes 864 4000 --dtypes float32 --warmup 2 --reps 8 --max-seconds 3 "${MACE[@]}"
   step bench_md_float64 45 "${PYL[@]}" scripts/bench_md.py --device cuda --out "$RESULTS" \
-    --name "md_float64_$SUFFIX" --sizes 4000 --dtypes float64 --backends cp grid \
+    --name "md_float64_$SUFFIX" --sizes 4000 --dtypes float64 --backends cp:shared grid \
     --warmup 1 --reps 5 --max-seconds 2 "${MACE[@]}"
   step bench_md_large 100 "${PYL[@]}" scripts/bench_md.py --device cuda --out "$RESULTS" \
-    --name "md_large_$SUFFIX" --sizes 32000 108000 256000 --dtypes float32 --backends cp grid --engine-backends \
+    --name "md_large_$SUFFIX" --sizes 32000 108000 256000 --dtypes float32 --backends cp:shared grid --engine-backends \
     --warmup 0 --reps 3 --max-seconds 1 "${MACE[@]}"
   step profile_step 30 "${PYL[@]}" scripts/profile_step.py --device cuda --out "$RESULTS" \
-    --name "profile_$SUFFIX" --natoms 4000 --backends cp cg --reps 3
+    --name "profile_$SUFFIX" --natoms 4000 --backends cp:shared cp cg --reps 3
   step bench_neighbors 30 "${PYL[@]}" scripts/bench_neighbors.py --device cuda --out "$RESULTS" \
     --name "neighbors_$SUFFIX"
   step bench_engines 40 "${PYL[@]}" scripts/bench_engines.py --device cuda --out "$RESULTS" \

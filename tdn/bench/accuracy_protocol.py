@@ -14,7 +14,7 @@ from typing import Any
 BACKENDS = ("cg", "cp", "gaunt", "grid")
 VARIANTS = {  # variant name -> tp overrides
     "cg": ["tp=cg"],
-    "cp": ["tp=cp", "tp.weights=shared"],  # one weight per channel (TDN's sharing, the default)
+    "cp": ["tp=cp", "tp.weights=shared"],  # one weight per channel (TDN's sharing; the fast MD step)
     "gaunt": ["tp=gaunt"],
     "grid": ["tp=grid"],
     "cg-shared": ["tp=cg", "tp.weights=shared"],  # the exact map cp approximates (same path-weight sharing)

@@ -31,7 +31,7 @@ import torch
 from ase import Atoms, units
 
 from . import common
-from .md import cu_fcc
+from .md import bench_model, cu_fcc
 
 FULL_SIZES = (32, 108, 256, 500)
 FULL_SYSTEMS = (1, 8, 64)
@@ -46,7 +46,7 @@ class BatchBenchConfig:
     sizes: tuple[int, ...] = FULL_SIZES
     systems: tuple[int, ...] = FULL_SYSTEMS
     preset: str = "tiny"  # throughput model
-    backend: str = "cp"
+    backend: str = "cp:shared"  # a backend, a weight mode after a colon (the fast MD step)
     dtype: str = "float32"
     steps_per_call: int = 1  # throughput: steps per timed call
     warmup: int = 1
@@ -60,12 +60,7 @@ class BatchBenchConfig:
 
 
 def build(preset: str, backend: str, dtype: str, device: str = "cpu") -> torch.nn.Module:
-    from ..models import PRESETS, build_model
-    from ..runtime import model_dtype, prepare_model
-
-    torch.manual_seed(0)
-    model = build_model(**{**PRESETS[preset], "tp": backend, "elements": [29], "avg_num_neighbors": 40.0})
-    return prepare_model(model, torch.device(device), model_dtype(dtype))
+    return bench_model(preset, backend, dtype, device)
 
 
 def structures(count: int, natoms: int, temperature: float = 300.0) -> list[Atoms]:
@@ -270,7 +265,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--systems", type=int, nargs="+", help=f"systems per batch (default {list(FULL_SYSTEMS)})")
     p.add_argument("--sizes", type=int, nargs="+", help=f"atoms per system, 4 n^3 (default {list(FULL_SIZES)})")
     p.add_argument("--preset", default="tiny", help="throughput model widths (a tdn.models.PRESETS name)")
-    p.add_argument("--backend", default="cp", help="tensor-product backend")
+    p.add_argument("--backend", default="cp:shared", help="tensor-product backend, a weight mode after a colon")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--device", default="cpu", help="torch device of the models (cpu, cuda)")
     p.add_argument("--max-atoms", type=int, help="skip batches with more atoms in all (default 40000)")

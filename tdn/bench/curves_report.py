@@ -22,7 +22,7 @@ from . import common
 from .accuracy_report import fmt_fixed, pyplot, save_figure
 
 REACH = 1.5  # "time to reach 1.5x cg's final error"
-ORDER = ("cg", "cg-shared", "cp", "cp-degree", "gaunt", "grid")
+ORDER = ("cg", "cg-shared", "cp", "cp-degree", "cp-inout", "gaunt", "grid", "grid-inout")
 
 
 class Clock(NamedTuple):

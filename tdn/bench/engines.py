@@ -33,7 +33,7 @@ import torch
 from ase import Atoms, units
 
 from . import common
-from .md import cu_fcc
+from .md import bench_model, cu_fcc
 
 FULL_SIZES = (108, 500)
 QUICK_SIZES = (32,)
@@ -49,7 +49,7 @@ class EngineBenchConfig:
     dtypes: tuple[str, ...] = DTYPES
     ensembles: tuple[str, ...] = ENSEMBLES
     preset: str = "tiny"
-    backend: str = "cp"
+    backend: str = "cp:shared"  # a backend, a weight mode after a colon (the fast MD step)
     device: str = "cpu"
     steps: int = 10  # MD steps per timed call
     rounds: int = 7  # timed rounds (each engine called once per round)
@@ -62,13 +62,8 @@ class EngineBenchConfig:
     notes: list[str] = field(default_factory=list)
 
 
-def build(preset: str, backend: str, dtype: str, device: str) -> torch.nn.Module:
-    from ..models import PRESETS, build_model
-    from ..runtime import model_dtype, prepare_model
-
-    torch.manual_seed(0)
-    model = build_model(**{**PRESETS[preset], "tp": backend, "elements": [29], "avg_num_neighbors": 40.0})
-    return prepare_model(model, torch.device(device), model_dtype(dtype))
+def build(preset: str, backend: str, dtype: str, device: str = "cpu") -> torch.nn.Module:
+    return bench_model(preset, backend, dtype, device)
 
 
 def system(natoms: int, temperature: float) -> Atoms:
@@ -260,7 +255,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
     p.add_argument("--ensembles", nargs="+", choices=ENSEMBLES, default=list(ENSEMBLES))
     p.add_argument("--preset", default="tiny", help="model widths (a tdn.models.PRESETS name)")
-    p.add_argument("--backend", default="cp", help="tensor-product backend")
+    p.add_argument("--backend", default="cp:shared", help="tensor-product backend, a weight mode after a colon")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--steps", type=int, help="MD steps per timed call (default 10)")
     p.add_argument("--rounds", type=int, help="timed rounds (default 7)")

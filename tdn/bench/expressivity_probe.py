@@ -21,7 +21,7 @@ from .tp_accuracy import effective_tensor, path_analysis, random_inputs
 BACKENDS = ("cg", "cp", "gaunt", "grid")
 PATH_SETS = ("o3", "so3")
 # the weight mode each backend uses in the model by default (conf/tp/*.yaml)
-MODEL_WEIGHTS = {"cg": "path", "cp": "shared", "gaunt": "degree", "grid": "degree"}
+MODEL_WEIGHTS = {kind: tdn_tp.BACKENDS[kind].default_weights for kind in BACKENDS}  # what a model uses
 CANNOT = {
     "cg": "none (exact; per-path weights)",
     "cp": "residual of the CP decomposition (see fit error); per-path weights",

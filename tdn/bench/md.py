@@ -46,8 +46,8 @@ class MDBenchConfig:
     device: str = "cpu"
     sizes: tuple[int, ...] = FULL_SIZES
     dtypes: tuple[str, ...] = DTYPES
-    backends: tuple[str, ...] | None = None  # None: every backend tdn.models knows
-    engine_backends: tuple[str, ...] = ("cp",)  # also timed as whole MD steps of tdn.dynamics (column "<b> engine")
+    backends: tuple[str, ...] | None = None  # None: every backend tdn.models knows, and cp:shared
+    engine_backends: tuple[str, ...] = ("cp:shared",)  # also timed as whole MD steps of tdn.dynamics ("<b> engine")
     engine_steps: int = 10  # MD steps per timed call of the engine
     references: tuple[str, ...] = REFERENCES
     preset: str = "mace-medium"
@@ -124,10 +124,10 @@ def measure(calc: Any, natoms: int, cfg: MDBenchConfig) -> dict[str, Any]:
 def tdn_backends(cfg: MDBenchConfig) -> tuple[str, ...]:
     from ..models.config import BACKENDS
 
-    if cfg.backends is None:
+    if cfg.backends is None:  # every backend with its default weights, and cp's fast MD mode
         from .. import tp
 
-        return tuple(b for b in BACKENDS if b in tp.BACKENDS)
+        return ("cp:shared", *(b for b in BACKENDS if b in tp.BACKENDS))
     unknown = sorted({b.partition(":")[0] for b in cfg.backends} - set(BACKENDS))
     if unknown:
         raise ValueError(f"unknown backends {unknown}; known: {BACKENDS} (a weight mode after a colon: cp:shared)")
@@ -138,6 +138,17 @@ def backend_fields(backend: str) -> dict[str, str]:
     """The model options of ``backend``: a backend name (its default weight mode) or ``name:weights``."""
     kind, _, weights = backend.partition(":")
     return {"tp": kind, **({"tp_weights": weights} if weights else {})}
+
+
+def bench_model(preset: str, backend: str, dtype: str, device: str = "cpu") -> torch.nn.Module:
+    """An untrained model of ``preset`` with ``backend`` (:func:`backend_fields`) for Cu, seed 0, ready on
+    ``device`` in ``dtype`` (the batch and engine benchmarks' model)."""
+    from ..models import PRESETS, build_model
+    from ..runtime import model_dtype, prepare_model
+
+    torch.manual_seed(0)
+    model = build_model(**{**PRESETS[preset], **backend_fields(backend), "elements": [29], "avg_num_neighbors": 40.0})
+    return prepare_model(model, torch.device(device), model_dtype(dtype))
 
 
 def model_config(cfg: MDBenchConfig, backend: str) -> dict[str, Any]:
@@ -368,7 +379,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="model widths, a tdn.models.PRESETS name (default: mace-medium; tiny with --quick)",
     )
     p.add_argument("--skin", type=float, default=0.5, help="tdn neighbour-list skin in Å")
-    p.add_argument("--engine-backends", nargs="*", default=["cp"],
+    p.add_argument("--engine-backends", nargs="*", default=["cp:shared"],
                    help="backends also timed as whole MD steps of the device-resident engine (tdn.dynamics)")
     p.add_argument("--warmup", type=int)
     p.add_argument("--reps", type=int)
