@@ -11,7 +11,8 @@ Implementations (the same graph and sizes):
 - ``cp ref`` / ``grid ref``: the same factorisation in plain PyTorch (per-edge ``[E, C, R]`` messages, index_add;
   what training differentiates twice);
 - ``cp-degree fused`` / ``cp-degree ref``: cp with one weight per output degree (one fused reduction per degree;
-  the reference, also the CPU's path for it, runs the product per edge);
+  the reference, also the CPU's path for it, runs the product per edge); ``cp-inout`` / ``grid-inout`` the same
+  with "inout" weights;
 - ``cg[shared]``: the exact sparse CG product per edge, then index_add;
 - ``e3nn uvu``: e3nn's ``TensorProduct`` in MACE's uvu mode per edge (one weight per channel and path) and
   index_add, as MACE's convolution runs it.
@@ -47,6 +48,7 @@ from .tp import build_e3nn
 
 FULL_CELLS = ((1, 128), (2, 128), (3, 128), (4, 128), (3, 64))
 QUICK_CELLS = ((1, 16), (2, 16), (3, 16))
+MORE_IMPLS = ("cp-inout fused", "cp-inout ref", "grid-inout fused", "grid-inout ref")  # on request (--impls)
 
 
 @dataclass
@@ -124,8 +126,8 @@ def measure_cell(impl: str, lmax: int, channels: int, cfg: ConvBenchConfig, band
             shapes = (op.shapes[0], op.shapes[1], op.shapes[2])
         else:
             kind, variant = impl.split(" ") if " " in impl else ("cg", "ref")
-            weights = "degree" if kind.endswith("-degree") else "shared"
-            kind = kind.removesuffix("-degree").removesuffix("[shared]")
+            kind, _, weights = kind.removesuffix("[shared]").partition("-")  # "cp-degree": cp, weights "degree"
+            weights = weights or "shared"
             fused = {"fused": True, "chunked": None, "ref": False}[variant]
             module, fn, rank = tdn_conv(kind, weights, lmax, channels, cfg.paths, fused=fused)
             module = module.to(device)
@@ -245,7 +247,7 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
         f"- graph: {rows[0].get('nodes', '?')} nodes x {cfg['neighbors']} neighbours = {rows[0].get('edges', '?')} "
         f"edges (random senders, sorted by receiver); dtype {cfg['dtype']}; paths {cfg['paths']!r}; weights shared "
-        "for tdn (one per output degree for cp-degree), per path for e3nn uvu",
+        "for tdn (the mode after the dash where one is named: cp-degree, cp-inout), per path for e3nn uvu",
         f"- copy bandwidth {meta['copy_bandwidth']['gb_per_s']:.1f} GB/s sets the floor (see tdn/bench/conv.py)",
         "- cell: median ms (speed-up vs e3nn uvu), time / floor of the factorised convolution",
         "",
@@ -300,7 +302,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--edges", type=int, default=None)
     p.add_argument("--neighbors", type=int, default=40)
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    p.add_argument("--impls", nargs="+", default=None, help=f"subset of {ConvBenchConfig.impls}")
+    p.add_argument("--impls", nargs="+", default=None, help=f"subset of {ConvBenchConfig.impls + MORE_IMPLS}")
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     p.add_argument("--name", default=None, help="output name (default conv_<device type>[_quick])")
@@ -317,9 +319,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.edges is not None:
         cfg.edges = args.edges
     if args.impls is not None:
-        unknown = set(args.impls) - set(ConvBenchConfig.impls)
+        unknown = set(args.impls) - set(ConvBenchConfig.impls + MORE_IMPLS)
         if unknown:
-            raise ValueError(f"unknown --impls {sorted(unknown)}; known: {ConvBenchConfig.impls}")
+            raise ValueError(f"unknown --impls {sorted(unknown)}; known: {ConvBenchConfig.impls + MORE_IMPLS}")
         cfg.impls = tuple(args.impls)
     cfg.name = args.name or f"conv_{torch.device(cfg.device).type}" + ("_quick" if args.quick else "")
     return run(cfg, args.out)

@@ -97,7 +97,8 @@ class TensorProduct(nn.Module):
     weights="inout":  one weight per channel and (input degree, output degree) pair, with the path through the
                       scalar harmonic, ``(l, 0, l)`` (the neighbour's feature passed on unchanged), apart from its
                       pair's other paths (:func:`inout_key`): only paths that differ in a harmonic of degree > 0
-                      share a weight; below that the cp and grid products cost little more than "degree";
+                      share a weight. Factorised products run each input degree on its rows of their factors
+                      and the paths without coupling apart (:meth:`uncoupled_paths`);
     weights="path":   P = number of paths, one weight per channel and path (MACE's "uvu" product).
     """
 
