@@ -1,7 +1,7 @@
 """Learning curves of the tensor-product backends: test error against optimiser steps and against training compute,
 trained until the curves flatten, resumable and accumulating across runs of the command.
 
-    python scripts/bench_accuracy.py curves --datasets ethanol aspirin 3bpa --variants cg cp cp-degree grid \\
+    python scripts/bench_accuracy.py curves --datasets ethanol aspirin 3bpa --variants cg cp cp-degree cp-inout grid \\
         --seeds 0 1 2 --jobs 2
 
 Every run is ``tdn-train`` (a child process, one torch thread) with the overrides of :mod:`.accuracy_protocol`
@@ -48,7 +48,7 @@ SIZES = {  # model size -> overrides on top of experiment=accuracy_cpu (16 chann
 }
 DATASETS = (*RMD17_MOLECULES, "3bpa")
 DEFAULT_DATASETS = ("ethanol", "aspirin", "3bpa")
-DEFAULT_VARIANTS = ("cg", "cp", "cp-degree", "grid")
+DEFAULT_VARIANTS = ("cg", "cp", "cp-degree", "cp-inout", "grid")
 DEVICES = ("cpu", "cuda")  # where the runs train; a GPU's tables are kept apart and timed by the wall clock
 DEFAULT_STEPS = 6000  # optimiser steps of 10 structures: 64 epochs of rMD17's 950, 172 of 3BPA's 350
 # learning-rate schedules -> overrides on top of experiment=accuracy_cpu (plateau: lr x0.8 after 5 epochs without a
