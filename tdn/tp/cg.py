@@ -15,7 +15,7 @@ class CGProduct(TensorProduct):
 
     "shared"/"degree"/"inout": the edge's ``y`` is contracted with the whole tensor first,
     ``T[e] = M . y[e]`` ``[d_out, d_in]`` (cost per edge, not per channel), then ``out = x T^T`` ("inout": one
-    product per input degree on its columns of ``T``).
+    product per coupled input degree on its columns of ``T``, the paths without coupling apart).
     "path" (MACE's "uvu" product), all paths in one batched product: with ``Z[e, c, (p, i)] = w[e, c, p] x[e, c, i]``
     and the per-edge table ``T[e, (p, i), k] = sum_j M_p[k, i, j] y[e, j]`` (``M_p`` the path's block of ``M``,
     zero outside its degrees), ``out[e, c] = Z[e, c] T[e]``: ``[C, P d_in] x [P d_in, d_out]`` per edge. Its

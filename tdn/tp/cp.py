@@ -234,8 +234,9 @@ class CPProduct(FactorisedProduct):
 
     weights="shared": one weight per channel for all paths (TDN's path-weight sharing, ``P = 1``);
     weights="degree": one per channel and output degree (``P = lmax_out + 1``), applied after ``A``;
-    weights="inout": one per channel and (input degree, output degree) pair, each input degree's part on its own
-    rows of ``B`` (the same factors: ``M`` restricted to those rows is exact in them).
+    weights="inout": one per channel and (input degree, output degree) pair, the scalar harmonic's path apart; each
+    input degree's part on its own rows of ``B`` (the same factors: ``M`` restricted to those rows is exact in them),
+    the paths without coupling in one small product per edge (:meth:`TensorProduct.uncoupled_paths`).
     Per-path weights cannot be applied once the paths are summed into ``M``: "path" is a ValueError.
 
     ``rank=None`` picks the smallest rank with relative error of ``M`` at most ``tol``; ``rank=R`` forces
