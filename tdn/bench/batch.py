@@ -59,10 +59,6 @@ class BatchBenchConfig:
     notes: list[str] = field(default_factory=list)
 
 
-def build(preset: str, backend: str, dtype: str, device: str = "cpu") -> torch.nn.Module:
-    return bench_model(preset, backend, dtype, device)
-
-
 def structures(count: int, natoms: int, temperature: float = 300.0) -> list[Atoms]:
     """``count`` rattled Cu fcc supercells of ``natoms`` atoms (different rattles), Maxwell-Boltzmann momenta."""
     from ..md import initialise_velocities
@@ -122,7 +118,7 @@ def throughput_calls(model: torch.nn.Module, count: int, natoms: int, cfg: Batch
 
 
 def bench_throughput(cfg: BatchBenchConfig, on_row: Callable[[dict], None]) -> None:
-    model = build(cfg.preset, cfg.backend, cfg.dtype, cfg.device)
+    model = bench_model(cfg.preset, cfg.backend, cfg.dtype, cfg.device)
     for count in cfg.systems:
         for natoms in cfg.sizes:
             base = {"systems": count, "atoms_per_system": natoms, "atoms": count * natoms}

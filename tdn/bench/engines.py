@@ -62,10 +62,6 @@ class EngineBenchConfig:
     notes: list[str] = field(default_factory=list)
 
 
-def build(preset: str, backend: str, dtype: str, device: str = "cpu") -> torch.nn.Module:
-    return bench_model(preset, backend, dtype, device)
-
-
 def system(natoms: int, temperature: float) -> Atoms:
     from ..md import initialise_velocities
 
@@ -133,7 +129,7 @@ def measure(cfg: EngineBenchConfig, on_row: Callable[[dict], None]) -> None:
     for natoms in cfg.sizes:
         atoms = system(natoms, cfg.temperature)
         for dtype in cfg.dtypes:
-            model = build(cfg.preset, cfg.backend, dtype, cfg.device)
+            model = bench_model(cfg.preset, cfg.backend, dtype, cfg.device)
             for ensemble in cfg.ensembles:
                 for engine, values in compare(model, atoms, ensemble, cfg).items():
                     on_row({"atoms": natoms, "dtype": dtype, "ensemble": ensemble, "engine": engine, **values})

@@ -29,7 +29,7 @@ from torch.autograd.function import once_differentiable
 
 from .._cache import cached_on
 from ..contractions.chunked import first_order
-from ..o3 import degree_slice, dim
+from ..o3 import degree_slice
 from ..tp.base import FactorisedProduct
 from ..tp.fused import triton_available
 
@@ -213,37 +213,26 @@ def receiver_conv(
 
 def _inout_receiver_conv(tp: FactorisedProduct, x: torch.Tensor, y: torch.Tensor, yc: torch.Tensor, w: torch.Tensor,
                          sender: torch.Tensor, table: ReceiverSlots) -> torch.Tensor:  # fmt: skip
-    """"inout" weights: one receiver product with a weight per output degree and input component (the weight of
-    their pair, through :func:`inout_expansion`), plus one per scalar-harmonic path ``(l, 0, l)`` (rank ``2l+1``:
-    its coupling as ``left``, the harmonic ``y_0`` as ``yc``, its own weight minus its pair's) on its columns."""
+    """"inout" weights: one receiver product with a weight per output degree and input component (its pair's,
+    through the backend's ``_component_expansion``), plus one per scalar-harmonic path ``(l, 0, l)`` (rank
+    ``2l+1``: its coupling as ``left``, the harmonic ``y_0`` as ``yc``, its own weight minus its pair's) on its
+    columns."""
     left, _, project = tp.factors()
     blocks = tuple((l * l, (l + 1) ** 2) for l in range(tp.lmax_out + 1))
     # a scalar input (the first layer): its pairs (0, l) are the blocks, in order; no expansion needed
     plain = tp.lmax_in == 0 and tp.num_weights == tp.lmax_out + 1
-    expansion = None if plain else inout_expansion(tp).to(dtype=x.dtype, device=x.device)
+    expansion = None if plain else tp._component_expansion.to(x.dtype)
     out = _ReceiverConv.apply(x, yc, w, left, project, sender, table.slots, table.valid, blocks, expansion)
     _, m_self = tp.scalar_couplings()
-    keys = tp.inout_keys
-    for own, (l, _, scalar_harmonic) in enumerate(keys):
-        if not scalar_harmonic:
-            continue
-        delta = w[:, :, own : own + 1]  # the path's own weight minus its pair's (none: 0)
-        if (l, l, False) in keys:
-            delta = delta - w[:, :, keys.index((l, l, False))].unsqueeze(2)  # [E, C, 1]
+    for l in range(1, tp.lmax_in + 1):
         rows, width = degree_slice(l), 2 * l + 1
+        if rows.stop > tp._self_components.stop:
+            break
+        # own weight minus its pair's, the same for the degree's components: the first one's column
+        delta = w @ tp._self_delta[:, rows.start - 1 : rows.start].to(w.dtype)  # [E, C, 1]
         y0 = y[:, :1].expand(-1, width).contiguous()  # [E, 2l+1]
         identity = torch.eye(width, dtype=x.dtype, device=x.device)
         part = _ReceiverConv.apply(x[:, :, rows].contiguous(), y0, delta, m_self[rows, rows], identity, sender,
                                    table.slots, table.valid, ((0, width),))  # fmt: skip  # [N, C, 2l+1]
         out = out.index_add(2, torch.arange(rows.start, rows.stop, device=x.device), part)
     return out
-
-
-def inout_expansion(tp: FactorisedProduct) -> torch.Tensor:
-    """``[P, L_out+1, d_in]``: the "inout" weight of output degree ``l`` and input component ``i`` is that of the
-    pair (degree of ``i``, ``l``), zero where the pair has no path (the scalar-harmonic keys: added apart)."""
-    expansion = torch.zeros(tp.num_weights, tp.lmax_out + 1, dim(tp.lmax_in), dtype=torch.float64)
-    for p, (l_in, l, scalar_harmonic) in enumerate(tp.inout_keys):
-        if not scalar_harmonic:
-            expansion[p, l, degree_slice(l_in)] = 1.0
-    return expansion

@@ -156,6 +156,17 @@ class TensorProduct(nn.Module):
             mask[rows, degree_slice(l)] = 1.0
         self.register_buffer("_self_delta", delta, persistent=False)  # [P, n_self]
         self.register_buffer("_self_mask", mask, persistent=False)  # [n_self, D_out]
+        # per input degree: its "inout" weights (a slice of w's last dimension); the coupled degrees (l > 0)
+        self._pairs_of: dict[int, slice] = {}
+        for p, (l_in, _, _) in enumerate(self.inout_keys):  # sorted: each degree's keys are consecutive
+            self._pairs_of[l_in] = slice(self._pairs_of.get(l_in, slice(p, p)).start, p + 1)
+        self.coupled_input_degrees = sorted(l_in for l_in in self._pairs_of if l_in > 0)
+        # [P, L_out+1, D_in]: the "inout" weight of output degree l and input component i is its pair's (zero for
+        # the scalar-harmonic keys, added apart); the CPU receiver convolution expands w by it per chunk
+        per_component = torch.zeros(len(self.inout_keys), lmax_out + 1, dim(lmax_in), dtype=torch.float64)
+        for p, (l_in, l, scalar_harmonic) in enumerate(self.inout_keys):
+            per_component[p, l, degree_slice(l_in)] = float(not scalar_harmonic)
+        self.register_buffer("_component_expansion", per_component, persistent=False)
 
     def _apply(self, fn, recurse: bool = True):
         # Tables are computed in float64. Casting float64 -> float32 -> float64 would keep float32 round-off,
@@ -226,16 +237,9 @@ class TensorProduct(nn.Module):
             return w @ self._degree_expansion.to(w.dtype)  # [E, C, L+1] @ [L+1, D_out]
         return w
 
-    @property
-    def coupled_input_degrees(self) -> list[int]:
-        """The input degrees ``l > 0`` with a path, in order: the coupled parts of an "inout" product (the scalar
-        input's part is one of the :meth:`uncoupled_paths`)."""
-        return sorted({l1 for l1, _, _ in self.inout_keys if l1 > 0})
-
     def pairs_of(self, l_in: int) -> slice:
         """The "inout" weights of input degree ``l_in``: a slice of ``w``'s last dimension (empty without a path)."""
-        indices = [p for p, (l1, _, _) in enumerate(self.inout_keys) if l1 == l_in]
-        return slice(indices[0], indices[-1] + 1) if indices else slice(0, 0)
+        return self._pairs_of.get(l_in, slice(0, 0))
 
     def pair_weights(self, w: torch.Tensor, l_in: int) -> torch.Tensor:
         """``w [E, C, P]`` ("inout") -> the output scale ``[E, C, D_out]`` of the part from input degree ``l_in``
